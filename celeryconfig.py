@@ -1,0 +1,130 @@
+"""Every rerankq setting, in one typed place, each overridable from an environment variable.
+
+Celery reads the lowercase module-level names below (its own config names); rerankq's code reads
+``settings``. ``rerankq config`` prints the table the README carries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, get_type_hints
+
+from tasks.errors import ConfigError
+
+DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
+
+
+def _env(name: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": name, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = _env("RERANKQ_BROKER_URL", "redis://localhost:6379/0",
+                           "Redis URL of the job queues (`redis://`, `rediss://` for TLS, `redis+socket://`).")
+    result_backend: str = _env("RERANKQ_RESULT_BACKEND", "",
+                               "Redis URL for result keys; empty means the broker URL.")
+    gpu_queue: str = _env("RERANKQ_GPU_QUEUE", "rerank.gpu", "Queue served by cross-encoder workers.")
+    cpu_queue: str = _env("RERANKQ_CPU_QUEUE", "rerank.cpu", "Queue served by fast-ranker workers.")
+    visibility_timeout: int = _env("RERANKQ_VISIBILITY_TIMEOUT", 3600,
+                                   "Seconds before an unacked job is redelivered (broker and backend alike).")
+    result_expires: int = _env("RERANKQ_RESULT_EXPIRES", 3600, "Seconds a result key lives.")
+    max_docs: int = _env("RERANKQ_MAX_DOCS", 1000, "Most docs one job may carry.")
+    max_chunk_tokens: int = _env("RERANKQ_MAX_CHUNK_TOKENS", 16384,
+                                 "Token budget of one chunk (real tokens, counted with the model's tokenizer).")
+    max_batch_tokens: int = _env("RERANKQ_MAX_BATCH_TOKENS", 8192,
+                                 "Padded tokens in one forward batch (bounds activation memory).")
+    max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in one chunk.")
+    max_wait_ms: float = _env("RERANKQ_MAX_WAIT_MS", 10.0,
+                              "Longest a received job waits for chunk-mates before its chunk runs.")
+    prefetch: int = _env("RERANKQ_PREFETCH", 0,
+                         "Jobs a worker holds unacked; 0 means 2 x max_chunk_jobs (the least allowed).")
+    model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL, "Cross-encoder: a hub id or a local path.")
+    fast_model: str = _env("RERANKQ_FAST_MODEL", "",
+                           "Fast-ranker bi-encoder; empty means the bundled all-MiniLM-L6-v2.")
+    max_length: int = _env("RERANKQ_MAX_LENGTH", 0,
+                           "Tokens per (query, doc) pair before truncation; 0 means the model's own limit.")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and value < 0:
+                raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
+        for name in ("max_docs", "max_chunk_tokens", "max_batch_tokens", "max_chunk_jobs",
+                     "visibility_timeout", "result_expires"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"{_env_of(name)} must be > 0")
+        if self.prefetch and self.prefetch < 2 * self.max_chunk_jobs:
+            raise ConfigError(
+                f"RERANKQ_PREFETCH={self.prefetch} cannot fill two chunks of RERANKQ_MAX_CHUNK_JOBS="
+                f"{self.max_chunk_jobs}: set it to at least {2 * self.max_chunk_jobs}, or to 0 for that")
+        for name in ("broker_url", "backend_url"):
+            url = getattr(self, name)
+            if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+                raise ConfigError(f"{_env_of(name)}={url!r} is not a Redis URL: rerankq runs on Redis")
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def prefetch_count(self) -> int:
+        return self.prefetch or 2 * self.max_chunk_jobs
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None:
+                continue
+            kind = hints[f.name]
+            try:
+                values[f.name] = kind(raw) if kind is not str else raw
+            except ValueError:
+                raise ConfigError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _env_of(name: str) -> str:
+    if name == "backend_url":
+        return "RERANKQ_RESULT_BACKEND"
+    return {f.name: f.metadata["env"] for f in fields(Settings)}[name]
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated so that it cannot drift from the code."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(Settings):
+        rows.append(f"| `{f.metadata['env']}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+settings = Settings.from_env()
+
+# Celery's own names, derived from the settings above.
+broker_url = settings.broker_url
+result_backend = settings.backend_url
+# JSON only: a pickle message is refused before it reaches any task code.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+task_default_queue = settings.gpu_queue
+# Jobs are acked by the chunk consumer after their results are written (see worker/consumer.py).
+task_acks_late = True
+task_reject_on_worker_lost = True
+broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+result_expires = settings.result_expires
+# The worker runs one consumer process (solo pool), so the multiplier is the prefetch count itself.
+worker_prefetch_multiplier = settings.prefetch_count
+worker_send_task_events = True
+task_send_sent_event = True
+broker_connection_retry_on_startup = True

@@ -1,0 +1,3 @@
+"""rerankq: distributed cross-encoder reranking on Celery + Redis."""
+
+__version__ = "0.1.0"

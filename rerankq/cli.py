@@ -1,0 +1,54 @@
+"""The ``rerankq`` console script. Heavy imports (torch, the models) happen inside the commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rerankq")
+def main() -> None:
+    """Distributed cross-encoder reranking on Celery + Redis."""
+
+
+@main.command()
+@click.option("--device", default="cpu", show_default=True,
+              help="'cpu', or 'cuda:N' to pin this process to GPU N (set before torch loads).")
+@click.option("--queue", "queues", multiple=True,
+              help="Queue to serve (repeatable). Default: RERANKQ_GPU_QUEUE, or RERANKQ_CPU_QUEUE with "
+                   "--ranker fast.")
+@click.option("--ranker", type=click.Choice(["cross-encoder", "fast"]), default="cross-encoder",
+              show_default=True, help="Model kind: the cross-encoder, or the bi-encoder fast ranker.")
+@click.option("--model", default="", help="Hub id or local path; default RERANKQ_MODEL / RERANKQ_FAST_MODEL.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Celery node name (default names ranker, device, pid).")
+def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
+           hostname: str | None) -> None:
+    """Serve rerank jobs: load the model once, then score chunks of jobs in batched inferences."""
+    from celeryconfig import settings
+    from worker.main import run_worker
+
+    default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
+    sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname))
+
+
+@main.command()
+@click.option("--model", default="",
+              help="Cross-encoder to serve with (hub id or path). Default: RERANKQ_MODEL if it is in the "
+                   "local cache, else the bundled fast ranker.")
+@click.option("--redis-url", default="", help="Use this Redis instead of starting an embedded one.")
+def demo(model: str, redis_url: str) -> None:
+    """Start a Redis and a worker, rerank a bundled sample set, and print the rankings."""
+    from rerankq.demo import run_demo
+
+    sys.exit(run_demo(model, redis_url))
+
+
+@main.command()
+def config() -> None:
+    """Print every setting with its environment variable and default (the README's table)."""
+    from celeryconfig import settings_table
+
+    click.echo(settings_table())

@@ -1,0 +1,29 @@
+"""The contract between producers and workers: the Celery app, the ``rerank`` task, records, errors."""
+
+from tasks.app import app
+from tasks.errors import (
+    BadJob,
+    ConfigError,
+    DeadlineExceeded,
+    ModelLoadError,
+    RankerFailed,
+    RerankError,
+    RerankTimeout,
+)
+from tasks.records import Job, Result
+from tasks.rerank import TASK_NAME, rerank
+
+__all__ = [
+    "TASK_NAME",
+    "BadJob",
+    "ConfigError",
+    "DeadlineExceeded",
+    "Job",
+    "ModelLoadError",
+    "RankerFailed",
+    "RerankError",
+    "RerankTimeout",
+    "Result",
+    "app",
+    "rerank",
+]

@@ -1,0 +1,31 @@
+"""Every error rerankq raises on purpose. Each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class RerankError(Exception):
+    """Root of rerankq's errors: ``except RerankError`` catches all of them."""
+
+
+class ConfigError(RerankError):
+    """A setting is missing or out of range; the message names the environment variable."""
+
+
+class BadJob(RerankError):
+    """The job's input is malformed; only that job fails, with this message."""
+
+
+class DeadlineExceeded(RerankError):
+    """The job's ``deadline`` passed before a worker could score it."""
+
+
+class ModelLoadError(RerankError):
+    """A ranker's model could not be loaded; the worker exits with this message."""
+
+
+class RankerFailed(RerankError):
+    """The model raised while scoring this job (after isolating it from its chunk-mates)."""
+
+
+class RerankTimeout(RerankError):
+    """No result arrived in time: are workers running on the job's queue?"""

@@ -1,0 +1,135 @@
+"""The job and result records shared by producers and workers, and the job's validation.
+
+A job travels as the Celery task's arguments: ``rerank(query, docs, top_k=None, deadline=None)``.
+A result travels as a JSON object (``Result.to_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tasks.errors import BadJob
+
+JOB_FIELDS = ("query", "docs", "top_k", "deadline")
+RANKERS = ("cross-encoder", "fast", "passthrough")
+
+
+@dataclass(frozen=True)
+class Job:
+    query: str
+    docs: list[str]
+    top_k: int | None = None
+    #: Unix time (seconds) after which the result is useless; the job is then not scored.
+    deadline: float | None = None
+
+    @classmethod
+    def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any], max_docs: int) -> Job:
+        """Validate a task call's arguments; raise ``BadJob`` saying what is wrong."""
+        if not isinstance(args, list | tuple) or not isinstance(kwargs, Mapping):
+            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None)")
+        if len(args) > len(JOB_FIELDS):
+            raise BadJob(f"a job takes at most {len(JOB_FIELDS)} arguments ({', '.join(JOB_FIELDS)}), "
+                         f"got {len(args)}")
+        unknown = sorted(set(map(str, kwargs)) - set(JOB_FIELDS))
+        if unknown:
+            raise BadJob(f"unknown field {unknown[0]!r}: a job has only {', '.join(JOB_FIELDS)}")
+        values = dict(zip(JOB_FIELDS, args, strict=False))
+        for name, value in kwargs.items():
+            if name in values:
+                raise BadJob(f"{name!r} given twice (positionally and by name)")
+            values[name] = value
+        for name in ("query", "docs"):
+            if name not in values:
+                raise BadJob(f"missing {name!r}: a job is rerank(query, docs)")
+        return cls(
+            query=_query(values["query"]),
+            docs=_docs(values["docs"], max_docs),
+            top_k=_top_k(values.get("top_k")),
+            deadline=_deadline(values.get("deadline")),
+        )
+
+
+def _query(value: Any) -> str:
+    if not isinstance(value, str):
+        raise BadJob(f"query must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadJob("query is empty: send the text to rank the docs against")
+    return value
+
+
+def _docs(value: Any, max_docs: int) -> list[str]:
+    if not isinstance(value, list | tuple):
+        raise BadJob(f"docs must be a list of strings, got {type(value).__name__}")
+    if len(value) > max_docs:
+        raise BadJob(f"{len(value)} docs is over the limit of {max_docs} per job (RERANKQ_MAX_DOCS): "
+                     "split the job")
+    for i, doc in enumerate(value):
+        if not isinstance(doc, str):
+            raise BadJob(f"docs[{i}] must be a string, got {type(doc).__name__}")
+    return list(value)
+
+
+def _top_k(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadJob(f"top_k must be a positive integer or null, got {value!r}")
+    return value
+
+
+def _deadline(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadJob(f"deadline must be a Unix time in seconds or null, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Timings:
+    #: From the producer sending the job (or the worker receiving it) to its chunk starting.
+    queue_ms: float
+    #: Wall time of the batched inference of the chunk this job rode in.
+    inference_ms: float
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    id: str
+    jobs: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Result:
+    #: One score per doc, in the input order of ``docs``; higher is more relevant.
+    scores: list[float]
+    ranker: str
+    model: str
+    timings: Timings
+    #: With ``top_k``: indices of the ``top_k`` best docs, best first.
+    top: list[int] | None = None
+    chunk: ChunkInfo | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Result:
+        chunk = data.get("chunk")
+        return cls(
+            scores=list(data["scores"]),
+            ranker=data["ranker"],
+            model=data["model"],
+            timings=Timings(**data["timings"]),
+            top=data.get("top"),
+            chunk=ChunkInfo(**chunk) if chunk else None,
+        )
+
+
+def top_indices(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the ``k`` highest scores, best first; ties keep input order."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]

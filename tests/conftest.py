@@ -1,0 +1,65 @@
+"""Fixtures: a throwaway real Redis, the shared Celery app pointed at it, tiny models, real workers."""
+
+from __future__ import annotations
+
+import gc
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rerankq.local import WorkerProcess
+from rerankq.redis_server import RedisServer
+from tests.tiny_models import build_cross_encoder
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis only the suite uses: its own server, unless TEST_REDIS_URL names one."""
+    if os.environ.get("TEST_REDIS_URL"):
+        yield os.environ["TEST_REDIS_URL"]
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def celery_app(redis_url: str) -> Iterator[Any]:
+    from tasks import app
+
+    app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    yield app
+    # Results still referenced unsubscribe when collected: let them do it while Redis is up.
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"))
+
+
+@pytest.fixture(scope="module")
+def start_worker(celery_app: Any, redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> Iterator[StartWorker]:
+    """``start_worker(*cli_args, **env)`` starts a real ``rerankq worker`` on a new queue of its own
+    (``worker.queue``) and waits until it answers; every worker stops when the module ends."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, **env: str) -> WorkerProcess:
+        queue = f"test.{uuid.uuid4().hex[:8]}"
+        logdir = tmp_path_factory.mktemp("worker")
+        worker = WorkerProcess(queue, ["--loglevel", "INFO", *args],
+                               {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url, **env},
+                               logdir / "worker.log", f"{queue}@localhost")
+        started.append(worker)
+        worker.wait_ready(celery_app)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

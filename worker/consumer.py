@@ -1,0 +1,294 @@
+"""The chunk consumer: many prefetched jobs -> chunks under a token budget -> one batched inference each.
+
+Three threads share the work so that the GPU never waits on bookkeeping:
+
+* Celery's event loop receives each job message and hands it over (``chunk_strategy``), unacked;
+* the *preparer* validates each job and counts its tokens with the model's tokenizer, while
+* the *runner* takes the next chunk once it is idle, runs it as one batched inference, writes every
+  job's result in one pipelined round trip, and only then announces and acks each job.
+
+A chunk grows while the previous one runs, and is taken when the budget is full or its oldest job has
+waited ``max_wait_ms``: a lone job is never held for chunk-mates that are not coming.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import bootsteps
+from celery.utils.imports import symbol_by_name
+from celery.worker import state as worker_state
+from celery.worker.request import create_request_cls
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+
+from celeryconfig import Settings
+from tasks.errors import BadJob, ConfigError, DeadlineExceeded, RankerFailed
+from tasks.records import ChunkInfo, Job, Result, Timings, top_indices
+from tasks.rerank import SENT_AT_HEADER
+from worker import results
+from worker.chunker import plan_batches, take_chunk
+from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
+
+logger = logging.getLogger(__name__)
+
+_ranker: Ranker | None = None
+
+
+def install(ranker: Ranker) -> None:
+    """Make ``ranker`` the one the chunk consumer of this process serves with."""
+    global _ranker
+    _ranker = ranker
+
+
+@dataclass(eq=False)
+class Pending:
+    """A received job on its way through the consumer."""
+
+    request: Any
+    received: float
+    job: Job | None = None
+    costs: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.costs)
+
+
+class ChunkConsumer:
+    def __init__(self, ranker: Ranker, settings: Settings, backend: Any, hostname: str) -> None:
+        self.ranker = ranker
+        self.settings = settings
+        self.backend = backend
+        self._inbox: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._ready: deque[Pending] = deque()
+        self._ready_tokens = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._chunk_ids = (f"{hostname}#{n}" for n in itertools.count(1))
+        self._threads = [
+            threading.Thread(target=self._prepare_loop, name="rerankq-preparer", daemon=True),
+            threading.Thread(target=self._run_loop, name="rerankq-runner", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, request: Any) -> None:
+        """Called by the event loop for each received job; returns at once."""
+        self._inbox.put(Pending(request, time.time()))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish the chunk running now; jobs not started stay unacked and go back to the queue."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._inbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # -- preparer ---------------------------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        while (pending := self._inbox.get()) is not None:
+            self._prepare(pending)
+            with self._cond:
+                self._ready.append(pending)
+                self._ready_tokens += pending.tokens
+                self._cond.notify()
+
+    def _prepare(self, pending: Pending) -> None:
+        try:
+            job = pending.job = Job.from_call(pending.request.args, pending.request.kwargs,
+                                              self.settings.max_docs)
+            pending.costs = self.ranker.token_counts(job.query, job.docs) if job.docs else []
+        except BadJob as exc:
+            pending.error = exc
+        except Exception as exc:  # a tokenizer that chokes on this input fails this job alone
+            logger.exception("could not tokenize job %s", pending.request.id)
+            pending.error = BadJob(f"could not tokenize this job: {exc!r}")
+
+    # -- runner -----------------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        while (chunk := self._next_chunk()) is not None:
+            try:
+                self._serve(chunk)
+            except Exception:
+                # Never leave a chunk's jobs in limbo: back to the queue, to be served again.
+                logger.exception("chunk failed outside the model; requeueing its %d jobs", len(chunk))
+                for pending in chunk:
+                    _requeue(pending.request)
+
+    def _next_chunk(self) -> list[Pending] | None:
+        max_wait = self.settings.max_wait_ms / 1000
+        with self._cond:
+            while not self._ready and not self._stopping:
+                self._cond.wait()
+            while not self._stopping:
+                if (self._ready_tokens >= self.settings.max_chunk_tokens
+                        or len(self._ready) >= self.settings.max_chunk_jobs):
+                    break
+                remaining = self._ready[0].received + max_wait - time.time()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._stopping:
+                return None
+            chunk = take_chunk(self._ready, self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
+            self._ready_tokens -= sum(p.tokens for p in chunk)
+            return chunk
+
+    def _serve(self, chunk: list[Pending]) -> None:
+        started = time.time()
+        live = [p for p in chunk if not p.request.revoked()]  # expired or revoked: Celery settles them
+        for pending in live:
+            job = pending.job
+            if pending.error is None and job is not None and job.deadline is not None and job.deadline < started:
+                pending.error = DeadlineExceeded(
+                    f"the deadline passed {started - job.deadline:.3f}s before a worker could score this job")
+            worker_state.task_accepted(pending.request)
+            pending.request.send_event("task-started")
+
+        scored = [p for p in live if p.error is None and p.costs]
+        scores = self._infer(scored)
+        inference_ms = (time.time() - started) * 1000
+        info = ChunkInfo(id=next(self._chunk_ids), jobs=len(live), tokens=sum(p.tokens for p in live))
+
+        outcomes = [self._outcome(p, scores.get(p, []), started, inference_ms, info) for p in live]
+        results.store(self.backend, outcomes)
+        finished = time.time()
+        for outcome in outcomes:
+            request = outcome.request
+            if outcome.error is None:
+                request.send_event("task-succeeded", result=f"{len(outcome.result['scores'])} scores",
+                                   runtime=finished - started)
+            else:
+                logger.warning("job %s failed: %s", request.id, outcome.error)
+                request.send_event("task-failed", exception=repr(outcome.error), traceback="")
+            request.acknowledge()
+            worker_state.task_ready(request, successful=outcome.error is None)
+        logger.info("chunk %s: %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
+                    info.jobs, sum(len(p.costs) for p in scored), info.tokens, inference_ms,
+                    (finished - started) * 1000)
+
+    def _outcome(self, pending: Pending, scores: list[float] | BaseException, started: float,
+                 inference_ms: float, info: ChunkInfo) -> results.Outcome:
+        if pending.error is not None:
+            return results.Outcome(pending.request, error=pending.error)
+        if isinstance(scores, BaseException):
+            return results.Outcome(pending.request, error=scores)
+        assert pending.job is not None
+        sent_at = pending.request.request_dict.get(SENT_AT_HEADER) or pending.received
+        result = Result(
+            scores=scores,
+            ranker=self.ranker.kind,
+            model=self.ranker.model,
+            timings=Timings(queue_ms=round(max(0.0, started - float(sent_at)) * 1000, 3),
+                            inference_ms=round(inference_ms, 3)),
+            top=top_indices(scores, pending.job.top_k) if pending.job.top_k else None,
+            chunk=info,
+        )
+        return results.Outcome(pending.request, result=result.to_dict())
+
+    def _infer(self, jobs: list[Pending]) -> dict[Pending, list[float] | BaseException]:
+        """Score the jobs together; if the model raises, retry by halves so only the culprit fails."""
+        if not jobs:
+            return {}
+        try:
+            return dict(zip(jobs, self._score(jobs, self.settings.max_batch_tokens), strict=True))
+        except Exception as exc:
+            if len(jobs) > 1:
+                half = len(jobs) // 2
+                logger.warning("model raised on a chunk of %d jobs (%r); retrying by halves", len(jobs), exc)
+                return {**self._infer(jobs[:half]), **self._infer(jobs[half:])}
+            return {jobs[0]: self._score_alone(jobs[0], exc)}
+
+    def _score_alone(self, pending: Pending, exc: Exception) -> list[float] | BaseException:
+        """A single job the model failed on: out of memory shrinks its batches down to one pair."""
+        budget = self.settings.max_batch_tokens
+        while is_out_of_memory(exc) and budget > min(pending.costs):
+            release_cached_memory()
+            budget //= 2
+            try:
+                return self._score([pending], budget)[0]
+            except Exception as retry_exc:
+                exc = retry_exc
+        return RankerFailed(f"the {self.ranker.kind} model failed on this job: {exc!r}")
+
+    def _score(self, jobs: list[Pending], batch_tokens: int) -> list[list[float]]:
+        pairs: list[tuple[str, str]] = []
+        costs: list[int] = []
+        for pending in jobs:
+            assert pending.job is not None
+            pairs.extend((pending.job.query, doc) for doc in pending.job.docs)
+            costs.extend(pending.costs)
+        flat = [0.0] * len(pairs)
+        for batch in plan_batches(costs, batch_tokens):
+            for index, score in zip(batch, self.ranker.score([pairs[i] for i in batch]), strict=True):
+                flat[index] = score
+        out, start = [], 0
+        for pending in jobs:
+            out.append(flat[start:start + len(pending.costs)])
+            start += len(pending.costs)
+        return out
+
+
+def _requeue(request: Any) -> None:
+    try:
+        request.reject(requeue=True)
+    except Exception:
+        logger.exception("could not requeue job %s; it returns after the visibility timeout", request.id)
+
+
+def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery task strategy: hand each received job to this process's chunk consumer, unacked."""
+    if _ranker is None:
+        raise ConfigError("rerank jobs need a loaded ranker: start workers with `rerankq worker`")
+    chunks: ChunkConsumer | None = getattr(consumer, "rerankq_chunks", None)
+    if chunks is None:  # the consumer calls us again after a reconnect: keep the same chunks
+        from celeryconfig import settings
+
+        chunks = consumer.rerankq_chunks = ChunkConsumer(_ranker, settings, task.backend, consumer.hostname)
+    Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
+                                 consumer.event_dispatcher, app=app)
+    revoked_tasks = worker_state.revoked
+
+    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> None:
+        if body is None and "args" not in message.payload:
+            body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
+        elif "args" in message.payload:
+            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+        else:
+            body, headers, decoded, utc = proto1_to_proto2(message, body)
+        request = Request(message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname,
+                          eventer=consumer.event_dispatcher, task=task,
+                          connection_errors=consumer.connection_errors, body=body, headers=headers,
+                          decoded=decoded, utc=utc)
+        if (request.expires or request.id in revoked_tasks) and request.revoked():
+            return
+        worker_state.task_reserved(request)
+        request.send_event("task-received", name=request.name, args=request.argsrepr,
+                           kwargs=request.kwargsrepr, retries=request.request_dict.get("retries", 0),
+                           root_id=request.root_id, parent_id=request.parent_id,
+                           expires=request.expires and request.expires.isoformat())
+        chunks.put(request)
+
+    return on_message
+
+
+class ChunkStep(bootsteps.StartStopStep):
+    """Consumer bootstep: at shutdown, let the running chunk finish before the connection closes."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def shutdown(self, parent: Any) -> None:
+        chunks: ChunkConsumer | None = getattr(parent, "rerankq_chunks", None)
+        if chunks is not None:
+            chunks.stop()

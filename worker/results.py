@@ -1,0 +1,46 @@
+"""Result writing: a whole chunk's outcomes in one pipelined round trip to the result backend.
+
+Each job's key and value are exactly what Celery's Redis backend writes (``SETEX`` then ``PUBLISH`` on the
+task's meta key), so ``AsyncResult.get()`` and Flower read them as usual. Celery's own ``store_result``
+costs a read and a write per job; a chunk of 60 jobs would pay 120 round trips instead of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import states
+
+
+@dataclass(frozen=True)
+class Outcome:
+    request: Any
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+    @property
+    def state(self) -> str:
+        return states.SUCCESS if self.error is None else states.FAILURE
+
+
+def store(backend: Any, outcomes: Sequence[Outcome]) -> None:
+    """Write every outcome with one pipeline; retried by the backend's retry policy on connection loss."""
+    entries = []
+    for outcome in outcomes:
+        value = outcome.result if outcome.error is None else backend.prepare_exception(outcome.error)
+        meta = backend._get_result_meta(result=value, state=outcome.state, traceback=None,
+                                        request=outcome.request)
+        meta["task_id"] = outcome.request.id
+        entries.append((backend.get_key_for_task(outcome.request.id), backend.encode(meta)))
+
+    def write() -> None:
+        with backend.client.pipeline(transaction=False) as pipe:
+            for key, value in entries:
+                pipe.setex(key, backend.expires, value)
+                pipe.publish(key, value)
+            pipe.execute()
+
+    if entries:
+        backend.ensure(write, ())
