@@ -44,8 +44,9 @@ class Settings:
     model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL, "Cross-encoder: a hub id or a local path.")
     fast_model: str = _env("RERANKQ_FAST_MODEL", "",
                            "Fast-ranker bi-encoder; empty means the bundled all-MiniLM-L6-v2.")
-    max_length: int = _env("RERANKQ_MAX_LENGTH", 0,
-                           "Tokens per (query, doc) pair before truncation; 0 means the model's own limit.")
+    max_length: int = _env("RERANKQ_MAX_LENGTH", 512,
+                           "Cross-encoder tokens per (query, doc) pair; longer docs are truncated. Capped by the "
+                           "model's own limit; 0 means that limit.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -95,7 +96,7 @@ class Settings:
 def _env_of(name: str) -> str:
     if name == "backend_url":
         return "RERANKQ_RESULT_BACKEND"
-    return {f.name: f.metadata["env"] for f in fields(Settings)}[name]
+    return str({f.name: f.metadata["env"] for f in fields(Settings)}[name])
 
 
 def settings_table() -> str:

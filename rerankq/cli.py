@@ -7,13 +7,29 @@ import sys
 import click
 
 
+def main() -> None:
+    """Entry point: a ``RerankError`` (bad setting, unloadable model) ends with its message, no traceback."""
+    from tasks.errors import RerankError
+
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RerankError as exc:
+        click.echo(f"rerankq: {exc}", err=True)
+        sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rerankq")
-def main() -> None:
+def cli() -> None:
     """Distributed cross-encoder reranking on Celery + Redis."""
 
 
-@main.command()
+@cli.command()
 @click.option("--device", default="cpu", show_default=True,
               help="'cpu', or 'cuda:N' to pin this process to GPU N (set before torch loads).")
 @click.option("--queue", "queues", multiple=True,
@@ -34,7 +50,7 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglev
     sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname))
 
 
-@main.command()
+@cli.command()
 @click.option("--model", default="",
               help="Cross-encoder to serve with (hub id or path). Default: RERANKQ_MODEL if it is in the "
                    "local cache, else the bundled fast ranker.")
@@ -46,7 +62,7 @@ def demo(model: str, redis_url: str) -> None:
     sys.exit(run_demo(model, redis_url))
 
 
-@main.command()
+@cli.command()
 def config() -> None:
     """Print every setting with its environment variable and default (the README's table)."""
     from celeryconfig import settings_table

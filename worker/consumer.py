@@ -166,7 +166,7 @@ class ChunkConsumer:
         finished = time.time()
         for outcome in outcomes:
             request = outcome.request
-            if outcome.error is None:
+            if outcome.result is not None:
                 request.send_event("task-succeeded", result=f"{len(outcome.result['scores'])} scores",
                                    runtime=finished - started)
             else:

@@ -43,7 +43,9 @@ class CrossEncoderRanker(Ranker):
         from sentence_transformers import CrossEncoder
 
         self.model = model
-        self._ce = CrossEncoder(model, device=device, max_length=max_length or None)
+        self._ce = CrossEncoder(model, device=device)
+        if max_length and max_length < (self._ce.max_length or max_length + 1):
+            self._ce.max_length = max_length
         if self._ce.num_labels != 1:
             raise ModelLoadError(f"{model!r} has {self._ce.num_labels} output labels; a reranker has one score")
         if device.startswith("cuda"):
@@ -79,7 +81,7 @@ class FastRanker(Ranker):
         else:
             path = self.model = model
         self._st = SentenceTransformer(path, device=device)
-        self.max_length = int(self._st.max_seq_length)
+        self.max_length = int(self._st.max_seq_length or 512)
         self._tokenizer = private_copy(self._st.tokenizer)
 
     def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:

@@ -22,7 +22,7 @@ class Outcome:
 
     @property
     def state(self) -> str:
-        return states.SUCCESS if self.error is None else states.FAILURE
+        return str(states.SUCCESS if self.error is None else states.FAILURE)
 
 
 def store(backend: Any, outcomes: Sequence[Outcome]) -> None:

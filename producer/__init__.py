@@ -1,0 +1,1 @@
+"""The client side: helpers for web apps and the offline bulk runner."""

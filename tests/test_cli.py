@@ -1,0 +1,54 @@
+"""The console script: model-load failures, help, and the README's demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def rerankq(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "rerankq", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_a_worker_whose_model_cannot_load_exits_non_zero_with_the_reason(tmp_path: Path,
+                                                                         redis_url: str) -> None:
+    missing = tmp_path / "no-such-model"
+    done = rerankq("worker", "--model", str(missing), env={"RERANKQ_BROKER_URL": redis_url})
+    assert done.returncode != 0
+    assert f"cannot load the cross-encoder model '{missing}' on cpu" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_asked_for_a_gpu_it_cannot_see_says_so(redis_url: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = rerankq("worker", "--device", "cuda:0", env={"RERANKQ_BROKER_URL": redis_url})
+    assert done.returncode != 0
+    assert "CUDA is not available" in done.stderr
+
+
+def test_a_bad_setting_stops_the_worker_with_the_variable_named() -> None:
+    done = rerankq("worker", env={"RERANKQ_MAX_CHUNK_TOKENS": "lots"})
+    assert done.returncode != 0
+    assert "RERANKQ_MAX_CHUNK_TOKENS='lots' is not a valid int" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_demo_reranks_the_sample_set_offline() -> None:
+    done = rerankq("demo", env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "served by: fast (all-MiniLM-L6-v2)" in out
+    # The relevant passage of the first sample ranks first.
+    first = out.split("query: How do I keep a sourdough starter alive?")[1]
+    assert first.strip().splitlines()[0].endswith("keep it at room temperature so the yeast stays active.")

@@ -1,0 +1,67 @@
+"""Rankers with real model code: the bundled fast ranker and the cross-encoder behind one interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sentence_transformers import CrossEncoder
+
+from rerankq.local import WorkerProcess
+from tasks import Result, rerank
+from tests.conftest import StartWorker
+from worker.rankers import CrossEncoderRanker, FastRanker
+
+CASES = [
+    ("how do I feed a sourdough starter",
+     "Feed the starter equal weights of flour and water once a day and keep it warm.",
+     "The stock market closed lower after the central bank raised interest rates."),
+    ("symptoms of dehydration",
+     "Thirst, dark urine, dizziness and tiredness are signs the body is short of water.",
+     "The Eiffel Tower was finished in 1889 for the World's Fair in Paris."),
+    ("what does a GPU do in deep learning",
+     "GPUs run the large matrix multiplications of neural networks in parallel, speeding up training.",
+     "Sourdough bread gets its sour taste from lactic acid bacteria in the starter."),
+]
+
+
+@pytest.fixture(scope="module")
+def fast() -> FastRanker:
+    return FastRanker("", "cpu")
+
+
+def test_the_fast_ranker_puts_the_relevant_passage_first(fast: FastRanker) -> None:
+    for query, relevant, irrelevant in CASES:
+        good, bad = fast.score([(query, relevant), (query, irrelevant)])
+        assert good > bad + 0.2, (query, good, bad)
+
+
+def test_the_fast_ranker_scores_are_cosines_of_the_bundled_model(fast: FastRanker) -> None:
+    query, relevant, _ = CASES[0]
+    emb = fast._st.encode([query, relevant], normalize_embeddings=True)
+    assert fast.score([(query, relevant)])[0] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
+    assert fast.model == "all-MiniLM-L6-v2"
+
+
+def test_the_fast_ranker_charges_each_query_once(fast: FastRanker) -> None:
+    counts = fast.token_counts("one two three", ["a", "b c"])
+    assert counts == [5 + 3, 4]  # [CLS] one two three [SEP] + [CLS] a [SEP]; [CLS] b c [SEP]
+
+
+def test_the_cross_encoder_ranker_matches_predict(tiny_model: Path) -> None:
+    ranker = CrossEncoderRanker(str(tiny_model), "cpu")
+    pairs = [("river bank", "a bank by the river"), ("loan", "interest rates rose"), ("x", "y " * 600)]
+    want = CrossEncoder(str(tiny_model), device="cpu").predict(pairs)
+    np.testing.assert_allclose(ranker.score(pairs), want, rtol=0, atol=1e-5)
+    assert ranker.token_counts("x", ["y " * 600])[0] == ranker.max_length == 512
+
+
+@pytest.mark.integration
+def test_a_fast_worker_serves_jobs_and_says_so(start_worker: StartWorker) -> None:
+    worker: WorkerProcess = start_worker("--ranker", "fast")
+    handles = [rerank.apply_async((q, [bad, good]), queue=worker.queue) for q, good, bad in CASES]
+    for handle in handles:
+        result = Result.from_dict(handle.get(timeout=60))
+        assert result.ranker == "fast" and result.model == "all-MiniLM-L6-v2"
+        assert result.scores[1] > result.scores[0]

@@ -1,0 +1,48 @@
+"""Settings: typed, each from an environment variable, documented in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import celeryconfig
+from celeryconfig import Settings
+from tasks.errors import ConfigError
+
+
+def test_every_setting_reads_its_environment_variable() -> None:
+    s = Settings.from_env({"RERANKQ_MAX_CHUNK_TOKENS": "999", "RERANKQ_MAX_WAIT_MS": "2.5",
+                           "RERANKQ_BROKER_URL": "rediss://:pw@host:6380/1", "RERANKQ_MODEL": "/models/x"})
+    assert (s.max_chunk_tokens, s.max_wait_ms, s.model) == (999, 2.5, "/models/x")
+    assert s.backend_url == "rediss://:pw@host:6380/1"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RERANKQ_MAX_DOCS": "many"}, "RERANKQ_MAX_DOCS='many' is not a valid int"),
+    ({"RERANKQ_MAX_CHUNK_TOKENS": "0"}, "RERANKQ_MAX_CHUNK_TOKENS must be > 0"),
+    ({"RERANKQ_MAX_WAIT_MS": "-1"}, "RERANKQ_MAX_WAIT_MS must be >= 0"),
+    ({"RERANKQ_PREFETCH": "10"}, "set it to at least 128"),
+    ({"RERANKQ_BROKER_URL": "amqp://guest@localhost//"}, "is not a Redis URL"),
+    ({"RERANKQ_RESULT_BACKEND": "db+sqlite:///r.db"}, "RERANKQ_RESULT_BACKEND"),
+])
+def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        Settings.from_env(env)
+
+
+def test_prefetch_fills_two_chunks_by_default() -> None:
+    assert Settings.from_env({"RERANKQ_MAX_CHUNK_JOBS": "50"}).prefetch_count == 100
+
+
+def test_celery_is_configured_for_json_only_and_late_acks() -> None:
+    assert celeryconfig.accept_content == ["json"] and celeryconfig.result_accept_content == ["json"]
+    assert celeryconfig.task_acks_late is True
+    timeout = celeryconfig.settings.visibility_timeout
+    assert celeryconfig.broker_transport_options["visibility_timeout"] == timeout
+    assert celeryconfig.result_backend_transport_options["visibility_timeout"] == timeout
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert celeryconfig.settings_table() in readme
