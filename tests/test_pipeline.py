@@ -191,6 +191,13 @@ def test_each_job_has_its_own_task_events(celery_app: Any, worker: WorkerProcess
         listener.start()
         try:
             assert ready.wait(10)
+            # Redis delivers events only once the receiver has subscribed: wait until a probe's are seen.
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                send(worker, "probe", ["doc"]).get(timeout=30)
+                time.sleep(0.3)
+                if any("task-succeeded" in types for types in seen.values()):
+                    break
             handles = [send(worker, f"query {i}", [f"doc {i}"]) for i in range(5)]
             failing = send(worker, "", ["x"])
             for h in handles:

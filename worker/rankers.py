@@ -44,13 +44,15 @@ class CrossEncoderRanker(Ranker):
 
         self.model = model
         self._ce = CrossEncoder(model, device=device)
-        if max_length and max_length < (self._ce.max_length or max_length + 1):
-            self._ce.max_length = max_length
+        # sentence-transformers 6 renamed max_length to max_seq_length.
+        attr = "max_seq_length" if hasattr(type(self._ce), "max_seq_length") else "max_length"
+        if max_length and max_length < (getattr(self._ce, attr) or max_length + 1):
+            setattr(self._ce, attr, max_length)
         if self._ce.num_labels != 1:
             raise ModelLoadError(f"{model!r} has {self._ce.num_labels} output labels; a reranker has one score")
         if device.startswith("cuda"):
             self._ce.model.half()
-        self.max_length = int(self._ce.max_length)
+        self.max_length = int(getattr(self._ce, attr))
         self._tokenizer = private_copy(self._ce.tokenizer)
 
     def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
