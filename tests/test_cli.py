@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,6 @@ pytestmark = pytest.mark.integration
 
 
 def rerankq(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    import os
-
     return subprocess.run([sys.executable, "-m", "rerankq", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
