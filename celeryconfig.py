@@ -47,6 +47,24 @@ class Settings:
     max_length: int = _env("RERANKQ_MAX_LENGTH", 512,
                            "Cross-encoder tokens per (query, doc) pair; longer docs are truncated. Capped by the "
                            "model's own limit; 0 means that limit.")
+    poll_ms: float = _env("RERANKQ_POLL_MS", 200.0,
+                          "How often the watchdog measures the queues (and workers report their figures).")
+    high_wait_s: float = _env("RERANKQ_HIGH_WAIT_S", 2.0,
+                              "Shed: route new jobs off a queue whose estimated wait is above this.")
+    low_wait_s: float = _env("RERANKQ_LOW_WAIT_S", 0.5,
+                             "Return: route new jobs back once the estimated wait is at or below this.")
+    high_jobs: int = _env("RERANKQ_HIGH_JOBS", 0, "Shed also when a queue's backlog is above this many jobs; "
+                                                  "0 means off.")
+    low_jobs: int = _env("RERANKQ_LOW_JOBS", 0, "With RERANKQ_HIGH_JOBS: return only once the backlog is at "
+                                                "or below this many jobs.")
+    route_ttl_s: float = _env("RERANKQ_ROUTE_TTL_S", 2.0,
+                              "Life of the route state the watchdog refreshes; without a watchdog, routing "
+                              "falls back to the GPU queue after this.")
+    route_cache_ms: float = _env("RERANKQ_ROUTE_CACHE_MS", 100.0,
+                                 "How long a producer reuses the route state it read (one Redis read per refresh).")
+    passthrough: bool = _env("RERANKQ_PASSTHROUGH", True,
+                             "When both queues are over their marks, return the retrieval order at once "
+                             "(`ranker: passthrough`) instead of queueing.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -54,13 +72,25 @@ class Settings:
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
         for name in ("max_docs", "max_chunk_tokens", "max_batch_tokens", "max_chunk_jobs",
-                     "visibility_timeout", "result_expires"):
+                     "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
         if self.prefetch and self.prefetch < 2 * self.max_chunk_jobs:
             raise ConfigError(
                 f"RERANKQ_PREFETCH={self.prefetch} cannot fill two chunks of RERANKQ_MAX_CHUNK_JOBS="
                 f"{self.max_chunk_jobs}: set it to at least {2 * self.max_chunk_jobs}, or to 0 for that")
+        if self.low_wait_s >= self.high_wait_s:
+            raise ConfigError(
+                f"RERANKQ_LOW_WAIT_S={self.low_wait_s} must be below RERANKQ_HIGH_WAIT_S={self.high_wait_s}: "
+                "the gap between the marks keeps the route from flapping")
+        if self.high_jobs and self.low_jobs >= self.high_jobs:
+            raise ConfigError(
+                f"RERANKQ_LOW_JOBS={self.low_jobs} must be below RERANKQ_HIGH_JOBS={self.high_jobs}: "
+                "the gap between the marks keeps the route from flapping")
+        if self.route_ttl_s * 1000 <= self.poll_ms:
+            raise ConfigError(
+                f"RERANKQ_ROUTE_TTL_S={self.route_ttl_s} must outlast one poll (RERANKQ_POLL_MS={self.poll_ms}), "
+                "or the route state expires between the watchdog's refreshes")
         for name in ("broker_url", "backend_url"):
             url = getattr(self, name)
             if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
@@ -84,13 +114,22 @@ class Settings:
                 continue
             kind = hints[f.name]
             try:
-                values[f.name] = kind(raw) if kind is not str else raw
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw) if kind is not str else raw
             except ValueError:
                 raise ConfigError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
         return cls(**values)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def _parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _env_of(name: str) -> str:

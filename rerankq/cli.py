@@ -35,8 +35,9 @@ def cli() -> None:
 @click.option("--queue", "queues", multiple=True,
               help="Queue to serve (repeatable). Default: RERANKQ_GPU_QUEUE, or RERANKQ_CPU_QUEUE with "
                    "--ranker fast.")
-@click.option("--ranker", type=click.Choice(["cross-encoder", "fast"]), default="cross-encoder",
-              show_default=True, help="Model kind: the cross-encoder, or the bi-encoder fast ranker.")
+@click.option("--ranker", type=click.Choice(["cross-encoder", "fast", "simulated"]), default="cross-encoder",
+              show_default=True, help="Model kind: the cross-encoder, the bi-encoder fast ranker, or a simulated "
+                                      "GPU for benchmarks and tests (sleeps; --model 'latency_ms=10,token_us=5').")
 @click.option("--model", default="", help="Hub id or local path; default RERANKQ_MODEL / RERANKQ_FAST_MODEL.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default names ranker, device, pid).")
@@ -60,6 +61,24 @@ def demo(model: str, redis_url: str) -> None:
     from rerankq.demo import run_demo
 
     sys.exit(run_demo(model, redis_url))
+
+
+@cli.command()
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def watchdog(loglevel: str) -> None:
+    """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
+    from worker.watchdog import run_watchdog
+
+    sys.exit(run_watchdog(loglevel))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def status(as_json: bool) -> None:
+    """Print queues, backlogs, estimated waits, the route state and live workers."""
+    from rerankq.status import run_status
+
+    sys.exit(run_status(as_json))
 
 
 @cli.command()

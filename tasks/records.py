@@ -14,7 +14,6 @@ from typing import Any
 from tasks.errors import BadJob
 
 JOB_FIELDS = ("query", "docs", "top_k", "deadline")
-RANKERS = ("cross-encoder", "fast", "passthrough")
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
-from celery import Task
+from celery import Task, states
+from celery.result import EagerResult
 
 from tasks.app import app
-from tasks.errors import RerankError
+from tasks.connections import BrokerRedis
+from tasks.errors import BadJob, RerankError
+from tasks.router import PASSTHROUGH, Router, passthrough_result
 
 TASK_NAME = "rerankq.rerank"
 #: Message header with the producer's send time, for the result's queue wait.
 SENT_AT_HEADER = "rerankq_sent_at"
+#: Options by which a caller picks the destination itself; the router then stays out of the way.
+_DESTINATION_OPTIONS = ("queue", "routing_key", "exchange")
 
 
 class RerankTask(Task):
@@ -26,11 +32,36 @@ class RerankTask(Task):
     Strategy = "worker.consumer:chunk_strategy"
     # Arguments are validated by the worker, so a malformed call fails its own job (raised by .get()).
     typing = False
+    #: Set on first use from the settings; replace it to route with other queues or marks.
+    router: Router | None = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        if not any(options.get(name) for name in _DESTINATION_OPTIONS):
+            destination = self.get_router().route()
+            if destination == PASSTHROUGH:
+                return self._passthrough(args, kwargs, options.get("task_id"))
+            options["queue"] = destination
         headers = dict(options.pop("headers", None) or {})
         headers.setdefault(SENT_AT_HEADER, time.time())
         return super().apply_async(args, kwargs, headers=headers, **options)
+
+    def get_router(self) -> Router:
+        if self.router is None:
+            from celeryconfig import settings
+
+            self.router = Router(lambda: BrokerRedis(self.app), settings.gpu_queue, settings.cpu_queue,
+                                 settings.route_cache_ms / 1000, settings.passthrough)
+        return self.router
+
+    def _passthrough(self, args: Any, kwargs: Any, task_id: str | None) -> EagerResult:
+        from celeryconfig import settings
+
+        task_id = task_id or str(uuid.uuid4())
+        try:
+            result = passthrough_result(args, kwargs, settings.max_docs)
+        except BadJob as exc:
+            return EagerResult(task_id, exc, states.FAILURE, name=self.name)
+        return EagerResult(task_id, result.to_dict(), states.SUCCESS, name=self.name)
 
 
 @app.task(base=RerankTask, name=TASK_NAME)

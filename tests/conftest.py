@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from rerankq.local import WorkerProcess
+from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import RedisServer
 from tests.tiny_models import build_cross_encoder
 
 StartWorker = Callable[..., WorkerProcess]
+StartWatchdog = Callable[..., RerankqProcess]
 
 
 @pytest.fixture(scope="session")
@@ -46,16 +47,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def start_worker(celery_app: Any, redis_url: str, tmp_path_factory: pytest.TempPathFactory,
                  ) -> Iterator[StartWorker]:
-    """``start_worker(*cli_args, **env)`` starts a real ``rerankq worker`` on a new queue of its own
-    (``worker.queue``) and waits until it answers; every worker stops when the module ends."""
+    """``start_worker(*cli_args, queue=None, **env)`` starts a real ``rerankq worker`` on ``queue`` (by
+    default a new queue of its own, ``worker.queue``) and waits until it answers; every worker stops when
+    the module ends."""
     started: list[WorkerProcess] = []
 
-    def start(*args: str, **env: str) -> WorkerProcess:
-        queue = f"test.{uuid.uuid4().hex[:8]}"
+    def start(*args: str, queue: str | None = None, **env: str) -> WorkerProcess:
+        queue = queue or new_queue()
         logdir = tmp_path_factory.mktemp("worker")
         worker = WorkerProcess(queue, ["--loglevel", "INFO", *args],
                                {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url, **env},
-                               logdir / "worker.log", f"{queue}@localhost")
+                               logdir / "worker.log", f"{uuid.uuid4().hex[:8]}.{queue}@localhost")
         started.append(worker)
         worker.wait_ready(celery_app)
         return worker
@@ -63,3 +65,24 @@ def start_worker(celery_app: Any, redis_url: str, tmp_path_factory: pytest.TempP
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def start_watchdog(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWatchdog]:
+    """``start_watchdog(**env)`` starts a real ``rerankq watchdog``; all stop when the module ends."""
+    started: list[RerankqProcess] = []
+
+    def start(**env: str) -> RerankqProcess:
+        logdir = tmp_path_factory.mktemp("watchdog")
+        process = RerankqProcess(["watchdog", "--loglevel", "INFO"], {"RERANKQ_BROKER_URL": redis_url, **env},
+                                 logdir / "watchdog.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def new_queue() -> str:
+    return f"test.{uuid.uuid4().hex[:8]}"

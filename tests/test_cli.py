@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,35 @@ def test_the_demo_reranks_the_sample_set_offline() -> None:
     # The relevant passage of the first sample ranks first.
     first = out.split("query: How do I keep a sourdough starter alive?")[1]
     assert first.strip().splitlines()[0].endswith("keep it at room temperature so the yeast stays active.")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RERANKQ_HIGH_WAIT_S": "1", "RERANKQ_LOW_WAIT_S": "2"},
+     "RERANKQ_LOW_WAIT_S=2.0 must be below RERANKQ_HIGH_WAIT_S=1.0"),
+    ({"RERANKQ_POLL_MS": "-5"}, "RERANKQ_POLL_MS must be >= 0"),
+])
+def test_a_watchdog_with_bad_marks_refuses_to_start(env: dict[str, str], message: str, redis_url: str) -> None:
+    done = rerankq("watchdog", env={"RERANKQ_BROKER_URL": redis_url, **env}, timeout=30)
+    assert done.returncode == 2
+    assert f"rerankq: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_status_prints_queues_route_and_workers(redis_url: str) -> None:
+    env = {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_GPU_QUEUE": "status.gpu", "RERANKQ_CPU_QUEUE": "status.cpu"}
+    table = rerankq("status", env=env, timeout=30)
+    assert table.returncode == 0, table.stderr
+    assert "route: gpu (no route state: the watchdog is not running" in table.stdout
+    assert table.stdout.splitlines()[2].split() == ["queue", "waiting", "held", "backlog", "workers", "pairs/s",
+                                                    "est.", "wait"]
+    as_json = rerankq("status", "--json", env=env, timeout=30)
+    figures = json.loads(as_json.stdout)
+    assert [q["queue"] for q in figures["queues"]] == ["status.gpu", "status.cpu"]
+    assert figures["route"]["route"] == "gpu" and figures["workers"] == []
+
+
+def test_status_without_redis_says_where_it_looked() -> None:
+    done = rerankq("status", env={"RERANKQ_BROKER_URL": "redis://:secret@127.0.0.1:1/0"}, timeout=60)
+    assert done.returncode == 2
+    assert "cannot read the status from Redis at redis://:**@127.0.0.1:1/0" in done.stderr
+    assert "secret" not in done.stderr

@@ -25,10 +25,21 @@ def test_every_setting_reads_its_environment_variable() -> None:
     ({"RERANKQ_PREFETCH": "10"}, "set it to at least 128"),
     ({"RERANKQ_BROKER_URL": "amqp://guest@localhost//"}, "is not a Redis URL"),
     ({"RERANKQ_RESULT_BACKEND": "db+sqlite:///r.db"}, "RERANKQ_RESULT_BACKEND"),
+    ({"RERANKQ_LOW_WAIT_S": "3", "RERANKQ_HIGH_WAIT_S": "2"}, "RERANKQ_LOW_WAIT_S=3.0 must be below"),
+    ({"RERANKQ_HIGH_JOBS": "100", "RERANKQ_LOW_JOBS": "100"}, "RERANKQ_LOW_JOBS=100 must be below"),
+    ({"RERANKQ_POLL_MS": "-200"}, "RERANKQ_POLL_MS must be >= 0"),
+    ({"RERANKQ_POLL_MS": "0"}, "RERANKQ_POLL_MS must be > 0"),
+    ({"RERANKQ_POLL_MS": "500", "RERANKQ_ROUTE_TTL_S": "0.5"}, "must outlast one poll"),
+    ({"RERANKQ_PASSTHROUGH": "maybe"}, "RERANKQ_PASSTHROUGH='maybe' is not a valid bool"),
 ])
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("0", False), ("off", False), ("1", True), ("Yes", True)])
+def test_switches_read_the_usual_words(raw: str, value: bool) -> None:
+    assert Settings.from_env({"RERANKQ_PASSTHROUGH": raw}).passthrough is value
 
 
 def test_prefetch_fills_two_chunks_by_default() -> None:

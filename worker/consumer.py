@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,22 +29,25 @@ from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from celeryconfig import Settings
+from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError, DeadlineExceeded, RankerFailed
 from tasks.records import ChunkInfo, Job, Result, Timings, top_indices
 from tasks.rerank import SENT_AT_HEADER
 from worker import results
 from worker.chunker import plan_batches, take_chunk
 from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
+from worker.stats import StatsReporter, Throughput, WorkerStats
 
 logger = logging.getLogger(__name__)
 
 _ranker: Ranker | None = None
+_device = "cpu"
 
 
-def install(ranker: Ranker) -> None:
-    """Make ``ranker`` the one the chunk consumer of this process serves with."""
-    global _ranker
-    _ranker = ranker
+def install(ranker: Ranker, device: str) -> None:
+    """Make ``ranker`` (loaded on ``device``) the one the chunk consumer of this process serves with."""
+    global _ranker, _device
+    _ranker, _device = ranker, device
 
 
 @dataclass(eq=False)
@@ -72,6 +75,10 @@ class ChunkConsumer:
         self._ready_tokens = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self.throughput = Throughput()
+        #: Jobs received and not yet settled, by the routing key they came with.
+        self._held: Counter[str] = Counter()
+        self._held_lock = threading.Lock()
         self._chunk_ids = (f"{hostname}#{n}" for n in itertools.count(1))
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="rerankq-preparer", daemon=True),
@@ -82,7 +89,17 @@ class ChunkConsumer:
 
     def put(self, request: Any) -> None:
         """Called by the event loop for each received job; returns at once."""
+        with self._held_lock:
+            self._held[_routing_key(request)] += 1
         self._inbox.put(Pending(request, time.time()))
+
+    def held(self) -> dict[str, int]:
+        with self._held_lock:
+            return {key: n for key, n in self._held.items() if n}
+
+    def _settled(self, chunk: list[Pending]) -> None:
+        with self._held_lock:
+            self._held.subtract(_routing_key(p.request) for p in chunk)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the chunk running now; jobs not started stay unacked and go back to the queue."""
@@ -125,6 +142,8 @@ class ChunkConsumer:
                 logger.exception("chunk failed outside the model; requeueing its %d jobs", len(chunk))
                 for pending in chunk:
                     _requeue(pending.request)
+            finally:
+                self._settled(chunk)
 
     def _next_chunk(self) -> list[Pending] | None:
         max_wait = self.settings.max_wait_ms / 1000
@@ -174,9 +193,10 @@ class ChunkConsumer:
                 request.send_event("task-failed", exception=repr(outcome.error), traceback="")
             request.acknowledge()
             worker_state.task_ready(request, successful=outcome.error is None)
+        pairs = sum(len(p.costs) for p in scored)
+        self.throughput.add(pairs, len(live), finished - started)
         logger.info("chunk %s: %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
-                    info.jobs, sum(len(p.costs) for p in scored), info.tokens, inference_ms,
-                    (finished - started) * 1000)
+                    info.jobs, pairs, info.tokens, inference_ms, (finished - started) * 1000)
 
     def _outcome(self, pending: Pending, scores: list[float] | BaseException, started: float,
                  inference_ms: float, info: ChunkInfo) -> results.Outcome:
@@ -240,6 +260,10 @@ class ChunkConsumer:
         return out
 
 
+def _routing_key(request: Any) -> str:
+    return str((request.delivery_info or {}).get("routing_key") or "")
+
+
 def _requeue(request: Any) -> None:
     try:
         request.reject(requeue=True)
@@ -256,6 +280,7 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         from celeryconfig import settings
 
         chunks = consumer.rerankq_chunks = ChunkConsumer(_ranker, settings, task.backend, consumer.hostname)
+        consumer.rerankq_stats = _start_reporter(app, consumer.hostname, chunks, settings.poll_ms / 1000)
     Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
                                  consumer.event_dispatcher, app=app)
     revoked_tasks = worker_state.revoked
@@ -283,6 +308,25 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     return on_message
 
 
+def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: float) -> StatsReporter:
+    ranker = chunks.ranker
+
+    def queues() -> list[str]:
+        return sorted(app.amqp.queues.consume_from or app.amqp.queues)
+
+    def snapshot() -> WorkerStats:
+        served = queues()
+        held: Counter[str] = Counter()
+        for key, n in chunks.held().items():
+            # A routing key that is not a queue name (custom routing): count it on the first queue.
+            held[key if key in served else served[0]] += n
+        pairs, jobs, busy_s = chunks.throughput.window()
+        return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=_device, held=dict(held),
+                           pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=chunks.throughput.served)
+
+    return StatsReporter(BrokerRedis(app), queues, snapshot, interval_s)
+
+
 class ChunkStep(bootsteps.StartStopStep):
     """Consumer bootstep: at shutdown, let the running chunk finish before the connection closes."""
 
@@ -292,3 +336,6 @@ class ChunkStep(bootsteps.StartStopStep):
         chunks: ChunkConsumer | None = getattr(parent, "rerankq_chunks", None)
         if chunks is not None:
             chunks.stop()
+        reporter: StatsReporter | None = getattr(parent, "rerankq_stats", None)
+        if reporter is not None:
+            reporter.stop()

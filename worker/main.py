@@ -30,7 +30,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     from tasks import app
     from worker.consumer import ChunkStep, install
 
-    install(loaded)
+    install(loaded, device)
     app.steps["consumer"].add(ChunkStep)
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
     worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=queues, loglevel=loglevel,

@@ -6,6 +6,7 @@ Import this module only after ``worker.device.pin`` has run: it imports torch.
 from __future__ import annotations
 
 import copy
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ Pair = tuple[str, str]
 
 
 class Ranker(ABC):
-    #: What ``Result.ranker`` says: "cross-encoder" or "fast".
+    #: What ``Result.ranker`` says: "cross-encoder", "fast" or "simulated".
     kind: str
     #: What ``Result.model`` says: the hub id or path the weights came from.
     model: str
@@ -105,6 +106,45 @@ class FastRanker(Ranker):
         return [float(s) for s in (q * d).sum(dim=-1).float().cpu()]
 
 
+class SimulatedRanker(Ranker):
+    """A stand-in for a GPU, for benchmarks and tests: each forward batch sleeps ``latency_ms`` plus
+    ``token_us`` per padded token and uses no CPU. Tokens are words; the score is the share of the
+    query's words found in the doc. ``--model 'latency_ms=20,token_us=5'`` sets the costs."""
+
+    kind = "simulated"
+
+    def __init__(self, spec: str, max_length: int = 0) -> None:
+        self.model = spec or "simulated"
+        self.max_length = max_length or 512
+        costs = {"latency_ms": 10.0, "token_us": 5.0}
+        for part in filter(None, (spec or "").split(",")):
+            name, _, value = part.partition("=")
+            try:
+                if name.strip() not in costs:
+                    raise ValueError(name)
+                costs[name.strip()] = float(value)
+            except ValueError:
+                raise ModelLoadError(f"the simulated ranker takes 'latency_ms=<ms>,token_us=<us>', got {spec!r}"
+                                     ) from None
+        self._latency_s = costs["latency_ms"] / 1000
+        self._token_s = costs["token_us"] / 1_000_000
+
+    def _tokens(self, query: str, doc: str) -> int:
+        return min(self.max_length, len(query.split()) + len(doc.split()) + 3)
+
+    def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
+        return [self._tokens(query, doc) for doc in docs]
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        padded = len(pairs) * max((self._tokens(q, d) for q, d in pairs), default=0)
+        time.sleep(self._latency_s + self._token_s * padded)
+        scores = []
+        for query, doc in pairs:
+            words, found = set(query.lower().split()), set(doc.lower().split())
+            scores.append(len(words & found) / len(words) if words else 0.0)
+        return scores
+
+
 def private_copy(tokenizer: Any) -> Any:
     """A tokenizer for counting tokens on the preparer thread. A fast tokenizer keeps its truncation and
     padding mode as state, which every call resets: sharing one with the thread that scores makes the
@@ -124,6 +164,8 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0) -> Rank
             return FastRanker(model, device)
         if kind == "cross-encoder":
             return CrossEncoderRanker(model, device, max_length)
+        if kind == "simulated":
+            return SimulatedRanker(model, max_length)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -131,7 +173,7 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0) -> Rank
         raise ModelLoadError(
             f"cannot load the {kind} model {name!r} on {device}: {cause}. Check that it is a local "
             "model directory or a hub id this machine can download (or find in its HF cache)") from exc
-    raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder' or 'fast'")
+    raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder', 'fast' or 'simulated'")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -1,0 +1,104 @@
+"""``rerankq status``: queues, backlogs, estimated waits, the route state and live workers, in tables."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from celeryconfig import Settings
+from tasks.connections import BrokerRedis
+from tasks.router import RouteState, counts_key, state_key
+from worker.backlog import Snapshot, measure
+from worker.watchdog import recent_changes
+
+RECENT_CHANGES = 5
+
+
+def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
+    queues = [settings.gpu_queue, settings.cpu_queue]
+    snapshot = measure(broker, queues, settings.poll_ms / 1000)
+    with broker.client.pipeline(transaction=False) as pipe:
+        pipe.get(state_key(broker, settings.gpu_queue))
+        pipe.hgetall(counts_key(broker, settings.gpu_queue))
+        raw_state, counts = pipe.execute()
+    state = RouteState.decode(raw_state) if raw_state else None
+    return {
+        "route": _route(state),
+        "queues": [_queue_row(snapshot, q) for q in queues],
+        "workers": [{"queue": q, **asdict(w)} for q in queues for w in snapshot.workers[q]],
+        "routed": {k.decode(): int(v) for k, v in sorted(counts.items())},
+        "changes": recent_changes(broker, settings.gpu_queue, RECENT_CHANGES),
+    }
+
+
+def _route(state: RouteState | None) -> dict[str, Any]:
+    if state is None:
+        return {"route": "gpu", "cpu_open": True, "watchdog": False, "since": None, "reason": ""}
+    return {"route": state.route, "cpu_open": state.cpu_open, "watchdog": True, "since": state.since,
+            "reason": state.reason}
+
+
+def _queue_row(snapshot: Snapshot, queue: str) -> dict[str, Any]:
+    load = snapshot.loads[queue]
+    wait = load.wait_s
+    return {**asdict(load), "backlog": load.backlog,
+            "wait_s": None if wait is None or wait == float("inf") else round(wait, 3)}
+
+
+def render(status: dict[str, Any]) -> str:
+    route = status["route"]
+    if route["watchdog"]:
+        age = time.time() - route["since"]
+        head = f"route: {route['route']} for {age:.0f}s, cpu queue {'open' if route['cpu_open'] else 'closed'}"
+    else:
+        head = "route: gpu (no route state: the watchdog is not running, or its state expired)"
+    lines = [head, ""]
+    lines += _table(["queue", "waiting", "held", "backlog", "workers", "pairs/s", "est. wait"], [
+        [q["queue"], q["waiting"], q["held"], q["backlog"], q["workers"], _num(q["pairs_per_s"]),
+         "no worker" if not q["workers"] else "unknown" if q["wait_s"] is None else f"{q['wait_s']:.2f}s"]
+        for q in status["queues"]])
+    routed = ", ".join(f"{k} {v}" for k, v in status["routed"].items()) or "none yet"
+    lines += ["", f"jobs routed by producers: {routed}", ""]
+    now = time.time()
+    lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "seen"], [
+        [w["node"], w["queue"], w["ranker"], w["model"], w["device"], sum(w["held"].values()), w["served"],
+         _num(w["pairs"] / w["busy_s"] if w["busy_s"] else None), f"{now - w['at']:.1f}s ago"]
+        for w in status["workers"]]) if status["workers"] else ["no live workers"]
+    if status["changes"]:
+        lines += ["", "recent route changes (newest first):"]
+        for change in status["changes"]:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(change["at"])))
+            gate = "open" if change["cpu_open"] == "1" else "closed"
+            lines.append(f"  {at}  -> {change['route']}, cpu {gate}: {change['reason']}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+
+
+def run_status(as_json: bool) -> int:
+    from celeryconfig import settings
+    from tasks import RerankError, app
+
+    try:
+        broker = BrokerRedis(app)
+        try:
+            status = gather(broker, settings)
+        finally:
+            broker.close()
+    except Exception as exc:
+        where = app.connection_for_write().as_uri()  # the password masked
+        cause = str(exc).rstrip(".")
+        raise RerankError(f"cannot read the status from Redis at {where}: {cause}. Is RERANKQ_BROKER_URL right?"
+                          ) from exc
+    print(json.dumps(status, indent=2) if as_json else render(status))
+    return 0

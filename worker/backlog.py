@@ -1,0 +1,62 @@
+"""Measuring a queue's backlog: jobs waiting in Redis plus jobs live workers hold unacked.
+
+One pipelined round trip per measurement, whatever the number of queues: ``LLEN`` of every priority list
+kombu keeps for the queue, and the figures its workers report (``worker/stats.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tasks.connections import BrokerRedis
+from tasks.router import QueueLoad
+from worker.stats import WorkerStats, live_for, workers_key
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    loads: dict[str, QueueLoad]
+    #: The live workers of each queue.
+    workers: dict[str, list[WorkerStats]]
+
+
+def measure(broker: BrokerRedis, queues: Sequence[str], poll_s: float) -> Snapshot:
+    """The load of each queue. Figures of workers gone for ten times the liveness limit are removed."""
+    with broker.client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for name in broker.queue_lists(queue):
+                pipe.llen(name)
+            pipe.hgetall(workers_key(broker, queue))
+        replies = iter(pipe.execute())
+    now = time.time()
+    loads: dict[str, QueueLoad] = {}
+    live: dict[str, list[WorkerStats]] = {}
+    dead: dict[str, list[str]] = {}
+    for queue in queues:
+        waiting = sum(next(replies) for _ in broker.queue_lists(queue))
+        reports = [WorkerStats.decode(raw) for raw in next(replies).values()]
+        live[queue] = [w for w in reports if now - w.at <= live_for(poll_s)]
+        dead[queue] = [w.node for w in reports if now - w.at > 10 * live_for(poll_s)]
+        loads[queue] = _load(queue, waiting, live[queue])
+    if any(dead.values()):
+        with broker.client.pipeline(transaction=False) as pipe:
+            for queue, nodes in dead.items():
+                if nodes:
+                    pipe.hdel(workers_key(broker, queue), *nodes)
+            pipe.execute()
+    return Snapshot(loads, live)
+
+
+def _load(queue: str, waiting: int, workers: list[WorkerStats]) -> QueueLoad:
+    rates = [w.pairs_per_s for w in workers if w.pairs_per_s]
+    pairs, jobs = sum(w.pairs for w in workers), sum(w.jobs for w in workers)
+    return QueueLoad(
+        queue=queue,
+        waiting=waiting,
+        held=sum(w.held.get(queue, 0) for w in workers),
+        workers=len(workers),
+        pairs_per_s=round(sum(rates), 3) if rates else None,
+        pairs_per_job=round(pairs / jobs, 3) if jobs else None,
+    )

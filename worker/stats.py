@@ -1,0 +1,125 @@
+"""What each worker tells the watchdog: its throughput and the jobs it holds, refreshed every poll.
+
+Each worker writes one field (its node name) of the hash ``rerankq:workers:<queue>`` for every queue it
+serves. A worker counts as live while its figures are fresher than ``live_for(poll_s)``; the watchdog
+turns the figures into an estimated wait (``tasks.router.QueueLoad``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from tasks.connections import BrokerRedis
+
+logger = logging.getLogger(__name__)
+
+#: Chunks the throughput is averaged over. Idle time does not count: the rate is what a busy worker does.
+WINDOW_CHUNKS = 64
+
+
+def live_for(poll_s: float) -> float:
+    """How old a worker's figures may be before it no longer counts as live."""
+    return max(2.0, 5 * poll_s)
+
+
+def workers_key(broker: BrokerRedis, queue: str) -> str:
+    return broker.key("workers", queue)
+
+
+class Throughput:
+    """Pairs and jobs served over busy seconds, over the last ``WINDOW_CHUNKS`` chunks (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[tuple[int, int, float]] = deque(maxlen=WINDOW_CHUNKS)
+        self._lock = threading.Lock()
+        self.served = 0
+
+    def add(self, pairs: int, jobs: int, busy_s: float) -> None:
+        with self._lock:
+            self._chunks.append((pairs, jobs, busy_s))
+            self.served += jobs
+
+    def window(self) -> tuple[int, int, float]:
+        with self._lock:
+            chunks = list(self._chunks)
+        return sum(c[0] for c in chunks), sum(c[1] for c in chunks), sum(c[2] for c in chunks)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    node: str
+    ranker: str
+    model: str
+    device: str
+    #: Jobs this worker holds (received, not yet acked), per queue they came from.
+    held: dict[str, int]
+    #: Totals over the throughput window.
+    pairs: int
+    jobs: int
+    busy_s: float
+    served: int
+    at: float = field(default_factory=time.time)
+
+    @property
+    def pairs_per_s(self) -> float | None:
+        return self.pairs / self.busy_s if self.busy_s > 0 else None
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> WorkerStats:
+        return cls(**json.loads(raw))
+
+
+class StatsReporter:
+    """A daemon thread writing this worker's figures every ``interval_s``; removes them on ``stop``."""
+
+    def __init__(self, broker: BrokerRedis, queues: Callable[[], list[str]], snapshot: Callable[[], WorkerStats],
+                 interval_s: float) -> None:
+        self._broker = broker
+        self._queues = queues
+        self._snapshot = snapshot
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._failing = False
+        self._thread = threading.Thread(target=self._loop, name="rerankq-stats", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self.report()
+                self._failing = False
+            except Exception as exc:  # Redis away: the watchdog sees this worker as gone until it is back
+                if not self._failing:
+                    logger.warning("could not report worker figures to Redis: %r", exc)
+                self._failing = True
+
+    def report(self) -> None:
+        stats = self._snapshot()
+        raw = stats.encode()
+        keep_s = max(60, int(10 * live_for(self._interval_s)))
+        with self._broker.client.pipeline(transaction=False) as pipe:
+            for queue in self._queues():
+                pipe.hset(workers_key(self._broker, queue), stats.node, raw)
+                pipe.expire(workers_key(self._broker, queue), keep_s)
+            pipe.execute()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        try:
+            node = self._snapshot().node
+            with self._broker.client.pipeline(transaction=False) as pipe:
+                for queue in self._queues():
+                    pipe.hdel(workers_key(self._broker, queue), node)
+                pipe.execute()
+        except Exception:
+            logger.warning("could not remove this worker's figures from Redis; they age out", exc_info=True)

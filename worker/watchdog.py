@@ -1,0 +1,155 @@
+"""``rerankq watchdog``: measure the GPU queue's backlog every poll, and shed new jobs while it is too long.
+
+Hysteresis keeps the route from flapping: the route turns to ``shed`` when the GPU queue's estimated wait
+(or backlog, with the job-count marks) goes above the high mark, and back to ``gpu`` only once it is at
+or below the low mark. The CPU queue is gated the same way (``cpu_open``); a queue with no live worker
+counts as over its high mark. The state is written with a TTL refreshed every poll, so routing falls
+back to the GPU queue when the watchdog stops. Each change is logged and added to a Redis stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celeryconfig import Settings
+from tasks.connections import BrokerRedis
+from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, state_key
+from worker.backlog import measure
+
+logger = logging.getLogger(__name__)
+
+#: Route changes kept in the stream (approximately: trimmed with ``MAXLEN ~``).
+CHANGES_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class Marks:
+    high_wait_s: float
+    low_wait_s: float
+    high_jobs: int = 0
+    low_jobs: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Marks:
+        return cls(settings.high_wait_s, settings.low_wait_s, settings.high_jobs, settings.low_jobs)
+
+    def over_high(self, load: QueueLoad) -> bool:
+        wait = load.wait_s
+        return ((wait is not None and wait > self.high_wait_s)
+                or bool(self.high_jobs and load.backlog > self.high_jobs))
+
+    def under_low(self, load: QueueLoad) -> bool:
+        wait = load.wait_s
+        return ((wait is None or wait <= self.low_wait_s)
+                and not (self.high_jobs and load.backlog > self.low_jobs))
+
+    def overloaded(self, was_overloaded: bool, load: QueueLoad) -> bool:
+        """Hysteresis: becomes overloaded above the high mark, stays so until at or below the low mark."""
+        return not self.under_low(load) if was_overloaded else self.over_high(load)
+
+
+class Watchdog:
+    def __init__(self, broker: BrokerRedis, settings: Settings) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.marks = Marks.from_settings(settings)
+        self.gpu_queue, self.cpu_queue = settings.gpu_queue, settings.cpu_queue
+        self.state: RouteState | None = None
+
+    def _resume(self) -> RouteState:
+        """Carry on from the state a previous watchdog left (a restart must not flip the route)."""
+        raw = self.broker.client.get(state_key(self.broker, self.gpu_queue))
+        if raw:
+            return RouteState.decode(raw)
+        return RouteState(route=GPU, cpu_open=True, since=time.time(), at=time.time())
+
+    def poll(self) -> RouteState:
+        """Measure, decide, write the state; log and record a change. Returns the new state."""
+        snapshot = measure(self.broker, [self.gpu_queue, self.cpu_queue], self.settings.poll_ms / 1000)
+        gpu, cpu = snapshot.loads[self.gpu_queue], snapshot.loads[self.cpu_queue]
+        previous = self.state or self._resume()
+        shedding = self.marks.overloaded(previous.route == SHED, gpu)
+        cpu_open = not self.marks.overloaded(not previous.cpu_open, cpu)
+        route = SHED if shedding else GPU
+        now = time.time()
+        changed = route != previous.route or cpu_open != previous.cpu_open
+        reason = self._reason(route, cpu_open, gpu, cpu) if changed else previous.reason
+        self.state = RouteState(route=route, cpu_open=cpu_open, since=now if changed else previous.since, at=now,
+                                reason=reason, loads=snapshot.loads)
+        with self.broker.client.pipeline(transaction=False) as pipe:
+            pipe.set(state_key(self.broker, self.gpu_queue), self.state.encode(),
+                     px=int(self.settings.route_ttl_s * 1000))
+            if changed:
+                pipe.xadd(changes_key(self.broker, self.gpu_queue),
+                          {"route": route, "cpu_open": int(cpu_open), "at": now, "gpu_backlog": gpu.backlog,
+                           "gpu_wait_s": str(gpu.wait_s), "cpu_backlog": cpu.backlog, "cpu_wait_s": str(cpu.wait_s),
+                           "reason": reason},
+                          maxlen=CHANGES_KEPT, approximate=True)
+            pipe.execute()
+        if changed:
+            level = logging.WARNING if route == SHED else logging.INFO
+            logger.log(level, "route %s/%s -> %s/%s: %s", previous.route, _gate(previous.cpu_open), route,
+                       _gate(cpu_open), reason)
+        return self.state
+
+    def _reason(self, route: str, cpu_open: bool, gpu: QueueLoad, cpu: QueueLoad) -> str:
+        m = self.marks
+        jobs = f", jobs high {m.high_jobs} / low {m.low_jobs}" if m.high_jobs else ""
+        return (f"{gpu.describe()}; {cpu.describe()} (marks: wait high {m.high_wait_s}s / low {m.low_wait_s}s"
+                f"{jobs}); new jobs go to "
+                + (self.gpu_queue if route == GPU else self.cpu_queue if cpu_open else "passthrough"))
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; a Redis error is logged and the next poll tries again."""
+        failing = False
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.poll()
+                if failing:
+                    logger.info("Redis is reachable again")
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    logger.error("cannot measure or write the route state (%r); producers fall back to %s "
+                                 "once the state expires", exc, self.gpu_queue)
+                failing = True
+            stop.wait(max(0.0, self.settings.poll_ms / 1000 - (time.monotonic() - started)))
+
+
+def recent_changes(broker: BrokerRedis, gpu_queue: str, count: int | None = None) -> list[dict[str, str]]:
+    """Route changes from the stream, newest first: route, cpu_open, at, gpu/cpu backlog and wait, reason."""
+    entries: Any = broker.client.xrevrange(changes_key(broker, gpu_queue), count=count)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+def _gate(cpu_open: bool) -> str:
+    return "cpu open" if cpu_open else "cpu closed"
+
+
+def run_watchdog(loglevel: str) -> int:
+    """The ``rerankq watchdog`` process: polls until SIGTERM or Ctrl-C."""
+    import signal
+
+    from celeryconfig import settings
+    from tasks import app
+
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/watchdog] %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    broker = BrokerRedis(app)
+    watchdog = Watchdog(broker, settings)
+    logger.info("watching %s (and %s) every %.0f ms; marks: wait high %.2fs / low %.2fs%s; route state TTL %.1fs",
+                settings.gpu_queue, settings.cpu_queue, settings.poll_ms, settings.high_wait_s,
+                settings.low_wait_s,
+                f", jobs high {settings.high_jobs} / low {settings.low_jobs}" if settings.high_jobs else "",
+                settings.route_ttl_s)
+    watchdog.run(stop)
+    broker.close()
+    logger.info("stopped; producers fall back to %s within %.1fs", settings.gpu_queue, settings.route_ttl_s)
+    return 0
