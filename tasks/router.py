@@ -100,7 +100,8 @@ def changes_key(broker: BrokerRedis, gpu_queue: str) -> str:
 class Router:
     """Picks a queue per job from the cached route state; counts where jobs went.
 
-    Counts are added to Redis (``rerankq:routed:<gpu queue>``) on the same round trip as each refresh.
+    Counts are added to Redis (``rerankq:routed:<gpu queue>``, shown by ``rerankq status``) on the round
+    trip of the next refresh; ``counts`` holds this process's own.
     Redis being unreachable routes to the GPU queue: the send itself then fails or retries as usual.
     """
 
@@ -135,6 +136,9 @@ class Router:
             choice = PASSTHROUGH if self.passthrough else self.gpu_queue
         self.counts[choice] += 1
         self._unsent[choice] += 1
+        if choice == PASSTHROUGH and self._unsent[choice] == 1:  # at most one line per refresh
+            logger.warning("passthrough: %s and %s are both over their marks; this job (and any more until the "
+                           "next refresh) gets its retrieval order back", self.gpu_queue, self.cpu_queue)
         return choice
 
     def _refresh(self) -> None:
@@ -158,9 +162,6 @@ class Router:
             return
         self._failing = False
         self._state = RouteState.decode(raw) if raw else None
-        if unsent[PASSTHROUGH]:
-            logger.warning("%d jobs got their retrieval order back (passthrough): %s and %s are both over their "
-                           "marks", unsent[PASSTHROUGH], self.gpu_queue, self.cpu_queue)
 
 
 def passthrough_result(args: Any, kwargs: Mapping[str, Any], max_docs: int) -> Result:

@@ -14,7 +14,7 @@ from celery import Celery
 from celeryconfig import Settings
 from tasks import TASK_NAME, rerank
 from tasks.connections import BrokerRedis
-from tasks.router import PASSTHROUGH, QueueLoad, Router, RouteState, state_key
+from tasks.router import PASSTHROUGH, QueueLoad, Router, RouteState, counts_key, state_key
 from tests.conftest import new_queue
 from worker.backlog import measure
 from worker.stats import StatsReporter, WorkerStats
@@ -149,3 +149,15 @@ def test_the_route_state_round_trips_through_json() -> None:
     load = QueueLoad("q", waiting=3, held=4, workers=1, pairs_per_s=10.5, pairs_per_job=None)
     state = RouteState(route="shed", cpu_open=False, since=1.0, at=2.0, reason="r", loads={"q": load})
     assert RouteState.decode(state.encode()) == state
+
+
+def test_passthrough_is_logged_and_counted(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    setup.report(setup.gpu, "gpu-worker")
+    setup.enqueue(30, setup.gpu)
+    Watchdog(setup.broker, setup.settings).poll()
+    with caplog.at_level("WARNING", logger="tasks.router"):
+        assert [setup.router.route() for _ in range(3)] == [PASSTHROUGH] * 3
+    assert "passthrough" in caplog.text and setup.gpu in caplog.text
+    setup.router.route()  # the next refresh adds the counts to Redis
+    routed = setup.broker.client.hgetall(counts_key(setup.broker, setup.gpu))
+    assert int(routed[PASSTHROUGH.encode()]) >= 3
