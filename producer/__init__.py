@@ -1,1 +1,6 @@
-"""The client side: helpers for web apps and the offline bulk runner."""
+"""The client side: ``rerank()`` / ``await arerank()`` for web apps, ``submit_many()`` for bulk runs."""
+
+from producer.bulk import submit_many
+from producer.client import arerank, rerank
+
+__all__ = ["arerank", "rerank", "submit_many"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -79,6 +80,25 @@ def status(as_json: bool) -> None:
     from rerankq.status import run_status
 
     sys.exit(run_status(as_json))
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL file of results, one line per input id, written as they complete.")
+@click.option("--errors", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where bad input lines go (default: OUTPUT.errors.jsonl).")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most jobs sent and not yet answered: bounds what the run puts in Redis.")
+@click.option("--resume", is_flag=True, help="Skip the ids OUTPUT already holds, and append to it.")
+@click.option("--queue", default=None, help="Queue to send to (default: RERANKQ_GPU_QUEUE; never shed).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
+           progress: bool | None) -> None:
+    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k"]} per line)."""
+    from producer.runner import run_submit
+
+    sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress))
 
 
 @cli.command()

@@ -1,0 +1,51 @@
+"""``submit_many``: rerank an iterable of jobs with a bounded number in flight, results as they complete."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Generator, Iterable, Mapping
+from typing import Any
+
+from producer.waiting import Outcome, Waiter
+from tasks.rerank import rerank as rerank_task
+
+DEFAULT_MAX_IN_FLIGHT = 256
+
+
+def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                queue: str | None = None) -> Generator[tuple[Any, Outcome], None, None]:
+    """Send each job ``{"id", "query", "docs"[, "top_k"]}`` and yield ``(id, Result or exception)`` as
+    results complete, never with more than ``max_in_flight`` jobs sent and unanswered.
+
+    Jobs go to ``queue``, by default the GPU queue itself: an offline run is not shed to the fast ranker
+    or answered with passthrough. Stopping the iteration leaves the jobs in flight to finish unread.
+    """
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    if queue is None:
+        from celeryconfig import settings
+
+        queue = settings.gpu_queue
+    waiter = Waiter(rerank_task.backend)
+    ids: dict[str, Any] = {}
+    pending = iter(jobs)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(waiter) < max_in_flight:
+                job = next(pending, None)
+                if job is None:
+                    exhausted = True
+                    break
+                task_id = str(uuid.uuid4())
+                ids[task_id] = job.get("id")
+                waiter.expect(task_id)
+                # A malformed job fails on its own, with the worker's BadJob, like any other.
+                rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k")},
+                                        task_id=task_id, queue=queue)
+            if not len(waiter):
+                return
+            for task_id, outcome in waiter.arrived(timeout=1.0):
+                yield ids.pop(task_id), outcome
+    finally:
+        waiter.close()

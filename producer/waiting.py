@@ -1,0 +1,164 @@
+"""Waiting for many results at once, on one Redis connection, sync or asyncio.
+
+Workers write each result with ``SETEX`` and ``PUBLISH`` on the job's result key (as Celery's Redis backend
+does). A waiter subscribes to a job's channel *before* the job is sent, so no result can slip past; a
+periodic ``MGET`` sweep of the keys still pending picks up any result whose message was missed (a
+reconnect, a restarted Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from tasks.records import Result
+
+#: Seconds between sweeps of the pending result keys.
+SWEEP_S = 2.0
+
+Outcome = Result | BaseException
+
+
+def decode(backend: Any, raw: bytes | str) -> Outcome:
+    """A stored result: the ``Result``, or the exception the job failed with (``BadJob``, ...)."""
+    meta = backend.decode_result(raw)
+    if meta["status"] == "SUCCESS":
+        return Result.from_dict(meta["result"])
+    error = meta["result"]
+    return error if isinstance(error, BaseException) else RuntimeError(f"job ended {meta['status']}: {error!r}")
+
+
+def result_key(backend: Any, task_id: str) -> str:
+    key = backend.get_key_for_task(task_id)
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
+class Waiter:
+    """Results of jobs in flight, as they arrive (blocking; one pub/sub connection for all of them)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
+        self._pending: dict[str, str] = {}  # result key -> task id
+        self._swept = time.monotonic()
+
+    def expect(self, task_id: str) -> None:
+        """Subscribe to the job's result; call before sending it."""
+        key = result_key(self.backend, task_id)
+        self._pending[key] = task_id
+        self._pubsub.subscribe(key)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def arrived(self, timeout: float) -> list[tuple[str, Outcome]]:
+        """``(task id, outcome)`` of the results that arrived: waits up to ``timeout`` for the first, then
+        takes whatever else is already there."""
+        done: list[tuple[str, Outcome]] = []
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            # None also stands for a subscription notice it skipped: keep waiting until the deadline.
+            message = self._pubsub.get_message(timeout=0.0 if done else max(0.0, deadline - time.monotonic()))
+            if message is None:
+                if done or time.monotonic() >= deadline:
+                    break
+                continue
+            if message["type"] == "message":
+                done += self._done(_text(message["channel"]), message["data"])
+        if time.monotonic() - self._swept >= SWEEP_S:
+            done += self._sweep()
+        return done
+
+    def _sweep(self) -> list[tuple[str, Outcome]]:
+        self._swept = time.monotonic()
+        keys = list(self._pending)
+        done: list[tuple[str, Outcome]] = []
+        for key, raw in zip(keys, self.backend.client.mget(keys) if keys else [], strict=True):
+            if raw is not None:
+                done += self._done(key, raw)
+        return done
+
+    def _done(self, key: str, raw: bytes | str) -> list[tuple[str, Outcome]]:
+        task_id = self._pending.pop(key, None)
+        if task_id is None:  # a result already taken (message and sweep both saw it)
+            return []
+        self._pubsub.unsubscribe(key)
+        return [(task_id, decode(self.backend, raw))]
+
+    def close(self) -> None:
+        self._pubsub.close()
+
+
+class AsyncWaiter:
+    """``await``-able results on one asyncio Redis connection per event loop: no thread per request."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._client = redis.asyncio.Redis(**async_params(backend.connparams))
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._futures: dict[str, asyncio.Future[Outcome]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        # Subscriptions share the one pub/sub connection: the first must open it before others use it.
+        self._subscribing = asyncio.Lock()
+
+    async def expect(self, task_id: str) -> asyncio.Future[Outcome]:
+        """Subscribe to the job's result and return the future it resolves; call before sending the job."""
+        key = result_key(self.backend, task_id)
+        future = self._futures[key] = asyncio.get_running_loop().create_future()
+        async with self._subscribing:
+            await self._pubsub.subscribe(key)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+        return future
+
+    async def forget(self, task_id: str) -> None:
+        key = result_key(self.backend, task_id)
+        if self._futures.pop(key, None) is not None:
+            await self._pubsub.unsubscribe(key)
+
+    async def _read(self) -> None:
+        swept = time.monotonic()
+        while self._futures:
+            message = await self._pubsub.get_message(timeout=SWEEP_S)
+            if message is not None and message["type"] == "message":
+                await self._done(_text(message["channel"]), message["data"])
+            if time.monotonic() - swept >= SWEEP_S:
+                swept = time.monotonic()
+                keys = list(self._futures)
+                for key, raw in zip(keys, await self._client.mget(keys), strict=True):
+                    if raw is not None:
+                        await self._done(key, raw)
+
+    async def _done(self, key: str, raw: bytes | str) -> None:
+        future = self._futures.pop(key, None)
+        if future is None:
+            return
+        await self._pubsub.unsubscribe(key)
+        if not future.done():
+            future.set_result(decode(self.backend, raw))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await self._pubsub.aclose()
+        await self._client.aclose()
+
+
+def async_params(connparams: dict[str, Any]) -> dict[str, Any]:
+    """Celery's Redis backend connection parameters, for ``redis.asyncio`` (same URL, password, TLS, socket)."""
+    dropped = ("driver_info", "lib_name", "lib_version", "retry_on_timeout", "max_connections")
+    params = {k: v for k, v in connparams.items() if k not in dropped}
+    connection_class = params.pop("connection_class", None)
+    if connection_class is not None and issubclass(connection_class, redis.UnixDomainSocketConnection):
+        params["unix_socket_path"] = params.pop("path")
+    elif connection_class is not None and issubclass(connection_class, redis.SSLConnection):
+        params["ssl"] = True
+    return params
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
