@@ -22,7 +22,6 @@ from producer import arerank, rerank, submit_many
 from tasks import BadJob, RerankTimeout
 from tasks.connections import BrokerRedis
 from tests.conftest import StartWorker, new_queue
-from worker.backlog import measure
 
 pytestmark = pytest.mark.integration
 
@@ -153,12 +152,19 @@ def test_ten_thousand_jobs_through_two_workers_each_id_once_with_predict_scores(
     jobs = make_jobs(10_000)
     source, output = write_jsonl(tmp_path / "jobs.jsonl", jobs), tmp_path / "scores.jsonl"
     broker = BrokerRedis(celery_app)
+    lists, unacked = broker.queue_lists(queue), broker.prefix + "unacked"  # kombu's delivered-not-acked hash
+    already_unacked = broker.client.hlen(unacked)
     peak, running = [0], True
 
-    def sample() -> None:  # what the run has in Redis: waiting in the queue plus held by the workers
+    def sample() -> None:  # the run's jobs in Redis: waiting in the queue, or delivered and not yet acked
         while running:
-            peak[0] = max(peak[0], measure(broker, [queue], 0.2).loads[queue].backlog)
-            time.sleep(0.05)
+            with broker.client.pipeline(transaction=False) as pipe:
+                for name in lists:
+                    pipe.llen(name)
+                pipe.hlen(unacked)
+                counts = pipe.execute()
+            peak[0] = max(peak[0], sum(counts) - already_unacked)
+            time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
     sampler.start()

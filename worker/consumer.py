@@ -5,7 +5,8 @@ Three threads share the work so that the GPU never waits on bookkeeping:
 * Celery's event loop receives each job message and hands it over (``chunk_strategy``), unacked;
 * the *preparer* validates each job and counts its tokens with the model's tokenizer, while
 * the *runner* takes the next chunk once it is idle, runs it as one batched inference, writes every
-  job's result in one pipelined round trip, and only then announces and acks each job.
+  job's result in one pipelined round trip, only then acks each job, and last publishes the results
+  to their waiters (so a waiter never sees a result whose job is still unacked in Redis).
 
 A chunk grows while the previous one runs, and is taken when the budget is full or its oldest job has
 waited ``max_wait_ms``: a lone job is never held for chunk-mates that are not coming.
@@ -181,8 +182,9 @@ class ChunkConsumer:
         info = ChunkInfo(id=next(self._chunk_ids), jobs=len(live), tokens=sum(p.tokens for p in live))
 
         outcomes = [self._outcome(p, scores.get(p, []), started, inference_ms, info) for p in live]
-        results.store(self.backend, outcomes)
+        written = results.store(self.backend, outcomes)
         finished = time.time()
+        _ack_in_redis([o.request for o in outcomes])
         for outcome in outcomes:
             request = outcome.request
             if outcome.result is not None:
@@ -193,6 +195,7 @@ class ChunkConsumer:
                 request.send_event("task-failed", exception=repr(outcome.error), traceback="")
             request.acknowledge()
             worker_state.task_ready(request, successful=outcome.error is None)
+        results.announce(self.backend, written)
         pairs = sum(len(p.costs) for p in scored)
         self.throughput.add(pairs, len(live), finished - started)
         logger.info("chunk %s: %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
@@ -258,6 +261,23 @@ class ChunkConsumer:
             out.append(flat[start:start + len(pending.costs)])
             start += len(pending.costs)
         return out
+
+
+def _ack_in_redis(requests: list[Any]) -> None:
+    """The Redis side of kombu's ack (off its unacked index and hash), for a whole chunk in one pipeline,
+    before the results are published. Each job's own ``acknowledge()`` still follows on the event loop
+    (kombu's bookkeeping; its Redis commands then find nothing left to remove)."""
+    by_channel: dict[Any, list[Any]] = {}
+    for request in requests:
+        by_channel.setdefault(request.message.channel, []).append(request.message.delivery_tag)
+    try:
+        for channel, tags in by_channel.items():
+            with channel.client.pipeline(transaction=False) as pipe:
+                for tag in tags:
+                    channel.qos._remove_from_indices(tag, pipe)
+                pipe.execute()
+    except Exception:
+        logger.warning("could not ack a chunk in one round trip; the event loop acks each job", exc_info=True)
 
 
 def _routing_key(request: Any) -> str:

@@ -1,4 +1,5 @@
-"""Result writing: a whole chunk's outcomes in one pipelined round trip to the result backend.
+"""Result writing: a whole chunk's outcomes in one pipelined round trip to the result backend, and their
+announcement in another once the jobs are acked.
 
 Each job's key and value are exactly what Celery's Redis backend writes (``SETEX`` then ``PUBLISH`` on the
 task's meta key), so ``AsyncResult.get()`` and Flower read them as usual. Celery's own ``store_result``
@@ -25,8 +26,9 @@ class Outcome:
         return str(states.SUCCESS if self.error is None else states.FAILURE)
 
 
-def store(backend: Any, outcomes: Sequence[Outcome]) -> None:
-    """Write every outcome with one pipeline; retried by the backend's retry policy on connection loss."""
+def store(backend: Any, outcomes: Sequence[Outcome]) -> list[tuple[str, bytes]]:
+    """Write every outcome with one pipelined ``SETEX`` each (retried by the backend's retry policy on
+    connection loss); returns the entries for ``announce``."""
     entries = []
     for outcome in outcomes:
         value = outcome.result if outcome.error is None else backend.prepare_exception(outcome.error)
@@ -39,8 +41,22 @@ def store(backend: Any, outcomes: Sequence[Outcome]) -> None:
         with backend.client.pipeline(transaction=False) as pipe:
             for key, value in entries:
                 pipe.setex(key, backend.expires, value)
-                pipe.publish(key, value)
             pipe.execute()
 
     if entries:
         backend.ensure(write, ())
+    return entries
+
+
+def announce(backend: Any, entries: Sequence[tuple[str, bytes]]) -> None:
+    """``PUBLISH`` each written result to its waiters, in one pipeline. Called after the jobs are acked, so
+    a producer that sends a new job for each result never has more jobs in Redis than it has in flight.
+    A lost announcement costs only latency: waiters also read the keys."""
+    def publish() -> None:
+        with backend.client.pipeline(transaction=False) as pipe:
+            for key, value in entries:
+                pipe.publish(key, value)
+            pipe.execute()
+
+    if entries:
+        backend.ensure(publish, ())
