@@ -79,14 +79,12 @@ class Settings:
             raise ConfigError(
                 f"RERANKQ_PREFETCH={self.prefetch} cannot fill two chunks of RERANKQ_MAX_CHUNK_JOBS="
                 f"{self.max_chunk_jobs}: set it to at least {2 * self.max_chunk_jobs}, or to 0 for that")
-        if self.low_wait_s >= self.high_wait_s:
-            raise ConfigError(
-                f"RERANKQ_LOW_WAIT_S={self.low_wait_s} must be below RERANKQ_HIGH_WAIT_S={self.high_wait_s}: "
-                "the gap between the marks keeps the route from flapping")
-        if self.high_jobs and self.low_jobs >= self.high_jobs:
-            raise ConfigError(
-                f"RERANKQ_LOW_JOBS={self.low_jobs} must be below RERANKQ_HIGH_JOBS={self.high_jobs}: "
-                "the gap between the marks keeps the route from flapping")
+        for low, high in (("low_wait_s", "high_wait_s"), ("low_jobs", "high_jobs")):
+            low_mark, high_mark = getattr(self, low), getattr(self, high)
+            if high_mark and low_mark >= high_mark:  # a high mark of 0 is off (jobs only; wait must be > 0)
+                raise ConfigError(
+                    f"{_env_of(low)}={low_mark} must be below {_env_of(high)}={high_mark}: "
+                    "the gap between the marks keeps the route from flapping")
         if self.route_ttl_s * 1000 <= self.poll_ms:
             raise ConfigError(
                 f"RERANKQ_ROUTE_TTL_S={self.route_ttl_s} must outlast one poll (RERANKQ_POLL_MS={self.poll_ms}), "

@@ -27,7 +27,8 @@ def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
     return {
         "route": _route(state),
         "queues": [_queue_row(snapshot, q) for q in queues],
-        "workers": [{"queue": q, **asdict(w)} for q in queues for w in snapshot.workers[q]],
+        "workers": [{"queue": q, **asdict(w), "pairs_per_s": w.pairs_per_s} for q in queues
+                    for w in snapshot.workers[q]],
         "routed": {k.decode(): int(v) for k, v in sorted(counts.items())},
         "changes": recent_changes(broker, settings.gpu_queue, RECENT_CHANGES),
     }
@@ -64,7 +65,7 @@ def render(status: dict[str, Any]) -> str:
     now = time.time()
     lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "seen"], [
         [w["node"], w["queue"], w["ranker"], w["model"], w["device"], sum(w["held"].values()), w["served"],
-         _num(w["pairs"] / w["busy_s"] if w["busy_s"] else None), f"{now - w['at']:.1f}s ago"]
+         _num(w["pairs_per_s"]), f"{now - w['at']:.1f}s ago"]
         for w in status["workers"]]) if status["workers"] else ["no live workers"]
     if status["changes"]:
         lines += ["", "recent route changes (newest first):"]

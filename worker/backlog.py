@@ -24,9 +24,10 @@ class Snapshot:
 
 def measure(broker: BrokerRedis, queues: Sequence[str], poll_s: float) -> Snapshot:
     """The load of each queue. Figures of workers gone for ten times the liveness limit are removed."""
+    lists = {queue: broker.queue_lists(queue) for queue in queues}
     with broker.client.pipeline(transaction=False) as pipe:
         for queue in queues:
-            for name in broker.queue_lists(queue):
+            for name in lists[queue]:
                 pipe.llen(name)
             pipe.hgetall(workers_key(broker, queue))
         replies = iter(pipe.execute())
@@ -35,7 +36,7 @@ def measure(broker: BrokerRedis, queues: Sequence[str], poll_s: float) -> Snapsh
     live: dict[str, list[WorkerStats]] = {}
     dead: dict[str, list[str]] = {}
     for queue in queues:
-        waiting = sum(next(replies) for _ in broker.queue_lists(queue))
+        waiting = sum(next(replies) for _ in lists[queue])
         reports = [WorkerStats.decode(raw) for raw in next(replies).values()]
         live[queue] = [w for w in reports if now - w.at <= live_for(poll_s)]
         dead[queue] = [w.node for w in reports if now - w.at > 10 * live_for(poll_s)]

@@ -47,6 +47,10 @@ class Marks:
         return ((wait is None or wait <= self.low_wait_s)
                 and not (self.high_jobs and load.backlog > self.low_jobs))
 
+    def describe(self) -> str:
+        jobs = f", jobs high {self.high_jobs} / low {self.low_jobs}" if self.high_jobs else ""
+        return f"wait high {self.high_wait_s}s / low {self.low_wait_s}s{jobs}"
+
     def overloaded(self, was_overloaded: bool, load: QueueLoad) -> bool:
         """Hysteresis: becomes overloaded above the high mark, stays so until at or below the low mark."""
         return not self.under_low(load) if was_overloaded else self.over_high(load)
@@ -97,10 +101,7 @@ class Watchdog:
         return self.state
 
     def _reason(self, route: str, cpu_open: bool, gpu: QueueLoad, cpu: QueueLoad) -> str:
-        m = self.marks
-        jobs = f", jobs high {m.high_jobs} / low {m.low_jobs}" if m.high_jobs else ""
-        return (f"{gpu.describe()}; {cpu.describe()} (marks: wait high {m.high_wait_s}s / low {m.low_wait_s}s"
-                f"{jobs}); new jobs go to "
+        return (f"{gpu.describe()}; {cpu.describe()} (marks: {self.marks.describe()}); new jobs go to "
                 + (self.gpu_queue if route == GPU else self.cpu_queue if cpu_open else "passthrough"))
 
     def run(self, stop: threading.Event) -> None:
@@ -144,11 +145,8 @@ def run_watchdog(loglevel: str) -> int:
         signal.signal(signum, lambda *_: stop.set())
     broker = BrokerRedis(app)
     watchdog = Watchdog(broker, settings)
-    logger.info("watching %s (and %s) every %.0f ms; marks: wait high %.2fs / low %.2fs%s; route state TTL %.1fs",
-                settings.gpu_queue, settings.cpu_queue, settings.poll_ms, settings.high_wait_s,
-                settings.low_wait_s,
-                f", jobs high {settings.high_jobs} / low {settings.low_jobs}" if settings.high_jobs else "",
-                settings.route_ttl_s)
+    logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,
+                settings.cpu_queue, settings.poll_ms, watchdog.marks.describe(), settings.route_ttl_s)
     watchdog.run(stop)
     broker.close()
     logger.info("stopped; producers fall back to %s within %.1fs", settings.gpu_queue, settings.route_ttl_s)
