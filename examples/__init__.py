@@ -1,0 +1,1 @@
+"""Runnable examples: `uvicorn examples.rerank_api:app`."""
