@@ -65,6 +65,9 @@ class Settings:
     passthrough: bool = _env("RERANKQ_PASSTHROUGH", True,
                              "When both queues are over their marks, return the retrieval order at once "
                              "(`ranker: passthrough`) instead of queueing.")
+    metrics_port: int = _env("RERANKQ_METRICS_PORT", 9808,
+                             "Port of a worker's or the watchdog's Prometheus `/metrics` (each process on a host "
+                             "needs its own); 0 means none.")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -42,14 +42,16 @@ def cli() -> None:
 @click.option("--model", default="", help="Hub id or local path; default RERANKQ_MODEL / RERANKQ_FAST_MODEL.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default names ranker, device, pid).")
+@click.option("--metrics-port", type=click.IntRange(min=0), default=None,
+              help="Prometheus /metrics port; default RERANKQ_METRICS_PORT; 0 for none.")
 def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
-           hostname: str | None) -> None:
+           hostname: str | None, metrics_port: int | None) -> None:
     """Serve rerank jobs: load the model once, then score chunks of jobs in batched inferences."""
     from celeryconfig import settings
     from worker.main import run_worker
 
     default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
-    sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname))
+    sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname, metrics_port))
 
 
 @cli.command()
@@ -66,11 +68,13 @@ def demo(model: str, redis_url: str) -> None:
 
 @cli.command()
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def watchdog(loglevel: str) -> None:
+@click.option("--metrics-port", type=click.IntRange(min=0), default=None,
+              help="Prometheus /metrics port; default RERANKQ_METRICS_PORT; 0 for none.")
+def watchdog(loglevel: str, metrics_port: int | None) -> None:
     """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
     from worker.watchdog import run_watchdog
 
-    sys.exit(run_watchdog(loglevel))
+    sys.exit(run_watchdog(loglevel, metrics_port))
 
 
 @cli.command()
@@ -99,6 +103,29 @@ def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, 
     from producer.runner import run_submit
 
     sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress))
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(min=1), default=5555, show_default=True)
+@click.option("--address", default="0.0.0.0", show_default=True, help="Interface to listen on.")
+@click.option("--no-auth", is_flag=True, help="Serve without a password (only on a machine nobody else reaches).")
+def flower(port: int, address: str, no_auth: bool) -> None:
+    """Flower, the Celery monitor, on rerankq's app: every job as a task, every worker with its queue.
+
+    Basic auth comes from FLOWER_BASIC_AUTH (user:password[,user2:password2]); without it Flower does not
+    start unless --no-auth is given.
+    """
+    import os
+
+    from tasks.errors import ConfigError
+
+    if not no_auth and ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
+        raise ConfigError("Flower shows every job's arguments: set FLOWER_BASIC_AUTH=user:password (or pass "
+                          "--no-auth on a machine nobody else reaches)")
+    env = {k: v for k, v in os.environ.items() if not (no_auth and k == "FLOWER_BASIC_AUTH")}
+    # Flower is a Celery sub-command: exec it, so signals reach it directly.
+    os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower", f"--port={port}",
+                               f"--address={address}"], env)
 
 
 @cli.command()

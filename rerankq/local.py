@@ -20,7 +20,9 @@ class RerankqProcess:
     def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "rerankq", *args], env={**os.environ, **env},
+        # No metrics port unless asked: several processes share this host.
+        env = {**os.environ, "RERANKQ_METRICS_PORT": "0", **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "rerankq", *args], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,3 +87,11 @@ def start_watchdog(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def new_queue() -> str:
     return f"test.{uuid.uuid4().hex[:8]}"
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)

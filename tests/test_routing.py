@@ -15,7 +15,7 @@ from rerankq.status import gather
 from tasks import Result, rerank
 from tasks.connections import BrokerRedis
 from tasks.router import Router, RouteState, state_key
-from tests.conftest import StartWatchdog, StartWorker, new_queue
+from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
 from worker.backlog import measure
 from worker.stats import WorkerStats, workers_key
 from worker.watchdog import recent_changes
@@ -78,14 +78,6 @@ class Stack:
             reports = self.broker.client.hgetall(workers_key(self.broker, queue)).values()
             total += sum(WorkerStats.decode(raw).served for raw in reports)
         return total
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError, DeadlineExceeded, RankerFailed
 from tasks.records import ChunkInfo, Job, Result, Timings, top_indices
 from tasks.rerank import SENT_AT_HEADER
-from worker import results
+from worker import metrics, results
 from worker.chunker import plan_batches, take_chunk
 from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
 from worker.stats import StatsReporter, Throughput, WorkerStats
@@ -198,6 +198,7 @@ class ChunkConsumer:
         results.announce(self.backend, written)
         pairs = sum(len(p.costs) for p in scored)
         self.throughput.add(pairs, len(live), finished - started)
+        _record(live, outcomes, pairs, info.tokens, started, inference_ms / 1000, finished)
         logger.info("chunk %s: %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
                     info.jobs, pairs, info.tokens, inference_ms, (finished - started) * 1000)
 
@@ -208,12 +209,11 @@ class ChunkConsumer:
         if isinstance(scores, BaseException):
             return results.Outcome(pending.request, error=scores)
         assert pending.job is not None
-        sent_at = pending.request.request_dict.get(SENT_AT_HEADER) or pending.received
         result = Result(
             scores=scores,
             ranker=self.ranker.kind,
             model=self.ranker.model,
-            timings=Timings(queue_ms=round(max(0.0, started - float(sent_at)) * 1000, 3),
+            timings=Timings(queue_ms=round(max(0.0, started - _sent_at(pending)) * 1000, 3),
                             inference_ms=round(inference_ms, 3)),
             top=top_indices(scores, pending.job.top_k) if pending.job.top_k else None,
             chunk=info,
@@ -256,11 +256,32 @@ class ChunkConsumer:
         for batch in plan_batches(costs, batch_tokens):
             for index, score in zip(batch, self.ranker.score([pairs[i] for i in batch]), strict=True):
                 flat[index] = score
+            lengths = [costs[i] for i in batch]
+            metrics.REAL_TOKENS.inc(sum(lengths))
+            metrics.PADDED_TOKENS.inc(len(lengths) * max(lengths))  # batches are padded to their longest pair
         out, start = [], 0
         for pending in jobs:
             out.append(flat[start:start + len(pending.costs)])
             start += len(pending.costs)
         return out
+
+
+def _sent_at(pending: Pending) -> float:
+    """When the producer sent the job (its header), or when this worker received it."""
+    return float(pending.request.request_dict.get(SENT_AT_HEADER) or pending.received)
+
+
+def _record(live: list[Pending], outcomes: list[results.Outcome], pairs: int, tokens: int, started: float,
+            inference_s: float, finished: float) -> None:
+    metrics.CHUNK_JOBS.observe(len(live))
+    metrics.CHUNK_PAIRS.observe(pairs)
+    metrics.CHUNK_TOKENS.observe(tokens)
+    metrics.INFERENCE.observe(inference_s)
+    for pending, outcome in zip(live, outcomes, strict=True):
+        metrics.JOBS.labels("success" if outcome.error is None else type(outcome.error).__name__).inc()
+        sent_at = _sent_at(pending)
+        metrics.QUEUE_WAIT.observe(max(0.0, started - sent_at))
+        metrics.LATENCY.observe(max(0.0, finished - sent_at))
 
 
 def _ack_in_redis(requests: list[Any]) -> None:
@@ -300,6 +321,7 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         from celeryconfig import settings
 
         chunks = consumer.rerankq_chunks = ChunkConsumer(_ranker, settings, task.backend, consumer.hostname)
+        metrics.HELD.set_function(lambda: sum(chunks.held().values()))
         consumer.rerankq_stats = _start_reporter(app, consumer.hostname, chunks, settings.poll_ms / 1000)
     Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
                                  consumer.event_dispatcher, app=app)
@@ -351,6 +373,12 @@ class ChunkStep(bootsteps.StartStopStep):
     """Consumer bootstep: at shutdown, let the running chunk finish before the connection closes."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def info(self, parent: Any) -> dict[str, Any]:
+        """Part of the worker's ``stats`` (``celery inspect stats``, Flower's worker page)."""
+        if _ranker is None:
+            return {}
+        return {"rerankq": {"ranker": _ranker.kind, "model": _ranker.model, "device": _device}}
 
     def shutdown(self, parent: Any) -> None:
         chunks: ChunkConsumer | None = getattr(parent, "rerankq_chunks", None)

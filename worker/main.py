@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel: str,
-               hostname: str | None) -> int:
+               hostname: str | None, metrics_port: int | None = None) -> int:
     from celeryconfig import settings
     from tasks.errors import RerankError
     from worker import device as pinning
@@ -15,19 +16,33 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     try:
         torch_device = pinning.pin(device)
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
-        from worker.rankers import load_ranker
+        from worker import metrics
 
-        name = model or (settings.fast_model if ranker == "fast" else settings.model)
-        print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} "
-              f"on {device}", file=sys.stderr, flush=True)
-        loaded = load_ranker(ranker, name, torch_device, settings.max_length)
+        metrics.serve(settings.metrics_port if metrics_port is None else metrics_port)
     except RerankError as exc:
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1
 
+    from tasks import app
+    from worker.rankers import load_ranker
+
+    name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
+    print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} "
+          f"on {device}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    try:
+        loaded = load_ranker(ranker, name, torch_device, settings.max_length)
+    except RerankError as exc:
+        _count_load(app, queues, "failure")
+        print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
+        return 1
+    metrics.MODEL_LOAD.set(time.monotonic() - started)
+    metrics.MODEL.labels(loaded.kind, loaded.model, device).set(1)
+    metrics.install_gpu_collector(torch_device)
+    _count_load(app, queues, "success")
+
     from celery.utils.nodenames import host_format
 
-    from tasks import app
     from worker.consumer import ChunkStep, install
 
     install(loaded, device)
@@ -37,3 +52,18 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
                         without_gossip=True, without_mingle=True, task_events=True)
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def _count_load(app: object, queues: list[str], outcome: str) -> None:
+    """Add this load's outcome to Redis, where the watchdog exports the fleet's model-load success rate."""
+    from tasks.connections import BrokerRedis
+    from worker.stats import count_model_load
+
+    try:
+        broker = BrokerRedis(app)
+        try:
+            count_model_load(broker, queues, outcome)
+        finally:
+            broker.close()
+    except Exception as exc:
+        print(f"rerankq worker: could not count this model load in Redis: {exc!r}", file=sys.stderr, flush=True)

@@ -32,6 +32,18 @@ def workers_key(broker: BrokerRedis, queue: str) -> str:
     return broker.key("workers", queue)
 
 
+def model_loads_key(broker: BrokerRedis, queue: str) -> str:
+    """A hash of model-load outcomes (``success``, ``failure``) of the workers of ``queue``."""
+    return broker.key("model-loads", queue)
+
+
+def count_model_load(broker: BrokerRedis, queues: list[str], outcome: str) -> None:
+    with broker.client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.hincrby(model_loads_key(broker, queue), outcome, 1)
+        pipe.execute()
+
+
 class Throughput:
     """Pairs and jobs served over busy seconds, over the last ``WINDOW_CHUNKS`` chunks (thread-safe)."""
 

@@ -17,8 +17,10 @@ from typing import Any
 
 from celeryconfig import Settings
 from tasks.connections import BrokerRedis
-from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, state_key
+from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
+from worker import metrics
 from worker.backlog import measure
+from worker.stats import model_loads_key
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +95,28 @@ class Watchdog:
                            "gpu_wait_s": str(gpu.wait_s), "cpu_backlog": cpu.backlog, "cpu_wait_s": str(cpu.wait_s),
                            "reason": reason},
                           maxlen=CHANGES_KEPT, approximate=True)
-            pipe.execute()
+            # Counters producers and workers keep, re-exported as metrics (same round trip).
+            pipe.hgetall(counts_key(self.broker, self.gpu_queue))
+            for queue in (self.gpu_queue, self.cpu_queue):
+                pipe.hgetall(model_loads_key(self.broker, queue))
+            *_, routed, gpu_loads, cpu_loads = pipe.execute()
+        self._export(changed, routed, {self.gpu_queue: gpu_loads, self.cpu_queue: cpu_loads})
         if changed:
             level = logging.WARNING if route == SHED else logging.INFO
             logger.log(level, "route %s/%s -> %s/%s: %s", previous.route, _gate(previous.cpu_open), route,
                        _gate(cpu_open), reason)
         return self.state
+
+    def _export(self, changed: bool, routed: dict[bytes, bytes], loads: dict[str, dict[bytes, bytes]]) -> None:
+        assert self.state is not None
+        metrics.ROUTE_SHED.set(self.state.route == SHED)
+        metrics.CPU_OPEN.set(self.state.cpu_open)
+        if changed:
+            metrics.ROUTE_CHANGES.labels(self.state.route).inc()
+        metrics.record_loads(self.state.loads)
+        metrics.REDIS_COUNTERS.routed = {k.decode(): int(v) for k, v in routed.items()}
+        metrics.REDIS_COUNTERS.model_loads = {(queue, k.decode()): int(v)
+                                              for queue, counts in loads.items() for k, v in counts.items()}
 
     def _reason(self, route: str, cpu_open: bool, gpu: QueueLoad, cpu: QueueLoad) -> str:
         return (f"{gpu.describe()}; {cpu.describe()} (marks: {self.marks.describe()}); new jobs go to "
@@ -132,7 +150,7 @@ def _gate(cpu_open: bool) -> str:
     return "cpu open" if cpu_open else "cpu closed"
 
 
-def run_watchdog(loglevel: str) -> int:
+def run_watchdog(loglevel: str, metrics_port: int | None = None) -> int:
     """The ``rerankq watchdog`` process: polls until SIGTERM or Ctrl-C."""
     import signal
 
@@ -143,6 +161,7 @@ def run_watchdog(loglevel: str) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    metrics.serve(settings.metrics_port if metrics_port is None else metrics_port)
     broker = BrokerRedis(app)
     watchdog = Watchdog(broker, settings)
     logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,

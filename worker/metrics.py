@@ -1,0 +1,118 @@
+"""Prometheus metrics: what a worker and the watchdog export, each on its own port (``RERANKQ_METRICS_PORT``).
+
+A worker records its chunks and jobs as they are served; the watchdog sets the route and queue figures it
+measures every poll, and re-exports the counters that producers and workers keep in Redis (jobs routed
+per destination, model loads per outcome), so that one scrape target covers the whole fleet. The names
+and their meaning are in the README's *Metrics* table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from tasks.errors import ConfigError
+
+_POW2 = [float(2**i) for i in range(0, 17)]
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# -- worker -----------------------------------------------------------------------------------------
+CHUNK_JOBS = Histogram("rerankq_chunk_jobs", "Jobs per chunk (one batched inference).", buckets=_POW2[:10])
+CHUNK_PAIRS = Histogram("rerankq_chunk_pairs", "(query, doc) pairs per chunk.", buckets=_POW2[:14])
+CHUNK_TOKENS = Histogram("rerankq_chunk_tokens", "Real tokens per chunk.", buckets=_POW2[4:])
+REAL_TOKENS = Counter("rerankq_real_tokens", "Tokens of the pairs scored (before padding).")
+PADDED_TOKENS = Counter("rerankq_padded_tokens",
+                        "Tokens the forward batches ran, padding included: real / padded is padding efficiency.")
+INFERENCE = Histogram("rerankq_inference_seconds", "Wall time of a chunk's batched inference.", buckets=_SECONDS)
+QUEUE_WAIT = Histogram("rerankq_queue_wait_seconds", "From the producer's send to the job's chunk starting.",
+                       buckets=_SECONDS)
+LATENCY = Histogram("rerankq_job_latency_seconds", "From the producer's send to the job's result being written.",
+                    buckets=_SECONDS)
+JOBS = Counter("rerankq_jobs", "Jobs settled, by outcome: success or the error's name.", ["outcome"])
+HELD = Gauge("rerankq_jobs_held", "Jobs this worker holds: received, not yet acked.")
+MODEL = Gauge("rerankq_model_info", "The model this worker serves (always 1).", ["ranker", "model", "device"])
+MODEL_LOAD = Gauge("rerankq_model_load_seconds", "How long loading the model took.")
+
+# -- watchdog ---------------------------------------------------------------------------------------
+ROUTE_SHED = Gauge("rerankq_route_shed", "1 while new jobs are shed off the GPU queue.")
+CPU_OPEN = Gauge("rerankq_cpu_queue_open", "1 while the CPU queue takes shed jobs; 0 means passthrough.")
+ROUTE_CHANGES = Counter("rerankq_route_changes", "Route changes this watchdog made, by new route.", ["route"])
+BACKLOG = Gauge("rerankq_backlog_jobs", "Jobs waiting in Redis plus held by live workers.", ["queue"])
+WAIT = Gauge("rerankq_estimated_wait_seconds", "Backlog over throughput (+Inf with no live worker).", ["queue"])
+WORKERS = Gauge("rerankq_live_workers", "Workers reporting figures.", ["queue"])
+THROUGHPUT = Gauge("rerankq_throughput_pairs_per_second", "Sum over live workers, while busy.", ["queue"])
+
+
+class RedisCounters(Collector):
+    """Counters kept in Redis hashes by other processes, exported as the watchdog last read them."""
+
+    def __init__(self) -> None:
+        self.routed: dict[str, int] = {}
+        self.model_loads: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        routed = CounterMetricFamily("rerankq_routed_jobs", "Jobs producers sent, by destination: the GPU queue, "
+                                     "the CPU queue (rerouted) or passthrough.", labels=["destination"])
+        for destination, n in sorted(self.routed.items()):
+            routed.add_metric([destination], n)
+        loads = CounterMetricFamily("rerankq_model_loads", "Worker model loads, by queue and outcome "
+                                    "(success, failure).", labels=["queue", "outcome"])
+        for (queue, outcome), n in sorted(self.model_loads.items()):
+            loads.add_metric([queue, outcome], n)
+        return [routed, loads]
+
+
+REDIS_COUNTERS = RedisCounters()
+REGISTRY.register(REDIS_COUNTERS)
+
+
+def serve(port: int) -> None:
+    """Expose ``/metrics`` on ``port`` (all interfaces); 0 means no metrics."""
+    if not port:
+        return
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on port {port} ({exc.strerror}): give each process on this "
+                          "host its own RERANKQ_METRICS_PORT (or --metrics-port), or 0 for none") from None
+
+
+def record_loads(loads: Mapping[str, Any]) -> None:
+    """The watchdog's measured loads (``QueueLoad`` per queue)."""
+    for queue, load in loads.items():
+        BACKLOG.labels(queue).set(load.backlog)
+        WAIT.labels(queue).set(math.nan if load.wait_s is None else load.wait_s)  # NaN: no throughput yet
+        WORKERS.labels(queue).set(load.workers)
+        THROUGHPUT.labels(queue).set(load.pairs_per_s or 0.0)
+
+
+def install_gpu_collector(device: str) -> None:
+    """GPU memory and utilisation, read at scrape time, on CUDA workers."""
+    if device.startswith("cuda"):
+        REGISTRY.register(_GpuCollector())
+
+
+class _GpuCollector(Collector):
+    def collect(self) -> Iterable[Any]:
+        import torch
+        from prometheus_client.core import GaugeMetricFamily
+
+        memory = GaugeMetricFamily("rerankq_gpu_memory_bytes", "GPU memory held by this worker.", labels=["kind"])
+        memory.add_metric(["allocated"], torch.cuda.memory_allocated())
+        memory.add_metric(["reserved"], torch.cuda.memory_reserved())
+        total = GaugeMetricFamily("rerankq_gpu_memory_total_bytes", "The GPU's memory.")
+        total.add_metric([], torch.cuda.get_device_properties(0).total_memory)
+        families = [memory, total]
+        try:  # needs NVML (the nvidia-ml-py package)
+            utilization = torch.cuda.utilization()
+        except Exception:
+            return families
+        busy = GaugeMetricFamily("rerankq_gpu_utilization_ratio", "Share of the last sample period the GPU ran "
+                                 "a kernel (NVML).")
+        busy.add_metric([], utilization / 100)
+        return [*families, busy]
