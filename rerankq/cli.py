@@ -44,10 +44,23 @@ def cli() -> None:
 @click.option("--hostname", "-n", default=None, help="Celery node name (default names ranker, device, pid).")
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
               help="Prometheus /metrics port; default RERANKQ_METRICS_PORT; 0 for none.")
+@click.option("--gpus", default=None, metavar="all|0,1,...",
+              help="One worker per GPU, each pinned (--device cuda:N), restarted if it dies; metrics on "
+                   "consecutive ports from --metrics-port.")
 def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
-           hostname: str | None, metrics_port: int | None) -> None:
+           hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
     """Serve rerank jobs: load the model once, then score chunks of jobs in batched inferences."""
     from celeryconfig import settings
+
+    if gpus is not None:
+        from rerankq.supervisor import run_per_gpu
+
+        args = ["--ranker", ranker, "--model", model, "--loglevel", loglevel]
+        for queue in queues:
+            args += ["--queue", queue]
+        port = settings.metrics_port if metrics_port is None else metrics_port
+        sys.exit(run_per_gpu(gpus, args, port, hostname))
+
     from worker.main import run_worker
 
     default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
@@ -126,6 +139,25 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     # Flower is a Celery sub-command: exec it, so signals reach it directly.
     os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower", f"--port={port}",
                                f"--address={address}"], env)
+
+
+@cli.command()
+@click.option("--redis-url", default="", help="Use this Redis instead of starting an embedded one.")
+@click.option("--model", default="", help="Cross-encoder for the workers (default RERANKQ_MODEL).")
+@click.option("--cpu", is_flag=True, help="One cross-encoder worker on the CPU even when GPUs are visible.")
+@click.option("--flower-port", type=click.IntRange(min=1), default=5555, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(min=0), default=None,
+              help="First of the consecutive metrics ports (default RERANKQ_METRICS_PORT); 0 for none.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where each process logs (default: a temporary directory, removed at the end).")
+def up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port: int | None,
+       log_dir: Path | None) -> None:
+    """The whole stack on this machine: Redis, workers per GPU (or CPU), fast ranker, watchdog, Flower."""
+    from celeryconfig import settings
+    from rerankq.up import run_up
+
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    sys.exit(run_up(redis_url, model, cpu, flower_port, port, log_dir))
 
 
 @cli.command()

@@ -15,18 +15,24 @@ from tasks.errors import RerankError
 
 
 class RerankqProcess:
-    """A real ``rerankq <command>`` subprocess, its output in ``log_path``."""
+    """A real ``rerankq <command>`` subprocess, its output in ``log_path`` (or this process's own, if None).
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    ``supervised``: in a session of its own (a Ctrl-C reaches only its supervisor, which stops the children
+    in order), and sent SIGTERM by the kernel if the supervisor dies without stopping it.
+    """
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path | None,
+                 supervised: bool = False) -> None:
         self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log: IO[bytes] | None = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed in stop()
         # No metrics port unless asked: several processes share this host.
         env = {**os.environ, "RERANKQ_METRICS_PORT": "0", **env}
         self.proc = subprocess.Popen([sys.executable, "-m", "rerankq", *args], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+                                     **(supervised_options() if supervised else {}))
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``. A worker shuts down warm: the running chunk finishes,
@@ -38,7 +44,8 @@ class RerankqProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return int(self.proc.returncode)
 
     def kill(self) -> None:
@@ -65,3 +72,14 @@ class WorkerProcess(RerankqProcess):
             if app.control.ping(destination=[self.node], timeout=0.5):
                 return
         raise RerankError(f"worker {self.node} did not answer within {timeout:.0f}s:\n{self.log()}")
+
+
+def supervised_options() -> dict[str, Any]:
+    """``Popen`` options for a child that must not outlive its parent (Linux: ``PR_SET_PDEATHSIG``)."""
+    options: dict[str, Any] = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, only called after it
+        options["preexec_fn"] = lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    return options

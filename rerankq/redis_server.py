@@ -39,12 +39,17 @@ def free_port() -> int:
 class RedisServer:
     """``with RedisServer() as server: server.url`` — started on enter, stopped and removed on exit."""
 
-    def __init__(self, password: str | None = None, appendonly: bool = False) -> None:
+    def __init__(self, password: str | None = None, appendonly: bool = False, supervised: bool = False) -> None:
         self.password = password
         self.appendonly = appendonly
+        self.supervised = supervised
         self.port = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def url(self) -> str:
@@ -59,7 +64,10 @@ class RedisServer:
                 "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
         if self.password:
             args += ["--requirepass", self.password]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        from rerankq.local import supervised_options
+
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      **(supervised_options() if self.supervised else {}))
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:

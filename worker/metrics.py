@@ -92,8 +92,10 @@ def record_loads(loads: Mapping[str, Any]) -> None:
 
 
 def install_gpu_collector(device: str) -> None:
-    """GPU memory and utilisation, read at scrape time, on CUDA workers."""
-    if device.startswith("cuda"):
+    """GPU memory and utilisation, read at scrape time, on CUDA workers (not a simulated GPU)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
         REGISTRY.register(_GpuCollector())
 
 

@@ -155,7 +155,8 @@ def private_copy(tokenizer: Any) -> Any:
 def load_ranker(kind: str, model: str, device: str, max_length: int = 0) -> Ranker:
     """Load a ranker once for this process, or raise ``ModelLoadError`` naming the model and the cause."""
     name = model or ("all-MiniLM-L6-v2 (bundled)" if kind == "fast" else "")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    # The simulated ranker only stands in for a GPU: it runs anywhere.
+    if device.startswith("cuda") and kind != "simulated" and not torch.cuda.is_available():
         raise ModelLoadError(
             f"cannot load the {kind} model {name!r} on {device}: CUDA is not available "
             f"(torch {torch.__version__} sees no GPU); use --device cpu or install a CUDA build of torch")

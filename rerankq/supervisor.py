@@ -1,0 +1,140 @@
+"""Keep rerankq child processes running: restart one that dies, stop all of them on SIGTERM or Ctrl-C.
+
+``rerankq worker --gpus all`` runs one pinned worker per visible GPU under it, and ``rerankq up`` the whole
+stack. Children run in sessions of their own and die with the supervisor even when it is SIGKILLed
+(``rerankq.local.supervised_options``), so no worker is left orphaned.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rerankq.local import RerankqProcess
+from tasks.errors import ConfigError
+
+#: Longest pause before restarting a child that keeps dying (the pause doubles from one second).
+MAX_BACKOFF_S = 30.0
+#: A child that ran this long before dying is restarted at once, its backoff reset.
+HEALTHY_AFTER_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path | None
+    process: RerankqProcess | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    pids: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.process = RerankqProcess(self.args, self.env, self.log_path, supervised=True)
+        self.started = time.monotonic()
+        self.pids.append(self.process.proc.pid)
+
+
+class Supervisor:
+    def __init__(self, children: Sequence[Child], out: object = sys.stderr) -> None:
+        self.children = list(children)
+        self._out = out
+
+    def say(self, line: str) -> None:
+        print(f"rerankq: {line}", file=self._out, flush=True)  # type: ignore[call-overload]
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start()
+
+    def run(self, stop: threading.Event) -> None:
+        """Watch the children until ``stop`` is set, restarting each that exits, with a growing pause."""
+        while not stop.wait(0.2):
+            now = time.monotonic()
+            for child in self.children:
+                assert child.process is not None
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        child.restart_at = None
+                        child.start()
+                    continue
+                code = child.process.proc.poll()
+                if code is None:
+                    continue
+                child.process.stop()
+                child.failures = 0 if now - child.started >= HEALTHY_AFTER_S else child.failures + 1
+                pause = min(MAX_BACKOFF_S, 2.0 ** (child.failures - 1)) if child.failures else 0.0
+                child.restart_at = now + pause
+                where = f" (log: {child.log_path})" if child.log_path else ""
+                self.say(f"{child.name} exited with {code}{where}; restarting in {pause:.0f}s")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM to every child at once (workers finish their chunk), SIGKILL to any still up after ``timeout``."""
+        running = [c.process for c in self.children if c.process is not None and c.process.proc.poll() is None]
+        for process in running:
+            process.proc.send_signal(signal.SIGTERM)
+        for process in running:
+            process.stop(timeout)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (Ctrl-C)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def visible_gpus(spec: str) -> list[int]:
+    """``all`` (every GPU torch sees, within ``CUDA_VISIBLE_DEVICES``) or a list like ``0,2``."""
+    if spec != "all":
+        try:
+            gpus = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"--gpus {spec!r}: give 'all' or GPU indices like 0,1") from None
+        if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+            raise ConfigError(f"--gpus {spec!r}: give 'all' or distinct GPU indices like 0,1")
+        return gpus
+    import torch
+
+    count = torch.cuda.device_count()
+    if not count:
+        raise ConfigError(f"--gpus all: torch {torch.__version__} sees no GPU; use --device cpu, or install a CUDA "
+                          "build of torch")
+    return list(range(count))
+
+
+def worker_children(gpus: Sequence[int], args: Sequence[str], env: Mapping[str, str], log_dir: Path | None,
+                    metrics_port: int, hostname: str | None) -> list[Child]:
+    """One ``rerankq worker --device cuda:N`` per GPU; metrics on consecutive ports from ``metrics_port``."""
+    children = []
+    for i, gpu in enumerate(gpus):
+        child_args = ["worker", "--device", f"cuda:{gpu}", *args,
+                      "--metrics-port", str(metrics_port + i if metrics_port else 0)]
+        if hostname:
+            child_args += ["--hostname", f"cuda{gpu}.{hostname}"]
+        log_path = log_dir / f"worker-cuda{gpu}.log" if log_dir else None
+        children.append(Child(f"worker cuda:{gpu}", child_args, dict(env), log_path))
+    return children
+
+
+def run_per_gpu(gpus_spec: str, args: Sequence[str], metrics_port: int, hostname: str | None) -> int:
+    """``rerankq worker --gpus``: one pinned worker per GPU, restarted when it dies, until SIGTERM/Ctrl-C.
+    The workers write to this process's output, each line naming its node."""
+    stop = stop_on_signals()
+    supervisor = Supervisor(worker_children(visible_gpus(gpus_spec), args, {}, None, metrics_port, hostname))
+    supervisor.start()
+    for child in supervisor.children:
+        assert child.process is not None
+        supervisor.say(f"{child.name}: pid {child.process.proc.pid}")
+    supervisor.run(stop)
+    supervisor.say("stopping the workers (each finishes its chunk)")
+    supervisor.stop()
+    return 0

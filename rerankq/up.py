@@ -1,0 +1,84 @@
+"""``rerankq up``: the compose stack on one machine, without Docker.
+
+A Redis (embedded unless ``--redis-url``), one pinned cross-encoder worker per visible GPU (or one on the
+CPU), a fast-ranker worker, the watchdog and Flower, each restarted if it dies. Ctrl-C stops the workers
+(each finishing its chunk), then the rest, then the embedded Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from rerankq.redis_server import RedisServer
+from rerankq.supervisor import Child, Supervisor, stop_on_signals, visible_gpus, worker_children
+from tasks.errors import ConfigError
+
+
+def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port: int, log_dir: Path | None) -> int:
+    stop = stop_on_signals()
+    with contextlib.ExitStack() as stack:
+        if not redis_url:
+            redis = stack.enter_context(RedisServer(supervised=True))
+            redis_url = redis.url
+            print(f"redis        {redis_url}  (embedded, pid {redis.pid}; its data goes when it stops)")
+        else:
+            print(f"redis        {redis_url}")
+        if log_dir is None:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rerankq-up-")))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url}
+        if ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
+            env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(12)}"
+        children = _children(env, model, cpu, flower_port, metrics_port, log_dir)
+        supervisor = Supervisor(children)
+        supervisor.start()
+        for child in children:
+            assert child.process is not None
+            print(f"{child.name:<12} pid {child.process.proc.pid:<8} log {child.log_path}{_where(child, env)}")
+        print("rerankq up: running; Ctrl-C stops everything", flush=True)
+        try:
+            supervisor.run(stop)
+        finally:
+            print("rerankq up: stopping (workers finish their chunk)", flush=True)
+            supervisor.stop()
+    return 0
+
+
+def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, metrics_port: int,
+              log_dir: Path) -> list[Child]:
+    gpus = [] if cpu else _gpus_or_none()
+    model_args = ["--model", model] if model else []
+    if gpus:
+        workers = worker_children(gpus, model_args, env, log_dir, metrics_port, None)
+    else:
+        workers = [Child("worker cpu", ["worker", "--device", "cpu", *model_args, "--metrics-port",
+                                        str(metrics_port)], dict(env), log_dir / "worker-cpu.log")]
+    ports = iter(range(metrics_port + len(workers), metrics_port + len(workers) + 2) if metrics_port else [0, 0])
+    return [
+        *workers,
+        Child("fast worker", ["worker", "--ranker", "fast", "--device", "cpu", "--metrics-port", str(next(ports))],
+              dict(env), log_dir / "worker-fast.log"),
+        Child("watchdog", ["watchdog", "--metrics-port", str(next(ports))], dict(env), log_dir / "watchdog.log"),
+        Child("flower", ["flower", "--port", str(flower_port), "--address", "127.0.0.1"], dict(env),
+              log_dir / "flower.log"),
+    ]
+
+
+def _gpus_or_none() -> list[int]:
+    try:
+        return visible_gpus("all")
+    except ConfigError:
+        return []
+
+
+def _where(child: Child, env: dict[str, str]) -> str:
+    args = child.args
+    if args[0] == "flower":
+        port = args[args.index("--port") + 1]
+        return f"  http://127.0.0.1:{port}  (user:password {env['FLOWER_BASIC_AUTH']})"
+    port = args[args.index("--metrics-port") + 1]
+    return f"  metrics http://127.0.0.1:{port}/metrics" if port != "0" else ""
