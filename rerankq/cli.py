@@ -55,6 +55,9 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglev
     if gpus is not None:
         from rerankq.supervisor import run_per_gpu
 
+        if device != "cpu":
+            raise click.UsageError("--gpus picks each worker's device itself: leave out --device")
+
         args = ["--ranker", ranker, "--model", model, "--loglevel", loglevel]
         for queue in queues:
             args += ["--queue", queue]

@@ -1,7 +1,8 @@
-"""The compose file, checked statically (no Docker engine runs in CI)."""
+"""The compose file and the Dockerfile, checked statically (no Docker engine runs in CI)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -11,18 +12,27 @@ import yaml
 
 from celeryconfig import Settings
 
-COMPOSE = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
-RERANKQ_SERVICES = {name: s for name, s in COMPOSE["services"].items() if "build" in s}
+ROOT = Path(__file__).parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+RERANKQ_SERVICES = {name: s for name, s in SERVICES.items() if "build" in s}
+#: Read by `rerankq flower` (which refuses to start without it) and by Flower itself.
+FLOWER_AUTH = "FLOWER_BASIC_AUTH"
+
+
+def test_the_stack_has_every_part() -> None:
+    assert {"redis", "gpu-worker", "cpu-worker", "watchdog", "flower"} <= set(SERVICES)
 
 
 def test_redis_keeps_jobs_durable_and_asks_for_a_password() -> None:
-    command = " ".join(COMPOSE["services"]["redis"]["command"])
+    command = " ".join(SERVICES["redis"]["command"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
-    assert "--requirepass ${REDIS_PASSWORD" in command
+    assert "--requirepass ${REDIS_PASSWORD:?" in command
+    assert any(v.endswith(":/data") for v in SERVICES["redis"]["volumes"])
 
 
 def test_every_service_command_is_a_real_rerankq_subcommand() -> None:
-    assert RERANKQ_SERVICES
+    assert len(RERANKQ_SERVICES) >= 4
     for service in RERANKQ_SERVICES.values():
         args = service["command"]
         done = subprocess.run([sys.executable, "-m", "rerankq", args[0], "--help"], capture_output=True, text=True)
@@ -32,7 +42,52 @@ def test_every_service_command_is_a_real_rerankq_subcommand() -> None:
 
 
 def test_every_environment_variable_set_is_one_rerankq_reads() -> None:
-    known = {f.metadata["env"] for f in fields(Settings)}
+    known = {f.metadata["env"] for f in fields(Settings)} | {FLOWER_AUTH}
     for service in RERANKQ_SERVICES.values():
         assert set(service["environment"]) <= known
         assert "${REDIS_PASSWORD}" in service["environment"]["RERANKQ_BROKER_URL"]
+
+
+def test_gpu_workers_get_every_gpu_and_one_pinned_process_each() -> None:
+    gpu = SERVICES["gpu-worker"]
+    assert gpu["command"][:3] == ["worker", "--gpus", "all"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert gpu["build"]["args"]["BASE"].startswith("nvidia/cuda:") and "runtime" in gpu["build"]["args"]["BASE"]
+    assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX"]
+    assert any(v.startswith("model-cache:") for v in gpu["volumes"])
+
+
+def test_flower_asks_for_a_password_from_the_environment() -> None:
+    flower = SERVICES["flower"]
+    assert flower["command"][0] == "flower" and "--no-auth" not in flower["command"]
+    assert flower["environment"][FLOWER_AUTH].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_cpu_workers_scale_with_docker_compose_scale() -> None:
+    cpu = SERVICES["cpu-worker"]
+    assert cpu["command"][:3] == ["worker", "--ranker", "fast"]
+    assert "container_name" not in cpu and "ports" not in cpu  # both would clash between replicas
+
+
+def test_no_secret_is_committed() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert not re.search(r"redis://:[^$]", text), "a literal Redis password"
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_the_dockerfile_copies_what_exists_and_declares_the_build_args_compose_passes() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    declared = set(re.findall(r"^ARG (\w+)", dockerfile, re.M))
+    for service in RERANKQ_SERVICES.values():
+        build = service["build"]
+        if isinstance(build, dict):
+            assert set(build.get("args", {})) <= declared
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        *sources, _ = line.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+    packages = re.search(r"packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text())
+    assert packages
+    for package in re.findall(r'"(\w+)"', packages[1]):  # every installed package is copied in
+        assert re.search(rf"^COPY {package} {package}$", dockerfile, re.M), package

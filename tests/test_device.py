@@ -16,7 +16,9 @@ from worker import device
 def torch_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     # pin() refuses to run once torch is imported; the test process has torch loaded for other tests.
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # Set first, so that undoing restores the variable as it was even when pin() set it from nothing.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
 
 
 def test_cuda_n_makes_gpu_n_the_only_visible_one() -> None:

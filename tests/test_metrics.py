@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -128,3 +129,24 @@ def test_a_metrics_port_in_use_stops_the_process_saying_what_to_do(redis_url: st
                               timeout=60)
     assert done.returncode == 2
     assert f"cannot serve metrics on port {port}" in done.stderr and "its own RERANKQ_METRICS_PORT" in done.stderr
+
+
+def test_the_grafana_dashboard_queries_only_metrics_rerankq_exports() -> None:
+    import json
+
+    from prometheus_client import REGISTRY
+
+    import worker.metrics  # noqa: F401 - registers rerankq's metrics
+
+    exported = {sample_name for family in REGISTRY.collect() for sample_name in _names(family)}
+    exported |= {"rerankq_gpu_utilization_ratio", "rerankq_gpu_memory_bytes", "rerankq_gpu_memory_total_bytes"}
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\b((?:rerankq|process)_[a-z_]+)", expr)}
+    assert used and used <= exported, used - exported
+
+
+def _names(family: Any) -> set[str]:
+    """A family's sample names, and for histograms the ``_bucket``/``_sum``/``_count`` series."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+    return {family.name + suffix for suffix in suffixes}

@@ -41,9 +41,10 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[byte
 
     def start(*args: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
         out = tmp_path / f"{uuid.uuid4().hex[:6]}.out"
+        inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
         with open(out, "wb") as sink:
             proc = subprocess.Popen([sys.executable, "-m", "rerankq", *args], stdout=sink, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env}, start_new_session=True)
+                                    env={**inherited, **env}, start_new_session=True)
         started.append(proc)
         return proc, out
 
