@@ -32,6 +32,8 @@ class Settings:
                                    "Seconds before an unacked job is redelivered (broker and backend alike).")
     result_expires: int = _env("RERANKQ_RESULT_EXPIRES", 3600, "Seconds a result key lives.")
     max_docs: int = _env("RERANKQ_MAX_DOCS", 1000, "Most docs one job may carry.")
+    max_job_bytes: int = _env("RERANKQ_MAX_JOB_BYTES", 16 * 1024 * 1024,
+                              "Largest job a producer sends (its JSON arguments); a larger one is refused there.")
     max_chunk_tokens: int = _env("RERANKQ_MAX_CHUNK_TOKENS", 16384,
                                  "Token budget of one chunk (real tokens, counted with the model's tokenizer).")
     max_batch_tokens: int = _env("RERANKQ_MAX_BATCH_TOKENS", 8192,
@@ -74,7 +76,7 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
-        for name in ("max_docs", "max_chunk_tokens", "max_batch_tokens", "max_chunk_jobs",
+        for name in ("max_docs", "max_job_bytes", "max_chunk_tokens", "max_batch_tokens", "max_chunk_jobs",
                      "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
@@ -161,7 +163,14 @@ task_default_queue = settings.gpu_queue
 # Jobs are acked by the chunk consumer after their results are written (see worker/consumer.py).
 task_acks_late = True
 task_reject_on_worker_lost = True
-broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+broker_transport_options = {
+    "visibility_timeout": settings.visibility_timeout,
+    # kombu scans for the unacked jobs of dead workers every interval x throttle seconds (100 s by
+    # default, whatever the timeout): scan every tenth of the timeout instead (1-10 s), so a killed
+    # worker's jobs come back soon after the timeout. The scan is one indexed ZRANGE under a mutex.
+    "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 10)),
+    "unacked_restore_throttle": 1,
+}
 result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
 result_expires = settings.result_expires
 # The worker runs one consumer process (solo pool), so the multiplier is the prefetch count itself.

@@ -10,6 +10,9 @@ from producer.waiting import Outcome, Waiter
 from tasks.rerank import rerank as rerank_task
 
 DEFAULT_MAX_IN_FLIGHT = 256
+#: A bulk run rides out a Redis restart: keep retrying a send for about a minute (Celery's default gives
+#: up within a second).
+PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2.0}
 
 
 def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
@@ -42,7 +45,7 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
                 waiter.expect(task_id)
                 # A malformed job fails on its own, with the worker's BadJob, like any other.
                 rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k")},
-                                        task_id=task_id, queue=queue)
+                                        task_id=task_id, queue=queue, retry_policy=PUBLISH_RETRY)
             if not len(waiter):
                 return
             for task_id, outcome in waiter.arrived(timeout=1.0):

@@ -9,6 +9,7 @@ reconnect, a restarted Redis).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,10 @@ from tasks.records import Result
 
 #: Seconds between sweeps of the pending result keys.
 SWEEP_S = 2.0
+#: How long a blocking waiter rides out an unreachable Redis (a restart, a failover) before giving up.
+OUTAGE_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 Outcome = Result | BaseException
 
@@ -45,49 +50,97 @@ class Waiter:
         self._pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
         self._pending: dict[str, str] = {}  # result key -> task id
         self._swept = time.monotonic()
+        self._outage_since: float | None = None
+        self._unsubscribed: set[str] = set()
+        self._taken: list[tuple[str, Outcome]] = []
 
     def expect(self, task_id: str) -> None:
-        """Subscribe to the job's result; call before sending it."""
+        """Subscribe to the job's result; call before sending it. With Redis unreachable, the subscription
+        is made once it is back (and sweeps find the result meanwhile)."""
         key = result_key(self.backend, task_id)
         self._pending[key] = task_id
-        self._pubsub.subscribe(key)
+        try:
+            self._pubsub.subscribe(key)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._unsubscribed.add(key)
+            self._outage(exc)
 
     def __len__(self) -> int:
-        return len(self._pending)
+        """Jobs expected and not yet handed over by ``arrived``."""
+        return len(self._pending) + len(self._taken)
 
     def arrived(self, timeout: float) -> list[tuple[str, Outcome]]:
         """``(task id, outcome)`` of the results that arrived: waits up to ``timeout`` for the first, then
-        takes whatever else is already there."""
-        done: list[tuple[str, Outcome]] = []
+        takes whatever else is already there.
+
+        While Redis is unreachable this returns nothing (and logs once); once it is back, the pub/sub
+        connection re-subscribes and a sweep picks up what was stored meanwhile. After ``OUTAGE_S`` of
+        outage the connection error is raised.
+        """
+        try:
+            if self._outage_since is not None:
+                return self._recover()
+            return self._arrived(timeout)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._outage(exc)
+            time.sleep(min(1.0, timeout))
+            return self._hand_over()
+
+    def _outage(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            logger.warning("Redis unreachable (%r): waiting up to %.0fs for it to come back", exc, OUTAGE_S)
+        if now - self._outage_since > OUTAGE_S:
+            raise exc
+
+    def _recover(self) -> list[tuple[str, Outcome]]:
+        """Subscribe what could not be, and sweep for results stored while the connection was down."""
+        assert self._outage_since is not None
+        missing = [key for key in self._unsubscribed if key in self._pending]
+        if missing:
+            self._pubsub.subscribe(*missing)
+        self._unsubscribed.clear()
+        self._sweep()
+        logger.warning("Redis is back after %.1fs", time.monotonic() - self._outage_since)
+        self._outage_since = None
+        return self._hand_over()
+
+    def _arrived(self, timeout: float) -> list[tuple[str, Outcome]]:
         deadline = time.monotonic() + timeout
         while self._pending:
             # None also stands for a subscription notice it skipped: keep waiting until the deadline.
-            message = self._pubsub.get_message(timeout=0.0 if done else max(0.0, deadline - time.monotonic()))
+            wait = 0.0 if self._taken else max(0.0, deadline - time.monotonic())
+            message = self._pubsub.get_message(timeout=wait)
             if message is None:
-                if done or time.monotonic() >= deadline:
+                if self._taken or time.monotonic() >= deadline:
                     break
                 continue
             if message["type"] == "message":
-                done += self._done(_text(message["channel"]), message["data"])
+                self._take(_text(message["channel"]), message["data"])
         if time.monotonic() - self._swept >= SWEEP_S:
-            done += self._sweep()
-        return done
+            self._sweep()
+        return self._hand_over()
 
-    def _sweep(self) -> list[tuple[str, Outcome]]:
+    def _sweep(self) -> None:
         self._swept = time.monotonic()
         keys = list(self._pending)
-        done: list[tuple[str, Outcome]] = []
         for key, raw in zip(keys, self.backend.client.mget(keys) if keys else [], strict=True):
             if raw is not None:
-                done += self._done(key, raw)
-        return done
+                self._take(key, raw)
 
-    def _done(self, key: str, raw: bytes | str) -> list[tuple[str, Outcome]]:
+    def _take(self, key: str, raw: bytes | str) -> None:
+        """Move a result from pending to taken, where it waits for ``arrived`` to hand it over: a
+        connection error later in the same call cannot lose it."""
         task_id = self._pending.pop(key, None)
         if task_id is None:  # a result already taken (message and sweep both saw it)
-            return []
+            return
+        self._taken.append((task_id, decode(self.backend, raw)))
         self._pubsub.unsubscribe(key)
-        return [(task_id, decode(self.backend, raw))]
+
+    def _hand_over(self) -> list[tuple[str, Outcome]]:
+        taken, self._taken = self._taken, []
+        return taken
 
     def close(self) -> None:
         self._pubsub.close()

@@ -57,8 +57,10 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self._dir = tempfile.TemporaryDirectory(prefix="rerankq-redis-")
-        self.port = free_port()
+        """Start on a free port with an empty data directory; a restart keeps both."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="rerankq-redis-")
+            self.port = free_port()
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", self._dir.name, "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
@@ -83,7 +85,19 @@ class RedisServer:
             finally:
                 client.close()
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Shut the server down (it writes its append-only file), wait ``down_s``, start it again."""
+        self._shutdown()
+        time.sleep(down_s)
+        self.start()
+
     def stop(self) -> None:
+        self._shutdown()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def _shutdown(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -92,9 +106,6 @@ class RedisServer:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -29,5 +29,14 @@ class BrokerRedis:
         names = {self._channel._q_for_pri(queue, step) for step in self._channel.priority_steps}
         return sorted(self.prefix + name for name in names)
 
+    def unacked_keys(self) -> tuple[str, str]:
+        """kombu's index (delivery tag -> delivery time) and hash (delivery tag -> message) of unacked jobs."""
+        qos = self._channel.qos
+        return self.prefix + qos.unacked_index_key, self.prefix + qos.unacked_key
+
+    def restore(self, tag: str) -> None:
+        """Put an unacked job back at the head of its queue, as kombu restores one (atomically)."""
+        self._channel.qos.restore_by_tag(tag, leftmost=True)
+
     def close(self) -> None:
         self._connection.release()

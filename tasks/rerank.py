@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -36,6 +37,7 @@ class RerankTask(Task):
     router: Router | None = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        _refuse_oversized(args, kwargs)
         if not any(options.get(name) for name in _DESTINATION_OPTIONS):
             destination = self.get_router().route()
             if destination == PASSTHROUGH:
@@ -62,6 +64,20 @@ class RerankTask(Task):
         except BadJob as exc:
             return EagerResult(task_id, exc, states.FAILURE, name=self.name)
         return EagerResult(task_id, result.to_dict(), states.SUCCESS, name=self.name)
+
+
+def _refuse_oversized(args: Any, kwargs: Any) -> None:
+    """Refuse a job too large to send, here, before it weighs on Redis and every worker that reads it."""
+    from celeryconfig import settings
+
+    try:
+        size = len(json.dumps([args, kwargs], ensure_ascii=False).encode())
+    except (TypeError, ValueError):
+        return  # not JSON: Celery's own encoding error says so
+    if size > settings.max_job_bytes:
+        raise BadJob(f"this job is {size} bytes of JSON, over RERANKQ_MAX_JOB_BYTES={settings.max_job_bytes}: "
+                     "send fewer or shorter docs (the model truncates each pair to RERANKQ_MAX_LENGTH tokens "
+                     "anyway), or split the job")
 
 
 @app.task(base=RerankTask, name=TASK_NAME)

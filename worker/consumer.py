@@ -67,10 +67,12 @@ class Pending:
 
 
 class ChunkConsumer:
-    def __init__(self, ranker: Ranker, settings: Settings, backend: Any, hostname: str) -> None:
+    def __init__(self, ranker: Ranker, settings: Settings, backend: Any, hostname: str, broker: BrokerRedis) -> None:
         self.ranker = ranker
         self.settings = settings
         self.backend = backend
+        #: Acks the Redis side of each chunk; outlives the consumer's channel across reconnects.
+        self.broker = broker
         self._inbox: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._ready: deque[Pending] = deque()
         self._ready_tokens = 0
@@ -79,6 +81,8 @@ class ChunkConsumer:
         self.throughput = Throughput()
         #: Jobs received and not yet settled, by the routing key they came with.
         self._held: Counter[str] = Counter()
+        #: Their delivery tags: what the watchdog must not reclaim (worker/reclaim.py).
+        self._held_tags: set[str] = set()
         self._held_lock = threading.Lock()
         self._chunk_ids = (f"{hostname}#{n}" for n in itertools.count(1))
         self._threads = [
@@ -92,6 +96,7 @@ class ChunkConsumer:
         """Called by the event loop for each received job; returns at once."""
         with self._held_lock:
             self._held[_routing_key(request)] += 1
+            self._held_tags.add(request.message.delivery_tag)
         self._inbox.put(Pending(request, time.time()))
 
     def held(self) -> dict[str, int]:
@@ -101,6 +106,11 @@ class ChunkConsumer:
     def _settled(self, chunk: list[Pending]) -> None:
         with self._held_lock:
             self._held.subtract(_routing_key(p.request) for p in chunk)
+            self._held_tags.difference_update(p.request.message.delivery_tag for p in chunk)
+
+    def held_tags(self) -> list[str]:
+        with self._held_lock:
+            return sorted(self._held_tags)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the chunk running now; jobs not started stay unacked and go back to the queue."""
@@ -110,6 +120,7 @@ class ChunkConsumer:
         self._inbox.put(None)
         for thread in self._threads:
             thread.join(timeout)
+        self.broker.close()
 
     # -- preparer ---------------------------------------------------------------------------------
 
@@ -184,7 +195,7 @@ class ChunkConsumer:
         outcomes = [self._outcome(p, scores.get(p, []), started, inference_ms, info) for p in live]
         written = results.store(self.backend, outcomes)
         finished = time.time()
-        _ack_in_redis([o.request for o in outcomes])
+        _ack_in_redis(self.broker, [o.request for o in outcomes])
         for outcome in outcomes:
             request = outcome.request
             if outcome.result is not None:
@@ -284,19 +295,20 @@ def _record(live: list[Pending], outcomes: list[results.Outcome], pairs: int, to
         metrics.LATENCY.observe(max(0.0, finished - sent_at))
 
 
-def _ack_in_redis(requests: list[Any]) -> None:
+def _ack_in_redis(broker: BrokerRedis, requests: list[Any]) -> None:
     """The Redis side of kombu's ack (off its unacked index and hash), for a whole chunk in one pipeline,
     before the results are published. Each job's own ``acknowledge()`` still follows on the event loop
-    (kombu's bookkeeping; its Redis commands then find nothing left to remove)."""
-    by_channel: dict[Any, list[Any]] = {}
-    for request in requests:
-        by_channel.setdefault(request.message.channel, []).append(request.message.delivery_tag)
+    (kombu's bookkeeping; its Redis commands then find nothing left to remove). The keys are the same for
+    every channel, so jobs received before a reconnect are acked here too."""
+    index_key, hash_key = broker.unacked_keys()
+    tags = [request.message.delivery_tag for request in requests]
+    if not tags:
+        return
     try:
-        for channel, tags in by_channel.items():
-            with channel.client.pipeline(transaction=False) as pipe:
-                for tag in tags:
-                    channel.qos._remove_from_indices(tag, pipe)
-                pipe.execute()
+        with broker.client.pipeline(transaction=False) as pipe:
+            pipe.zrem(index_key, *tags)
+            pipe.hdel(hash_key, *tags)
+            pipe.execute()
     except Exception:
         logger.warning("could not ack a chunk in one round trip; the event loop acks each job", exc_info=True)
 
@@ -320,7 +332,8 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     if chunks is None:  # the consumer calls us again after a reconnect: keep the same chunks
         from celeryconfig import settings
 
-        chunks = consumer.rerankq_chunks = ChunkConsumer(_ranker, settings, task.backend, consumer.hostname)
+        chunks = consumer.rerankq_chunks = ChunkConsumer(_ranker, settings, task.backend, consumer.hostname,
+                                                         BrokerRedis(app))
         metrics.HELD.set_function(lambda: sum(chunks.held().values()))
         consumer.rerankq_stats = _start_reporter(app, consumer.hostname, chunks, settings.poll_ms / 1000)
     Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
@@ -364,7 +377,8 @@ def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: floa
             held[key if key in served else served[0]] += n
         pairs, jobs, busy_s = chunks.throughput.window()
         return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=_device, held=dict(held),
-                           pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=chunks.throughput.served)
+                           pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=chunks.throughput.served,
+                           tags=chunks.held_tags())
 
     return StatsReporter(BrokerRedis(app), queues, snapshot, interval_s)
 

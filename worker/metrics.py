@@ -45,6 +45,7 @@ ROUTE_CHANGES = Counter("rerankq_route_changes", "Route changes this watchdog ma
 BACKLOG = Gauge("rerankq_backlog_jobs", "Jobs waiting in Redis plus held by live workers.", ["queue"])
 WAIT = Gauge("rerankq_estimated_wait_seconds", "Backlog over throughput (+Inf with no live worker).", ["queue"])
 WORKERS = Gauge("rerankq_live_workers", "Workers reporting figures.", ["queue"])
+RECLAIMED = Counter("rerankq_jobs_reclaimed", "Jobs put back on their queue because no live worker held them.")
 THROUGHPUT = Gauge("rerankq_throughput_pairs_per_second", "Sum over live workers, while busy.", ["queue"])
 
 

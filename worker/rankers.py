@@ -109,25 +109,30 @@ class FastRanker(Ranker):
 class SimulatedRanker(Ranker):
     """A stand-in for a GPU, for benchmarks and tests: each forward batch sleeps ``latency_ms`` plus
     ``token_us`` per padded token and uses no CPU. Tokens are words; the score is the share of the
-    query's words found in the doc. ``--model 'latency_ms=20,token_us=5'`` sets the costs."""
+    query's words found in the doc. ``--model 'latency_ms=20,token_us=5'`` sets the costs.
+
+    Faults to inject: ``fail_on=WORD`` raises on any batch holding a doc with that word;
+    ``oom_above=N`` runs out of memory on any batch over N padded tokens.
+    """
 
     kind = "simulated"
 
     def __init__(self, spec: str, max_length: int = 0) -> None:
         self.model = spec or "simulated"
         self.max_length = max_length or 512
-        costs = {"latency_ms": 10.0, "token_us": 5.0}
+        options: dict[str, float | str] = {"latency_ms": 10.0, "token_us": 5.0, "oom_above": 0.0, "fail_on": ""}
         for part in filter(None, (spec or "").split(",")):
-            name, _, value = part.partition("=")
+            name, _, value = (p.strip() for p in part.partition("="))
             try:
-                if name.strip() not in costs:
-                    raise ValueError(name)
-                costs[name.strip()] = float(value)
-            except ValueError:
-                raise ModelLoadError(f"the simulated ranker takes 'latency_ms=<ms>,token_us=<us>', got {spec!r}"
-                                     ) from None
-        self._latency_s = costs["latency_ms"] / 1000
-        self._token_s = costs["token_us"] / 1_000_000
+                default = options[name]
+                options[name] = value if isinstance(default, str) else float(value)
+            except (KeyError, ValueError):
+                raise ModelLoadError(f"the simulated ranker takes 'latency_ms=<ms>,token_us=<us>' (and optionally "
+                                     f"fail_on=<word>, oom_above=<tokens>), got {spec!r}") from None
+        self._latency_s = float(options["latency_ms"]) / 1000
+        self._token_s = float(options["token_us"]) / 1_000_000
+        self._oom_above = float(options["oom_above"])
+        self._fail_on = str(options["fail_on"])
 
     def _tokens(self, query: str, doc: str) -> int:
         return min(self.max_length, len(query.split()) + len(doc.split()) + 3)
@@ -137,6 +142,10 @@ class SimulatedRanker(Ranker):
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         padded = len(pairs) * max((self._tokens(q, d) for q, d in pairs), default=0)
+        if self._oom_above and padded > self._oom_above:
+            raise MemoryError(f"simulated out of memory: {padded} padded tokens > {self._oom_above:g}")
+        if self._fail_on and any(self._fail_on in doc.split() for _, doc in pairs):
+            raise RuntimeError(f"simulated model failure on {self._fail_on!r}")
         time.sleep(self._latency_s + self._token_s * padded)
         scores = []
         for query, doc in pairs:

@@ -77,6 +77,8 @@ class WorkerStats:
     busy_s: float
     served: int
     at: float = field(default_factory=time.time)
+    #: Delivery tags of the jobs it holds.
+    tags: list[str] = field(default_factory=list)
 
     @property
     def pairs_per_s(self) -> float | None:

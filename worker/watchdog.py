@@ -20,7 +20,8 @@ from tasks.connections import BrokerRedis
 from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from worker import metrics
 from worker.backlog import measure
-from worker.stats import model_loads_key
+from worker.reclaim import grace_for, reclaim
+from worker.stats import WorkerStats, model_loads_key
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Watchdog:
         self.marks = Marks.from_settings(settings)
         self.gpu_queue, self.cpu_queue = settings.gpu_queue, settings.cpu_queue
         self.state: RouteState | None = None
+        self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
 
     def _resume(self) -> RouteState:
         """Carry on from the state a previous watchdog left (a restart must not flip the route)."""
@@ -76,6 +78,7 @@ class Watchdog:
     def poll(self) -> RouteState:
         """Measure, decide, write the state; log and record a change. Returns the new state."""
         snapshot = measure(self.broker, [self.gpu_queue, self.cpu_queue], self.settings.poll_ms / 1000)
+        self._reclaim([w for workers in snapshot.workers.values() for w in workers])
         gpu, cpu = snapshot.loads[self.gpu_queue], snapshot.loads[self.cpu_queue]
         previous = self.state or self._resume()
         shedding = self.marks.overloaded(previous.route == SHED, gpu)
@@ -106,6 +109,14 @@ class Watchdog:
             logger.log(level, "route %s/%s -> %s/%s: %s", previous.route, _gate(previous.cpu_open), route,
                        _gate(cpu_open), reason)
         return self.state
+
+    def _reclaim(self, live: list[WorkerStats]) -> None:
+        try:
+            reclaimed = reclaim(self.broker, [self.gpu_queue, self.cpu_queue], live, self.reclaim_grace_s)
+        except Exception:  # never let reclaiming stop the routing
+            logger.exception("could not reclaim orphaned jobs; they return after the visibility timeout")
+            return
+        metrics.RECLAIMED.inc(len(reclaimed))
 
     def _export(self, changed: bool, routed: dict[bytes, bytes], loads: dict[str, dict[bytes, bytes]]) -> None:
         assert self.state is not None

@@ -1,0 +1,62 @@
+"""Redis restarted mid-run (append-only file on): the worker, the watchdog and the bulk runner reconnect,
+and the run completes with every job exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rerankq.local import RerankqProcess, WorkerProcess
+from rerankq.redis_server import RedisServer
+from tests.conftest import eventually, new_queue
+
+pytestmark = pytest.mark.integration
+
+JOBS = 400
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_redis_restart_mid_run_loses_no_job(tmp_path: Path) -> None:
+    queue = new_queue()
+    with RedisServer(appendonly=True) as server:
+        env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url, "RERANKQ_POLL_MS": "100",
+               "RERANKQ_GPU_QUEUE": queue}
+        worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=20,token_us=0"], env,
+                               tmp_path / "worker.log", f"restart.{queue}@localhost")
+        watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log")
+        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+        source, output = tmp_path / "jobs.jsonl", tmp_path / "scores.jsonl"
+        source.write_text("".join(json.dumps({"id": i, "query": "bread", "docs": ["bread", "flour"]}) + "\n"
+                                  for i in range(JOBS)))
+        run = subprocess.Popen([sys.executable, "-m", "rerankq", "submit", str(source), "-o", str(output),
+                                "--max-in-flight", "32", "--no-progress"], env={**os.environ, **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            eventually(lambda: len(lines(output)) >= 60, 60, "the run is under way")
+            server.restart(down_s=2)
+            try:
+                _, err = run.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                _, err = run.communicate()
+                raise AssertionError(f"the run hung: {len(lines(output))} of {JOBS} written\n{err[-3000:]}\n"
+                                     f"worker:\n{worker.log()[-5000:]}\nwatchdog:\n{watchdog.log()[-2000:]}") from None
+        finally:
+            if run.poll() is None:
+                run.kill()
+        assert run.returncode == 0, err + worker.log()[-3000:]
+        ids = [json.loads(line)["id"] for line in lines(output)]
+        assert sorted(ids) == list(range(JOBS))
+        assert worker.proc.poll() is None and watchdog.proc.poll() is None
+        eventually(lambda: "Redis is reachable again" in watchdog.log(), 10, "the watchdog reconnected")
+        worker.stop()
+        watchdog.stop()
+

@@ -1,0 +1,45 @@
+"""Reclaiming orphaned jobs against a real Redis: real kombu deliveries left unacked, worker reports."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from kombu.connection import Connection
+
+from tasks import rerank
+from tasks.connections import BrokerRedis
+from tests.conftest import new_queue
+from worker.reclaim import reclaim
+from worker.stats import WorkerStats
+
+pytestmark = pytest.mark.integration
+
+
+def test_only_rerank_jobs_no_live_worker_holds_are_put_back(celery_app: Any) -> None:
+    gpu, other_queue = new_queue(), new_queue()
+    sent = [rerank.apply_async(("q", ["d"]), queue=gpu) for _ in range(3)]
+    stranger = rerank.apply_async(("q", ["d"]), queue=other_queue)  # a rerank job, but not of these queues
+    with Connection(celery_app.conf.broker_url) as connection:
+        channel = connection.channel()
+        celery_app.send_task("someone.elses.task", queue=gpu)  # another app's task on the same queue
+        delivered = [channel.basic_get(gpu, no_ack=False) for _ in range(4)]
+        delivered.append(channel.basic_get(other_queue, no_ack=False))
+        by_task = {m.headers["id"]: m.delivery_tag for m in delivered}
+        holder = WorkerStats(node="w@h", ranker="simulated", model="m", device="cpu", held={gpu: 1}, pairs=0,
+                             jobs=0, busy_s=0.0, served=0, tags=[by_task[sent[0].id]])
+        broker = BrokerRedis(celery_app)
+        reclaimed = reclaim(broker, [gpu], [holder], grace_s=0.0)
+
+        assert sorted(reclaimed) == sorted([sent[1].id, sent[2].id])
+        back = [json.loads(raw)["headers"]["id"] for raw in broker.client.lrange(gpu, 0, -1)]
+        assert sorted(back) == sorted(reclaimed)
+        index_key, _ = broker.unacked_keys()
+        still_unacked = {t.decode() for t in broker.client.zrange(index_key, 0, -1)}  # type: ignore[union-attr]
+        assert by_task[sent[0].id] in still_unacked and by_task[stranger.id] in still_unacked
+        assert reclaim(broker, [gpu], [holder], grace_s=3600.0) == []  # nothing is due yet
+        for message in delivered:  # leave Redis clean
+            message.ack()
+        broker.client.delete(*broker.queue_lists(gpu))
+        broker.close()

@@ -1,0 +1,66 @@
+"""Workarounds for upstream bugs that would otherwise take a worker down. Each names its symptom."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def survive_close_during_outage() -> None:
+    """kombu 5.x: a Redis restart can end a worker with "Unrecoverable error", or lose the job in transit.
+
+    When Redis goes away, Celery closes the connection; the Redis channel's close then tries to
+    put its unacked jobs back on a connection already released, and raises ``AttributeError: 'NoneType'
+    object has no attribute 'hostname'``. Celery treats that as unrecoverable and the worker exits. Log it
+    instead: the jobs stay in kombu's unacked hash, where the watchdog reclaims them (worker/reclaim.py)
+    or the visibility timeout returns them."""
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport import virtual
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "rerankq_patched", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        try:
+            return original(self, client)
+        except AttributeError as exc:
+            logger.warning("could not put %d unacked job(s) back while the connection closed (%r); they return "
+                           "once reclaimed", len(self._delivered), exc)
+            self._delivered.clear()
+            return None
+
+    original_ack, original_reject = kombu_redis.QoS.ack, kombu_redis.QoS.reject
+
+    def ack(self: Any, delivery_tag: str) -> None:
+        """The consumer acks a job received before a reconnect on its old, closed channel: the chunk
+        consumer has already removed it from Redis (``_ack_in_redis``), so forget it instead of raising."""
+        if self.channel.closed:
+            self._delivered.pop(delivery_tag, None)
+            return
+        original_ack(self, delivery_tag)
+
+    def reject(self: Any, delivery_tag: str, requeue: bool = False) -> None:
+        if self.channel.closed:  # left in the unacked hash: reclaimed, or back after the visibility timeout
+            self._delivered.pop(delivery_tag, None)
+            return
+        original_reject(self, delivery_tag, requeue)
+
+    original_append = kombu_redis.QoS.append
+
+    def append(self: Any, message: Any, delivery_tag: str) -> None:
+        """A job popped off its queue just as Redis went away cannot be recorded as unacked; kombu then drops
+        it, and it is lost. Serve it anyway: its result is written once Redis is back."""
+        try:
+            original_append(self, message, delivery_tag)
+        except self.channel.connection_errors as exc:
+            logger.warning("job %s received as Redis went away (%r): serving it unrecorded",
+                           (message.headers or {}).get("id"), exc)
+            virtual.QoS.append(self, message, delivery_tag)
+
+    restore_unacked.rerankq_patched = True  # type: ignore[attr-defined]
+    patches = {"restore_unacked": restore_unacked, "ack": ack, "reject": reject, "append": append}
+    for name, patched in patches.items():
+        setattr(kombu_redis.QoS, name, patched)

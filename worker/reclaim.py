@@ -1,0 +1,64 @@
+"""Reclaiming jobs no live worker holds: a worker killed, or one that dropped a job in a reconnect.
+
+kombu keeps every delivered, unacked job in an index and a hash, and redelivers one only after the
+visibility timeout (an hour by default), since it cannot tell a slow worker from a dead one. rerankq's
+workers report the delivery tags they hold every poll, so the watchdog can: a rerank job delivered more
+than ``grace_s`` ago that no live worker reports holding is put back at the head of its queue at once. A
+job reclaimed from a worker that was only slow is scored twice, which is harmless (its result is
+written twice); jobs of other apps sharing the Redis are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from tasks.connections import BrokerRedis
+from tasks.rerank import TASK_NAME
+from worker.stats import WorkerStats, live_for
+
+logger = logging.getLogger(__name__)
+
+
+def grace_for(poll_s: float) -> float:
+    """How long after its delivery an unreported job counts as orphaned: several reports' worth."""
+    return max(10.0, 3 * live_for(poll_s))
+
+
+def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerStats], grace_s: float) -> list[str]:
+    """Put back the orphaned rerank jobs of ``queues``; return their task ids."""
+    index_key, hash_key = broker.unacked_keys()
+    due: list[bytes] = broker.client.zrangebyscore(index_key, "-inf", time.time() - grace_s)  # type: ignore[assignment]
+    candidates = [tag.decode() for tag in due]
+    if not candidates:
+        return []
+    held = {tag for worker in live for tag in worker.tags}
+    orphans = [tag for tag in candidates if tag not in held]
+    if not orphans:
+        return []
+    reclaimed = []
+    for tag, raw in zip(orphans, broker.client.hmget(hash_key, orphans), strict=True):
+        job = _rerank_job(raw, queues)
+        if job is not None:
+            broker.restore(tag)
+            reclaimed.append(job)
+    if reclaimed:
+        logger.warning("put back %d job(s) no live worker holds, delivered over %.0fs ago: %s", len(reclaimed),
+                       grace_s, ", ".join(reclaimed[:5]) + (" ..." if len(reclaimed) > 5 else ""))
+    return reclaimed
+
+
+def _rerank_job(raw: bytes | str | None, queues: Sequence[str]) -> str | None:
+    """The task id, if ``raw`` is kombu's record of a rerank job from one of ``queues``."""
+    if raw is None:
+        return None
+    try:
+        message, _exchange, routing_key = json.loads(raw)
+        headers = message.get("headers") or {}
+        if headers.get("task") == TASK_NAME and routing_key in queues:
+            return str(headers.get("id"))
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return None
