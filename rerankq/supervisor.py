@@ -64,6 +64,8 @@ class Supervisor:
                     if now >= child.restart_at:
                         child.restart_at = None
                         child.start()
+                        assert child.process is not None
+                        self.say(f"{child.name}: pid {child.process.proc.pid} (restarted)")
                     continue
                 code = child.process.proc.poll()
                 if code is None:

@@ -8,7 +8,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def survive_close_during_outage() -> None:
+def survive_redis_outage() -> None:
     """kombu 5.x: a Redis restart can end a worker with "Unrecoverable error", or lose the job in transit.
 
     When Redis goes away, Celery closes the connection; the Redis channel's close then tries to

@@ -43,10 +43,10 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
 
     from celery.utils.nodenames import host_format
 
-    from worker.compat import survive_close_during_outage
+    from worker.compat import survive_redis_outage
     from worker.consumer import ChunkStep, install
 
-    survive_close_during_outage()
+    survive_redis_outage()
     install(loaded, device)
     app.steps["consumer"].add(ChunkStep)
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")

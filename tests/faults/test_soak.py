@@ -1,0 +1,103 @@
+"""Soak (opt-in: RERANKQ_SOAK_S=600 pytest tests/faults/test_soak.py -s): mixed load for that long while
+one of two workers is SIGKILLed at random intervals and restarted by its supervisor. Checks that every
+job gets exactly one outcome and that the surviving worker's memory stays flat; prints the figures that
+RELIABILITY.md quotes."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer import submit_many
+from tasks import Result, rerank
+from tests.conftest import StartWatchdog, eventually, new_queue
+
+SOAK_S = float(os.environ.get("RERANKQ_SOAK_S", "0"))
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not SOAK_S, reason="opt-in: set RERANKQ_SOAK_S (seconds)"),
+              pytest.mark.timeout(int(SOAK_S) + 600)]
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
+
+
+def test_soak_with_random_worker_kills(celery_app: Any, redis_url: str, start_watchdog: StartWatchdog,
+                                      tmp_path: Path) -> None:
+    queue = new_queue()
+    env = {**os.environ, "RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url,
+           "RERANKQ_GPU_QUEUE": queue, "RERANKQ_POLL_MS": "200"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    log = tmp_path / "workers.log"
+    with open(log, "wb") as sink:
+        workers = subprocess.Popen([sys.executable, "-m", "rerankq", "worker", "--gpus", "0,1", "--ranker",
+                                    "simulated", "--model", "latency_ms=20,token_us=20", "--queue", queue,
+                                    "--metrics-port", "0"], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    start_watchdog(**{k: env[k] for k in ("RERANKQ_GPU_QUEUE", "RERANKQ_POLL_MS")})
+    try:
+        eventually(lambda: len(re.findall(r"ready\.", log.read_text())) >= 2, 120, "both workers ready")
+        pids = lambda: {int(g): int(p) for g, p in re.findall(r"worker cuda:(\d): pid (\d+)", log.read_text())}  # noqa: E731
+        survivor = pids()[0]
+        memory = [rss_mb(survivor)]
+        bulk: dict[str, Any] = {}
+        web: list[Any] = []
+        stop = threading.Event()
+        rng = random.Random(7)
+
+        words = ["bread", "flour", "yeast", "salt", "water"]
+
+        def jobs() -> Iterator[dict[str, Any]]:
+            while not stop.is_set():
+                yield {"id": uuid.uuid4().hex, "query": "bread flour",
+                       "docs": [" ".join(rng.choices(words, k=rng.randint(3, 60))) for _ in range(rng.randint(1, 30))]}
+
+        def run_bulk() -> None:
+            for job_id, outcome in submit_many(jobs(), max_in_flight=64, queue=queue):
+                bulk[job_id] = bulk.get(job_id, 0) + 1 if isinstance(outcome, Result) else outcome
+
+        def run_web() -> None:
+            while not stop.is_set():
+                web.append(rerank.apply_async(("bread", ["bread", "salt"]), queue=queue))
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=run_bulk), threading.Thread(target=run_web)]
+        for thread in threads:
+            thread.start()
+        kills, started = 0, time.monotonic()
+        while time.monotonic() - started < SOAK_S:
+            time.sleep(rng.uniform(15, 40))
+            victim = pids()[1]
+            os.kill(victim, signal.SIGKILL)
+            kills += 1
+            memory.append(rss_mb(survivor))
+            # The supervisor restarts it after a pause that grows while kills come within a minute of starts.
+            eventually(lambda: pids()[1] != victim, 90, "the killed worker restarted")  # noqa: B023
+        stop.set()
+        for thread in threads:
+            thread.join(300)
+        web_outcomes = [h.get(timeout=120, propagate=False) for h in web]
+        memory.append(rss_mb(survivor))
+    finally:
+        workers.send_signal(signal.SIGTERM)
+        workers.wait(120)
+    failures = [v for v in bulk.values() if v != 1]
+    first, last = memory[1] if len(memory) > 2 else memory[0], memory[-1]
+    print(f"\nsoak {SOAK_S:.0f}s: {len(bulk)} bulk jobs, {len(web_outcomes)} web jobs, {kills} worker kills; "
+          f"bulk failures {len(failures)}; web failures {sum(isinstance(o, BaseException) for o in web_outcomes)}; "
+          f"survivor RSS {memory[0]:.0f} MB at start, {first:.0f} MB after warm-up, {last:.0f} MB at end")
+    assert not failures
+    assert all(not isinstance(o, BaseException) for o in web_outcomes)
+    assert last < first * 1.2 + 20
