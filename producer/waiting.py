@@ -9,6 +9,7 @@ reconnect, a restarted Redis).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -159,11 +160,16 @@ class AsyncWaiter:
         self._subscribing = asyncio.Lock()
 
     async def expect(self, task_id: str) -> asyncio.Future[Outcome]:
-        """Subscribe to the job's result and return the future it resolves; call before sending the job."""
+        """Subscribe to the job's result and return the future it resolves; call before sending the job.
+        With Redis unreachable this raises its connection error: the job was not sent."""
         key = result_key(self.backend, task_id)
         future = self._futures[key] = asyncio.get_running_loop().create_future()
-        async with self._subscribing:
-            await self._pubsub.subscribe(key)
+        try:
+            async with self._subscribing:
+                await self._pubsub.subscribe(key)
+        except BaseException:
+            self._futures.pop(key, None)
+            raise
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
         return future
@@ -171,28 +177,45 @@ class AsyncWaiter:
     async def forget(self, task_id: str) -> None:
         key = result_key(self.backend, task_id)
         if self._futures.pop(key, None) is not None:
-            await self._pubsub.unsubscribe(key)
+            await self._unsubscribe(key)
 
     async def _read(self) -> None:
+        """Resolve futures from pub/sub messages and periodic sweeps. Rides out an unreachable Redis: the
+        pub/sub connection re-subscribes when it reconnects, and a sweep then finds what was stored."""
         swept = time.monotonic()
+        outage_since: float | None = None
         while self._futures:
-            message = await self._pubsub.get_message(timeout=SWEEP_S)
-            if message is not None and message["type"] == "message":
-                await self._done(_text(message["channel"]), message["data"])
-            if time.monotonic() - swept >= SWEEP_S:
-                swept = time.monotonic()
-                keys = list(self._futures)
-                for key, raw in zip(keys, await self._client.mget(keys), strict=True):
-                    if raw is not None:
-                        await self._done(key, raw)
+            try:
+                message = await self._pubsub.get_message(timeout=SWEEP_S)
+                if message is not None and message["type"] == "message":
+                    await self._done(_text(message["channel"]), message["data"])
+                if outage_since is not None or time.monotonic() - swept >= SWEEP_S:
+                    swept = time.monotonic()
+                    keys = list(self._futures)
+                    for key, raw in zip(keys, await self._client.mget(keys), strict=True):
+                        if raw is not None:
+                            await self._done(key, raw)
+                if outage_since is not None:
+                    logger.warning("Redis is back after %.1fs", time.monotonic() - outage_since)
+                    outage_since = None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    logger.warning("Redis unreachable (%r): %d awaited results wait for it", exc, len(self._futures))
+                await asyncio.sleep(0.5)
 
     async def _done(self, key: str, raw: bytes | str) -> None:
         future = self._futures.pop(key, None)
         if future is None:
             return
-        await self._pubsub.unsubscribe(key)
         if not future.done():
             future.set_result(decode(self.backend, raw))
+        await self._unsubscribe(key)
+
+    async def _unsubscribe(self, key: str) -> None:
+        # Failing, it is re-subscribed on reconnect, and a message for a key no longer awaited is ignored.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            await self._pubsub.unsubscribe(key)
 
     async def close(self) -> None:
         if self._reader is not None:

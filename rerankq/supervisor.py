@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rerankq.local import RerankqProcess
@@ -34,12 +34,10 @@ class Child:
     started: float = 0.0
     failures: int = 0
     restart_at: float | None = None
-    pids: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.process = RerankqProcess(self.args, self.env, self.log_path, supervised=True)
         self.started = time.monotonic()
-        self.pids.append(self.process.proc.pid)
 
 
 class Supervisor:

@@ -32,31 +32,77 @@ def test_a_redis_restart_mid_run_loses_no_job(tmp_path: Path) -> None:
         worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=20,token_us=0"], env,
                                tmp_path / "worker.log", f"restart.{queue}@localhost")
         watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log")
-        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
-        source, output = tmp_path / "jobs.jsonl", tmp_path / "scores.jsonl"
-        source.write_text("".join(json.dumps({"id": i, "query": "bread", "docs": ["bread", "flour"]}) + "\n"
-                                  for i in range(JOBS)))
-        run = subprocess.Popen([sys.executable, "-m", "rerankq", "submit", str(source), "-o", str(output),
-                                "--max-in-flight", "32", "--no-progress"], env={**os.environ, **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            eventually(lambda: len(lines(output)) >= 60, 60, "the run is under way")
-            server.restart(down_s=2)
-            try:
-                _, err = run.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                run.kill()
-                _, err = run.communicate()
-                raise AssertionError(f"the run hung: {len(lines(output))} of {JOBS} written\n{err[-3000:]}\n"
-                                     f"worker:\n{worker.log()[-5000:]}\nwatchdog:\n{watchdog.log()[-2000:]}") from None
+            _run_through_a_restart(server, worker, watchdog, env, tmp_path)
         finally:
-            if run.poll() is None:
-                run.kill()
-        assert run.returncode == 0, err + worker.log()[-3000:]
-        ids = [json.loads(line)["id"] for line in lines(output)]
-        assert sorted(ids) == list(range(JOBS))
-        assert worker.proc.poll() is None and watchdog.proc.poll() is None
-        eventually(lambda: "Redis is reachable again" in watchdog.log(), 10, "the watchdog reconnected")
-        worker.stop()
-        watchdog.stop()
+            worker.stop()
+            watchdog.stop()
 
+
+def _run_through_a_restart(server: RedisServer, worker: WorkerProcess, watchdog: RerankqProcess,
+                           env: dict[str, str], tmp_path: Path) -> None:
+    eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+    source, output = tmp_path / "jobs.jsonl", tmp_path / "scores.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "query": "bread", "docs": ["bread", "flour"]}) + "\n"
+                              for i in range(JOBS)))
+    run = subprocess.Popen([sys.executable, "-m", "rerankq", "submit", str(source), "-o", str(output),
+                            "--max-in-flight", "32", "--no-progress"], env={**os.environ, **env},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        eventually(lambda: len(lines(output)) >= 60, 60, "the run is under way")
+        server.restart(down_s=2)
+        try:
+            _, err = run.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            _, err = run.communicate()
+            raise AssertionError(f"the run hung: {len(lines(output))} of {JOBS} written\n{err[-3000:]}\n"
+                                 f"worker:\n{worker.log()[-5000:]}\nwatchdog:\n{watchdog.log()[-2000:]}") from None
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err + worker.log()[-3000:]
+    ids = [json.loads(line)["id"] for line in lines(output)]
+    assert sorted(ids) == list(range(JOBS))
+    assert worker.proc.poll() is None and watchdog.proc.poll() is None
+    eventually(lambda: "Redis is reachable again" in watchdog.log(), 10, "the watchdog reconnected")
+
+
+
+AWAITER = """
+import asyncio, sys
+from producer import arerank
+
+async def main():
+    pending = [asyncio.create_task(arerank("bread", ["bread", "flour"], timeout=60, queue=sys.argv[1]))
+               for _ in range(20)]
+    await asyncio.sleep(0.5)
+    print("pending", flush=True)
+    results = await asyncio.gather(*pending)
+    print("done", len(results), sorted({r.ranker for r in results}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_awaited_results_survive_a_redis_restart(tmp_path: Path) -> None:
+    queue = new_queue()
+    with RedisServer(appendonly=True) as server:
+        env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url}
+        # One chunk of 7 s: the jobs are held while Redis restarts under them.
+        worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=7000,token_us=0"], env,
+                               tmp_path / "worker.log", f"await.{queue}@localhost")
+        awaiter = None
+        try:
+            eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+            awaiter = subprocess.Popen([sys.executable, "-c", AWAITER, queue], env={**os.environ, **env},
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert awaiter.stdout is not None and awaiter.stdout.readline().strip() == "pending"
+            server.restart(down_s=5)  # longer than redis-py's own reconnect retries last
+            out, err = awaiter.communicate(timeout=120)
+            assert awaiter.returncode == 0, err[-3000:] + worker.log()[-3000:]
+            assert out.strip() == "done 20 ['simulated']"
+        finally:
+            if awaiter is not None and awaiter.poll() is None:
+                awaiter.kill()
+            worker.stop()

@@ -27,20 +27,27 @@ def test_a_password_protected_redis_serves_with_the_password_and_refuses_without
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(server.url.replace(":correct horse battery staple@", "")).ping()
         worker = WorkerProcess(queue, ["--ranker", "simulated"], env, tmp_path / "worker.log", f"auth.{queue}@h")
-        eventually(lambda: " ready." in worker.log(), 60, "the worker connects with the password")
-        source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
-        source.write_text(json.dumps({"id": 1, "query": "q", "docs": ["q d"]}) + "\n")
-        done = subprocess.run([sys.executable, "-m", "rerankq", "submit", str(source), "-o", str(output)],
-                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert json.loads(output.read_text())["id"] == 1
+        try:
+            _serve_with_the_password(server, worker, env, tmp_path)
+        finally:
+            worker.stop()
 
-        wrong = server.url.replace("correct horse battery staple", "wrong")
-        status = subprocess.run([sys.executable, "-m", "rerankq", "status"], capture_output=True, text=True,
-                                env={**os.environ, "RERANKQ_BROKER_URL": wrong}, timeout=120)
-        assert status.returncode != 0 and "Traceback" not in status.stderr
-        assert "password" in (status.stdout + status.stderr).lower()
-        worker.stop()
+
+def _serve_with_the_password(server: RedisServer, worker: WorkerProcess, env: dict[str, str],
+                             tmp_path: Path) -> None:
+    eventually(lambda: " ready." in worker.log(), 60, "the worker connects with the password")
+    source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": 1, "query": "q", "docs": ["q d"]}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "rerankq", "submit", str(source), "-o", str(output)],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(output.read_text())["id"] == 1
+
+    wrong = server.url.replace("correct horse battery staple", "wrong")
+    status = subprocess.run([sys.executable, "-m", "rerankq", "status"], capture_output=True, text=True,
+                            env={**os.environ, "RERANKQ_BROKER_URL": wrong}, timeout=120)
+    assert status.returncode != 0 and "Traceback" not in status.stderr
+    assert "password" in (status.stdout + status.stderr).lower()
 
 
 def test_result_keys_expire(celery_app: Any, start_worker: Any) -> None:
