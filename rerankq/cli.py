@@ -61,13 +61,13 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglev
         args = ["--ranker", ranker, "--model", model, "--loglevel", loglevel]
         for queue in queues:
             args += ["--queue", queue]
-        port = settings.metrics_port if metrics_port is None else metrics_port
-        sys.exit(run_per_gpu(gpus, args, port, hostname))
+        sys.exit(run_per_gpu(gpus, args, _metrics_port(metrics_port), hostname))
 
     from worker.main import run_worker
 
     default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
-    sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname, metrics_port))
+    sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname,
+                        _metrics_port(metrics_port)))
 
 
 @cli.command()
@@ -90,7 +90,7 @@ def watchdog(loglevel: str, metrics_port: int | None) -> None:
     """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
     from worker.watchdog import run_watchdog
 
-    sys.exit(run_watchdog(loglevel, metrics_port))
+    sys.exit(run_watchdog(loglevel, _metrics_port(metrics_port)))
 
 
 @cli.command()
@@ -156,11 +156,16 @@ def flower(port: int, address: str, no_auth: bool) -> None:
 def up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port: int | None,
        log_dir: Path | None) -> None:
     """The whole stack on this machine: Redis, workers per GPU (or CPU), fast ranker, watchdog, Flower."""
-    from celeryconfig import settings
     from rerankq.up import run_up
 
-    port = settings.metrics_port if metrics_port is None else metrics_port
-    sys.exit(run_up(redis_url, model, cpu, flower_port, port, log_dir))
+    sys.exit(run_up(redis_url, model, cpu, flower_port, _metrics_port(metrics_port), log_dir))
+
+
+def _metrics_port(option: int | None) -> int:
+    """``--metrics-port`` if given, else RERANKQ_METRICS_PORT."""
+    from celeryconfig import settings
+
+    return settings.metrics_port if option is None else option
 
 
 @cli.command()

@@ -79,10 +79,9 @@ class ChunkConsumer:
         self._cond = threading.Condition()
         self._stopping = False
         self.throughput = Throughput()
-        #: Jobs received and not yet settled, by the routing key they came with.
-        self._held: Counter[str] = Counter()
-        #: Their delivery tags: what the watchdog must not reclaim (worker/reclaim.py).
-        self._held_tags: set[str] = set()
+        #: Jobs received and not yet settled: delivery tag (what the watchdog must not reclaim,
+        #: worker/reclaim.py) -> the routing key it came with (what the backlog counts per queue).
+        self._held: dict[str, str] = {}
         self._held_lock = threading.Lock()
         self._chunk_ids = (f"{hostname}#{n}" for n in itertools.count(1))
         self._threads = [
@@ -95,22 +94,22 @@ class ChunkConsumer:
     def put(self, request: Any) -> None:
         """Called by the event loop for each received job; returns at once."""
         with self._held_lock:
-            self._held[_routing_key(request)] += 1
-            self._held_tags.add(request.message.delivery_tag)
+            self._held[request.message.delivery_tag] = _routing_key(request)
         self._inbox.put(Pending(request, time.time()))
 
     def held(self) -> dict[str, int]:
+        """Jobs held per routing key."""
         with self._held_lock:
-            return {key: n for key, n in self._held.items() if n}
-
-    def _settled(self, chunk: list[Pending]) -> None:
-        with self._held_lock:
-            self._held.subtract(_routing_key(p.request) for p in chunk)
-            self._held_tags.difference_update(p.request.message.delivery_tag for p in chunk)
+            return dict(Counter(self._held.values()))
 
     def held_tags(self) -> list[str]:
         with self._held_lock:
-            return sorted(self._held_tags)
+            return sorted(self._held)
+
+    def _settled(self, chunk: list[Pending]) -> None:
+        with self._held_lock:
+            for pending in chunk:
+                self._held.pop(pending.request.message.delivery_tag, None)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the chunk running now; jobs not started stay unacked and go back to the queue."""

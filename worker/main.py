@@ -8,7 +8,7 @@ import time
 
 
 def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel: str,
-               hostname: str | None, metrics_port: int | None = None) -> int:
+               hostname: str | None, metrics_port: int) -> int:
     from celeryconfig import settings
     from tasks.errors import RerankError
     from worker import device as pinning
@@ -18,7 +18,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
         from worker import metrics
 
-        metrics.serve(settings.metrics_port if metrics_port is None else metrics_port)
+        metrics.serve(metrics_port)
     except RerankError as exc:
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -161,7 +161,7 @@ def _gate(cpu_open: bool) -> str:
     return "cpu open" if cpu_open else "cpu closed"
 
 
-def run_watchdog(loglevel: str, metrics_port: int | None = None) -> int:
+def run_watchdog(loglevel: str, metrics_port: int) -> int:
     """The ``rerankq watchdog`` process: polls until SIGTERM or Ctrl-C."""
     import signal
 
@@ -172,7 +172,7 @@ def run_watchdog(loglevel: str, metrics_port: int | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    metrics.serve(settings.metrics_port if metrics_port is None else metrics_port)
+    metrics.serve(metrics_port)
     broker = BrokerRedis(app)
     watchdog = Watchdog(broker, settings)
     logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,
