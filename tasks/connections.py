@@ -12,6 +12,11 @@ from typing import Any
 import redis
 
 
+def rerankq_key(prefix: str, *parts: str) -> str:
+    """A rerankq key on the broker's Redis, under kombu's ``global_keyprefix``."""
+    return prefix + ":".join(("rerankq", *parts))
+
+
 class BrokerRedis:
     """A Redis client on the broker, with key names that honour kombu's ``global_keyprefix``."""
 
@@ -22,7 +27,7 @@ class BrokerRedis:
         self.prefix: str = self._channel.global_keyprefix
 
     def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(("rerankq", *parts))
+        return rerankq_key(self.prefix, *parts)
 
     def queue_lists(self, queue: str) -> list[str]:
         """Every Redis list kombu keeps ``queue``'s waiting messages in (one per priority step)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from kombu.connection import Connection
 from tasks import rerank
 from tasks.connections import BrokerRedis
 from tests.conftest import new_queue
+from worker import inflight
 from worker.reclaim import reclaim
 from worker.stats import WorkerStats
 
@@ -42,4 +44,25 @@ def test_only_rerank_jobs_no_live_worker_holds_are_put_back(celery_app: Any) -> 
         for message in delivered:  # leave Redis clean
             message.ack()
         broker.client.delete(*broker.queue_lists(gpu))
+        broker.close()
+
+
+def test_in_flight_jobs_of_workers_gone_quiet_go_back_to_their_queue_and_live_ones_stay(celery_app: Any) -> None:
+    broker = BrokerRedis(celery_app)
+    prefix = f"{new_queue()}:"  # a registry of its own: the suite's live workers reclaim the shared one
+    source = prefix + new_queue()
+    dead, live = inflight.list_key(prefix, "dead@h", source), inflight.list_key(prefix, "live@h", source)
+    registry = inflight.registry_key(prefix)
+    try:
+        broker.client.lpush(dead, "job-1", "job-2")
+        broker.client.lpush(live, "job-3")
+        broker.client.hset(registry, dead, json.dumps({"source": source, "seen": time.time() - 60}))
+        broker.client.hset(registry, live, json.dumps({"source": source, "seen": time.time()}))
+
+        assert inflight.reclaim(broker.client, prefix, dead_after_s=30) == 2
+        assert broker.client.lrange(source, 0, -1) == [b"job-2", b"job-1"]  # job-1, the older, is next
+        assert broker.client.llen(dead) == 0 and broker.client.llen(live) == 1
+        assert broker.client.hkeys(registry) == [live.encode()]
+    finally:
+        broker.client.delete(source, dead, live, registry)
         broker.close()

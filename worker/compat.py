@@ -52,7 +52,8 @@ def survive_redis_outage() -> None:
 
     def append(self: Any, message: Any, delivery_tag: str) -> None:
         """A job popped off its queue just as Redis went away cannot be recorded as unacked; kombu then drops
-        it, and it is lost. Serve it anyway: its result is written once Redis is back."""
+        it, and it is lost. Serve it anyway: its result is written once Redis is back. (Only a worker of
+        several queues pops so; one of a single queue moves the job in flight, worker/transport.py.)"""
         try:
             original_append(self, message, delivery_tag)
         except self.channel.connection_errors as exc:

@@ -23,8 +23,14 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1
 
+    from celery.utils.nodenames import host_format
+
     from tasks import app
+    from worker import transport
     from worker.rankers import load_ranker
+
+    node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
+    transport.install(owner=node)
 
     name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
     print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} "
@@ -41,15 +47,12 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     metrics.install_gpu_collector(torch_device)
     _count_load(app, queues, "success")
 
-    from celery.utils.nodenames import host_format
-
     from worker.compat import survive_redis_outage
     from worker.consumer import ChunkStep, install
 
     survive_redis_outage()
     install(loaded, device)
     app.steps["consumer"].add(ChunkStep)
-    node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
     worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=queues, loglevel=loglevel,
                         without_gossip=True, without_mingle=True, task_events=True)
     worker.start()

@@ -17,14 +17,9 @@ from collections.abc import Iterable, Sequence
 
 from tasks.connections import BrokerRedis
 from tasks.rerank import TASK_NAME
-from worker.stats import WorkerStats, live_for
+from worker.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
-
-
-def grace_for(poll_s: float) -> float:
-    """How long after its delivery an unreported job counts as orphaned: several reports' worth."""
-    return max(10.0, 3 * live_for(poll_s))
 
 
 def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerStats], grace_s: float) -> list[str]:

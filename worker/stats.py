@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tasks.connections import BrokerRedis
+from worker import inflight
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,11 @@ WINDOW_CHUNKS = 64
 def live_for(poll_s: float) -> float:
     """How old a worker's figures may be before it no longer counts as live."""
     return max(2.0, 5 * poll_s)
+
+
+def grace_for(poll_s: float) -> float:
+    """How long a worker may go unheard before the jobs it held count as orphaned: several reports' worth."""
+    return max(10.0, 3 * live_for(poll_s))
 
 
 def workers_key(broker: BrokerRedis, queue: str) -> str:
@@ -124,7 +130,12 @@ class StatsReporter:
             for queue in self._queues():
                 pipe.hset(workers_key(self._broker, queue), stats.node, raw)
                 pipe.expire(workers_key(self._broker, queue), keep_s)
+            inflight.beat(pipe, self._broker.prefix)
             pipe.execute()
+        # Every live worker does this, so a dead worker's jobs in transit come back with or without a watchdog.
+        moved = inflight.reclaim(self._broker.client, self._broker.prefix, grace_for(self._interval_s))
+        if moved:
+            logger.warning("put back %d job(s) a dead worker left in flight", moved)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -20,8 +20,8 @@ from tasks.connections import BrokerRedis
 from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from worker import metrics
 from worker.backlog import measure
-from worker.reclaim import grace_for, reclaim
-from worker.stats import WorkerStats, model_loads_key
+from worker.reclaim import reclaim
+from worker.stats import WorkerStats, grace_for, model_loads_key
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ from kombu.messaging import Producer
 
 from rerankq.local import WorkerProcess
 from tasks import BadJob, Job, Result, rerank
+from tasks.connections import BrokerRedis
 from tests.conftest import StartWorker
+from worker import inflight
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -119,6 +121,24 @@ def test_messages_that_are_not_json_or_claim_pickle_are_refused_never_run(
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert "Refusing to deserialize untrusted content of type application/octet-stream" in log
     assert "Expecting property name enclosed in double quotes" in log  # the broken JSON
+
+
+@pytest.mark.integration
+def test_queue_items_that_are_not_messages_are_dropped_and_the_worker_keeps_serving(
+        celery_app: Any, worker: WorkerProcess, worker_queue: str) -> None:
+    broker = BrokerRedis(celery_app)
+    try:
+        junk = [b"not json at all", b"123", b'{"no": "kombu envelope"}', b"\xff\xfe"]
+        broker.client.lpush(broker.queue_lists(worker_queue)[0], *junk)
+        good = rerank.apply_async(("bread", ["flour"]), queue=worker_queue)
+        assert Result.from_dict(good.get(timeout=60)).scores
+        assert worker.proc.poll() is None
+        assert worker.log().count("dropped an item of the queue that is not a message") == len(junk)
+        in_flight = inflight.list_key(broker.prefix, worker.node, worker_queue)
+        assert broker.client.hexists(inflight.registry_key(broker.prefix), in_flight)
+        assert broker.client.llen(in_flight) == 0  # nothing to come back
+    finally:
+        broker.close()
 
 
 def test_an_oversized_job_is_refused_at_the_producer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -114,3 +116,44 @@ def test_out_of_memory_splits_the_batch_and_fails_a_job_only_if_one_pair_cannot_
         assert len(Result.from_dict(handle.get(timeout=60)).scores) == 6
     with pytest.raises(RankerFailed, match="out of memory"):
         doomed.get(timeout=60)
+
+
+def _killed_while_receiving(start_worker: StartWorker, broker: BrokerRedis, queue: str, node: str) -> Any:
+    """A job Redis handed to a worker that was killed before it read the reply (its socket still held it).
+
+    The worker is frozen (SIGSTOP) while it waits on its queue, so the job goes to it and no further; if its
+    wait ran out just as it froze, the job stays queued, and the worker is thawed to serve it and try again.
+    """
+    doomed = start_worker(*simulated(1), queue=queue, node=node, RERANKQ_POLL_MS="100")
+    for _attempt in range(10):
+        os.kill(doomed.proc.pid, signal.SIGSTOP)
+        handle = rerank.apply_async(JOB, queue=queue)
+        time.sleep(0.2)
+        if waiting(broker, queue) == 0:
+            doomed.kill()
+            return handle
+        os.kill(doomed.proc.pid, signal.SIGCONT)
+        handle.get(timeout=30)
+    raise AssertionError("the frozen worker never took a job")
+
+
+def test_a_job_handed_to_a_worker_killed_before_reading_it_is_served_by_another(
+        start_worker: StartWorker, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    handle = _killed_while_receiving(start_worker, broker, queue, f"doomed.{queue}@localhost")
+    killed = time.monotonic()
+    start_worker(*simulated(1), queue=queue, RERANKQ_POLL_MS="100")
+    # No watchdog, and the visibility timeout is the default hour: the rescuer puts the job back once the
+    # dead worker has not reported for 10 s.
+    assert Result.from_dict(handle.get(timeout=60)).ranker == "simulated"
+    assert time.monotonic() - killed < 30
+
+
+def test_a_worker_restarted_under_its_name_takes_back_its_job_in_flight_at_once(
+        start_worker: StartWorker, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    node = f"restarted.{queue}@localhost"
+    handle = _killed_while_receiving(start_worker, broker, queue, node)
+    restarted = start_worker(*simulated(1), queue=queue, node=node)
+    assert Result.from_dict(handle.get(timeout=5)).ranker == "simulated"  # not after the 10 s grace
+    assert "put back 1 job(s) a previous worker named" in restarted.log()

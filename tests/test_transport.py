@@ -1,0 +1,74 @@
+"""The receiving transport against a real Redis, driven as kombu's event loop drives it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu.connection import Connection
+from kombu.utils.url import parse_url
+
+import celeryconfig
+from tasks import rerank
+from tasks.connections import BrokerRedis
+from tests.conftest import eventually, new_queue
+from worker import inflight, transport
+
+pytestmark = pytest.mark.integration
+
+JOB = ("bread", ["flour"])
+
+
+@pytest.fixture
+def connection(redis_url: str) -> Iterator[Connection]:
+    parts: dict[str, Any] = dict(parse_url(redis_url))
+    parts["transport"] = transport.Transport
+    with Connection(**parts, transport_options=celeryconfig.broker_transport_options) as connection:
+        yield connection
+
+
+@pytest.fixture
+def broker(celery_app: Any) -> Iterator[BrokerRedis]:
+    broker = BrokerRedis(celery_app)
+    yield broker
+    broker.close()
+
+
+def test_a_received_job_is_unacked_and_off_the_in_flight_list_and_a_reply_lost_with_its_connection_comes_again(
+        connection: Connection, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    channel: Any = connection.channel()
+    received: list[Any] = []
+    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+    sent = rerank.apply_async(JOB, queue=queue)
+    source = broker.queue_lists(queue)[0]
+
+    # A receive whose reply never arrives: kombu drops such a stale connection, its reply unread.
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    channel._brpop_start(timeout=1)
+    eventually(lambda: broker.client.llen(source) == 0, 5, "Redis moved the job to the in-flight list")
+    channel.client.connection.disconnect()
+    connection.drain_events(timeout=5)  # the event loop reconnects; the next receive puts the job back first
+
+    assert [m.headers["id"] for m in received] == [sent.id]
+    in_flight = inflight.list_key(broker.prefix, transport._owner, queue)
+    assert broker.client.llen(in_flight) == 0
+    _index, unacked = broker.unacked_keys()
+    assert broker.client.hexists(unacked, received[0].delivery_tag)
+    received[0].ack()
+    assert not broker.client.hexists(unacked, received[0].delivery_tag)
+
+
+def test_a_channel_consuming_several_queues_receives_from_each(connection: Connection) -> None:
+    queues = [new_queue(), new_queue()]
+    channel: Any = connection.channel()
+    received: list[Any] = []
+    for n, queue in enumerate(queues):
+        channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag=f"test{n}")
+    sent = {rerank.apply_async(JOB, queue=queue).id for queue in queues}
+    for _ in queues:
+        connection.drain_events(timeout=5)
+    assert {m.headers["id"] for m in received} == sent
+    for message in received:
+        message.ack()

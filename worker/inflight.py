@@ -1,0 +1,82 @@
+"""In-flight lists: where a job waits between leaving its queue and kombu recording it as unacked.
+
+kombu's Redis transport receives with ``BRPOP`` and records the job in its unacked hash with a second
+command; a worker killed between the two (the reply still in its socket) loses the job. rerankq's
+workers receive with ``BLMOVE`` instead (worker/transport.py), which moves the job atomically into the
+worker's own in-flight list; the unacked record and the removal from that list are then one
+transaction. Whatever is left in an in-flight list belongs to a worker that died between the two steps.
+
+Each list is registered in the hash ``rerankq:inflight`` (list key -> its source queue list and when
+its worker last reported). Every worker refreshes its own entries each poll and puts back the lists of
+workers that stopped reporting (``reclaim``); a worker starting under the name of one that died takes
+its own list back at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import redis
+
+from tasks.connections import rerankq_key
+
+#: This process's in-flight lists: list key -> the queue list it receives from.
+_owned: dict[str, str] = {}
+_owned_lock = threading.Lock()
+
+
+def registry_key(prefix: str) -> str:
+    return rerankq_key(prefix, "inflight")
+
+
+def list_key(prefix: str, owner: str, queue: str) -> str:
+    return rerankq_key(prefix, "inflight", owner, queue)
+
+
+def adopt(client: redis.Redis, prefix: str, key: str, source: str) -> int:
+    """Make ``key`` one of this process's in-flight lists: put back what a predecessor of the same name
+    left in it, and register it. Returns how many jobs went back."""
+    restored = restore(client, key, source)
+    with _owned_lock:
+        _owned[key] = source
+    client.hset(registry_key(prefix), key, _entry(source))
+    return restored
+
+
+def beat(pipe: Any, prefix: str) -> None:
+    """Add this process's 'still alive' for each of its lists to ``pipe``."""
+    with _owned_lock:
+        owned = dict(_owned)
+    for key, source in owned.items():
+        pipe.hset(registry_key(prefix), key, _entry(source))
+
+
+def restore(client: redis.Redis, key: str, source: str) -> int:
+    """Move every job in the in-flight list ``key`` back to the head of its queue (the right end, where
+    workers take from), one atomic move each, newest first so that the oldest is taken next."""
+    moved = 0
+    while client.lmove(key, source, "LEFT", "RIGHT") is not None:
+        moved += 1
+    return moved
+
+
+def reclaim(client: redis.Redis, prefix: str, dead_after_s: float) -> int:
+    """Put back the in-flight jobs of workers that last reported over ``dead_after_s`` ago."""
+    registry = registry_key(prefix)
+    entries: dict[bytes, bytes] = client.hgetall(registry)  # type: ignore[assignment]
+    moved = 0
+    for key, raw in entries.items():
+        entry = json.loads(raw)
+        if entry["seen"] > time.time() - dead_after_s:
+            continue
+        moved += restore(client, key.decode(), entry["source"])
+        # A worker that was only stalled registers again with its next report.
+        client.hdel(registry, key)
+    return moved
+
+
+def _entry(source: str) -> str:
+    return json.dumps({"source": source, "seen": time.time()})
