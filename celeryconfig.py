@@ -36,8 +36,10 @@ class Settings:
                               "Largest job a producer sends (its JSON arguments); a larger one is refused there.")
     max_chunk_tokens: int = _env("RERANKQ_MAX_CHUNK_TOKENS", 16384,
                                  "Token budget of one chunk (real tokens, counted with the model's tokenizer).")
-    max_batch_tokens: int = _env("RERANKQ_MAX_BATCH_TOKENS", 8192,
-                                 "Padded tokens in one forward batch (bounds activation memory).")
+    max_batch_tokens: int = _env("RERANKQ_MAX_BATCH_TOKENS", 0,
+                                 "Padded tokens in one forward batch (bounds activation memory); 0 means 8192 on "
+                                 "a GPU and 2048 on a CPU, where larger batches run slower per pair "
+                                 "(BENCHMARKS.md).")
     max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in one chunk.")
     max_wait_ms: float = _env("RERANKQ_MAX_WAIT_MS", 10.0,
                               "Longest a received job waits for chunk-mates before its chunk runs.")
@@ -76,7 +78,7 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
-        for name in ("max_docs", "max_job_bytes", "max_chunk_tokens", "max_batch_tokens", "max_chunk_jobs",
+        for name in ("max_docs", "max_job_bytes", "max_chunk_tokens", "max_chunk_jobs",
                      "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
@@ -102,6 +104,10 @@ class Settings:
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
+
+    def batch_tokens(self, device: str) -> int:
+        """The forward-batch budget on ``device``."""
+        return self.max_batch_tokens or (8192 if device.startswith("cuda") else 2048)
 
     @property
     def prefetch_count(self) -> int:

@@ -42,6 +42,12 @@ def test_switches_read_the_usual_words(raw: str, value: bool) -> None:
     assert Settings.from_env({"RERANKQ_PASSTHROUGH": raw}).passthrough is value
 
 
+def test_forward_batches_default_large_on_a_gpu_and_small_on_a_cpu_unless_set() -> None:
+    auto, fixed = Settings.from_env({}), Settings.from_env({"RERANKQ_MAX_BATCH_TOKENS": "4096"})
+    assert (auto.batch_tokens("cuda:0"), auto.batch_tokens("cpu")) == (8192, 2048)
+    assert (fixed.batch_tokens("cuda:0"), fixed.batch_tokens("cpu")) == (4096, 4096)
+
+
 def test_prefetch_fills_two_chunks_by_default() -> None:
     assert Settings.from_env({"RERANKQ_MAX_CHUNK_JOBS": "50"}).prefetch_count == 100
 

@@ -235,7 +235,7 @@ class ChunkConsumer:
         if not jobs:
             return {}
         try:
-            return dict(zip(jobs, self._score(jobs, self.settings.max_batch_tokens), strict=True))
+            return dict(zip(jobs, self._score(jobs, self.settings.batch_tokens(_device)), strict=True))
         except Exception as exc:
             if len(jobs) > 1:
                 half = len(jobs) // 2
@@ -245,7 +245,7 @@ class ChunkConsumer:
 
     def _score_alone(self, pending: Pending, exc: Exception) -> list[float] | BaseException:
         """A single job the model failed on: out of memory shrinks its batches down to one pair."""
-        budget = self.settings.max_batch_tokens
+        budget = self.settings.batch_tokens(_device)
         while is_out_of_memory(exc) and budget > min(pending.costs):
             release_cached_memory()
             budget //= 2

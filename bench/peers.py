@@ -1,0 +1,188 @@
+"""rerankq against its peers, side by side in one run: same machine, same model, same seeded workload.
+
+Systems: bare ``CrossEncoder.predict`` over all pairs (the in-process ceiling), naive Celery (one task and
+one ``predict`` per request), celery-batches, infinity-emb's ``/rerank`` server (with ``--infinity``, the
+path of its ``infinity_emb`` command, installed in a venv of its own) and rerankq (one worker, defaults).
+
+Figures: pairs/s at saturation (every request sent at once; median of ``--repeats``, systems alternating),
+latency percentiles under open-loop Poisson arrivals at each ``--loads`` (requests/s), padding
+efficiency, worker RSS. ``--zero-cost`` swaps every model for one that costs nothing (rerankq's simulated
+ranker at zero cost, the peers returning zeros): jobs/s is then pure queue overhead.
+
+    python bench/peers.py --infinity /opt/infinity/bin/infinity_emb
+    python bench/peers.py --zero-cost --requests 2000 --max-docs 10 --max-words 20 --loads ""
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.systems import Completions, System, celery_peer, free_port, infinity_system, rerankq_system, scrape  # noqa: E402
+from bench.workload import Request, pairs, workload  # noqa: E402
+
+ZERO_COST = "latency_ms=0,token_us=0"
+
+
+def saturate(system: System, requests: list[Request], completions: Completions) -> float:
+    """Seconds to serve ``requests`` all waiting at once: sent while the system is paused (so that the
+    sender's own speed is not what is measured), timed from its resumption."""
+    system.signal(signal.SIGSTOP)
+    try:
+        ids = [system.send(r) for r in requests]
+    finally:
+        start = time.perf_counter()
+        system.signal(signal.SIGCONT)
+    done = completions.wait(ids)
+    return max(done.values()) - start
+
+
+def open_loop(system: System, requests: list[Request], rate: float, seed: int,
+              completions: Completions) -> list[float]:
+    """Latencies (s) with Poisson arrivals at ``rate``/s, each timed from its scheduled arrival."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    at, sent = 0.0, []
+    for request in requests:
+        at += rng.expovariate(rate)
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        sent.append((system.send(request), start + at))
+    done = completions.wait([i for i, _ in sent])
+    return [done[i] - t for i, t in sent]
+
+
+def bare_predict(model: str, saturation: dict[str, int], light: dict[str, int]) -> dict[str, Any]:
+    """``bench/bare.py`` in a process of its own, as the workers are: nothing else shares its threads."""
+    spec = json.dumps({"saturation": saturation, "light": light})
+    run = subprocess.run([sys.executable, "-m", "bench.bare", model, spec], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--min-docs", type=int, default=1)
+    parser.add_argument("--max-docs", type=int, default=30)
+    parser.add_argument("--min-words", type=int, default=5)
+    parser.add_argument("--max-words", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loads", default="0.5,2", help="offered loads for the latency runs, requests/s")
+    parser.add_argument("--latency-requests", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--infinity", help="the infinity_emb command (omit to leave infinity-emb out)")
+    parser.add_argument("--zero-cost", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    out = args.out or ROOT / "bench" / "results" / ("overhead.json" if args.zero_cost else "peers.json")
+
+    from rerankq.redis_server import RedisServer
+    from tests.tiny_models import build_minilm_cross_encoder
+
+    shape = {"min_docs": args.min_docs, "max_docs": args.max_docs, "min_words": args.min_words,
+             "max_words": args.max_words}
+    saturation_spec = {"seed": args.seed, "requests": args.requests, **shape}
+    light_spec = {"seed": args.seed + 1, "requests": args.latency_requests, **shape}
+    requests, light = workload(**saturation_spec), workload(**light_spec)
+    loads = [float(x) for x in args.loads.split(",") if x]
+    n_pairs = pairs(requests)
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
+        logdir = Path(tmp)
+        model = str(build_minilm_cross_encoder(logdir / "minilm-ce"))
+        completions = Completions(server.url)
+        metrics_port = free_port()
+        peer_model = "zero" if args.zero_cost else model
+        worker_args = ("--ranker", "simulated", "--model", ZERO_COST) if args.zero_cost else ()
+        systems = [
+            celery_peer("naive Celery", "peers.naive", server.url, peer_model, logdir, prefetch=1),
+            celery_peer("celery-batches", "peers.batched", server.url, peer_model, logdir, prefetch=128),
+            rerankq_system(server.url, model, logdir, metrics_port, worker_args),
+        ]
+        if args.infinity and not args.zero_cost:
+            systems.insert(2, infinity_system(args.infinity, model, logdir, completions))
+        try:
+            for system in systems:  # warm-up
+                saturate(system, requests[:4], completions)
+            seconds: dict[str, list[float]] = {s.name: [] for s in systems}
+            bare: dict[str, Any] = {}
+            if not args.zero_cost:
+                seconds = {"bare predict": [], **seconds}
+            for _ in range(args.repeats):
+                if not args.zero_cost:
+                    bare = bare_predict(model, saturation_spec, light_spec)
+                    seconds["bare predict"].append(bare["saturation_s"])
+                for system in systems:
+                    seconds[system.name].append(saturate(system, requests, completions))
+            rss = {s.name: round(s.rss_mb()) for s in systems}
+            latency: dict[str, dict[str, dict[str, float]]] = {}
+            for rate in loads:
+                for system in systems:
+                    ms = [1000 * x for x in open_loop(system, light, rate, args.seed, completions)]
+                    latency.setdefault(system.name, {})[f"{rate:g}/s"] = {
+                        "p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99)}
+            real = scrape(metrics_port, "rerankq_real_tokens_total")
+            padded = scrape(metrics_port, "rerankq_padded_tokens_total")
+        finally:
+            for system in systems:
+                system.stop()
+
+    median = {name: statistics.median(ts) for name, ts in seconds.items()}
+    report: dict[str, Any] = {
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "command": "python bench/peers.py " + shlex.join(sys.argv[1:]), "requests": len(requests),
+        "pairs": n_pairs, "seconds": seconds, "jobs_per_s": {k: len(requests) / v for k, v in median.items()},
+        "pairs_per_s": {k: n_pairs / v for k, v in median.items()}, "rss_mb": rss, "latency_ms": latency,
+        "padding_efficiency": {"rerankq": real / padded if padded else None}}
+    if bare:
+        report["padding_efficiency"]["bare predict"] = bare["padding"]
+        report["bare_single_request_ms_p50"] = statistics.median(bare["single_ms"])
+    print_report(report, args.zero_cost)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+
+def print_report(report: dict[str, Any], zero_cost: bool) -> None:
+    rate = report["jobs_per_s" if zero_cost else "pairs_per_s"]
+    unit = "jobs/s" if zero_cost else "pairs/s"
+    base_name = "rerankq" if zero_cost else "bare predict"
+    print(f"\n{report['requests']} requests, {report['pairs']} pairs; medians of the saturation runs\n")
+    print(f"| system | median s | {unit} | vs {base_name} | worker RSS MB |\n| --- | --- | --- | --- | --- |")
+    for name, seconds in report["seconds"].items():
+        print(f"| {name} | {statistics.median(seconds):.2f} | {rate[name]:.0f} | "
+              f"{rate[name] / rate[base_name]:.2f}x | {report['rss_mb'].get(name, '-')} |")
+    if report["latency_ms"]:
+        loads = list(next(iter(report["latency_ms"].values())))
+        print("\n| system | " + " | ".join(f"{load} p50 / p95 / p99 ms" for load in loads) + " |")
+        print("| --- |" + " --- |" * len(loads))
+        for name, by_load in report["latency_ms"].items():
+            cells = [f"{v['p50']:.0f} / {v['p95']:.0f} / {v['p99']:.0f}" for v in by_load.values()]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    if "bare_single_request_ms_p50" in report:
+        print(f"\nbare predict of one request, median: {report['bare_single_request_ms_p50']:.0f} ms")
+    print("padding efficiency (real / padded tokens):",
+          {k: round(v, 3) for k, v in report["padding_efficiency"].items() if v})
+
+
+if __name__ == "__main__":
+    main()

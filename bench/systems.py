@@ -1,0 +1,196 @@
+"""The systems under test, started as real processes, and the clocks that time them.
+
+Every Celery-based system (rerankq, naive Celery, celery-batches) publishes each result on its
+``celery-task-meta-<id>`` channel; one pattern subscription timestamps them all as they arrive, so sending
+never waits on a result. infinity-emb is timed per HTTP request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.workload import Request
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Completions:
+    """When each task's result was published (``time.perf_counter``)."""
+
+    def __init__(self, url: str) -> None:
+        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe("celery-task-meta-*")
+        self._done: dict[str, float] = {}
+        self._cond = threading.Condition()
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        try:
+            for message in self._pubsub.listen():
+                now = time.perf_counter()
+                task_id = message["channel"].decode().removeprefix("celery-task-meta-")
+                with self._cond:
+                    self._done[task_id] = now
+                    self._cond.notify_all()
+        except redis.ConnectionError:  # the run's Redis stopped
+            return
+
+    def mark(self, task_id: str) -> None:
+        with self._cond:
+            self._done[task_id] = time.perf_counter()
+            self._cond.notify_all()
+
+    def wait(self, ids: list[str], timeout: float = 1800) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(i in self._done for i in ids):
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    missing = sum(i not in self._done for i in ids)
+                    raise TimeoutError(f"{missing} of {len(ids)} results never came")
+            return {i: self._done.pop(i) for i in ids}
+
+
+class System:
+    """Something that takes a request and, some time later, marks it done in ``completions``."""
+
+    def __init__(self, name: str, send: Callable[[Request], str], pids: Callable[[], list[int]],
+                 stop: Callable[[], None]) -> None:
+        self.name, self.send, self.pids, self.stop = name, send, pids, stop
+
+    def signal(self, signum: int) -> None:
+        for pid in self.pids():
+            os.kill(pid, signum)
+
+    def rss_mb(self) -> float:
+        return sum(_rss_mb(pid) for pid in self.pids())
+
+
+def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
+                   worker_args: tuple[str, ...] = ()) -> System:
+    from rerankq.local import WorkerProcess
+    from tasks import app, rerank
+
+    app.conf.update(broker_url=url, result_backend=url)
+    env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_METRICS_PORT": str(metrics_port)}
+    worker = WorkerProcess("bench.rerankq", ["--model", model, "--loglevel", "WARNING", *worker_args], env,
+                           logdir / "rerankq.log", f"bench-rerankq-{os.getpid()}@localhost")
+    worker.wait_ready(app)
+
+    def send(request: Request) -> str:
+        return str(rerank.apply_async((request.query, request.docs), queue=worker.queue).id)
+
+    def stop() -> None:
+        worker.stop()
+
+    return System("rerankq", send, lambda: [worker.proc.pid], stop)
+
+
+def celery_peer(name: str, task: str, url: str, model: str, logdir: Path, prefetch: int) -> System:
+    from bench import peer_tasks
+
+    node = f"bench-{task}-{os.getpid()}@localhost"
+    env = {**os.environ, "PEERS_REDIS_URL": url, "PEERS_MODEL": model, "PEERS_PREFETCH": str(prefetch),
+           "PYTHONPATH": str(ROOT)}
+    with open(logdir / f"{task}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.peer_tasks", "worker", "-Q", task,
+                                 "--pool", "solo", "--loglevel", "WARNING", "-n", node, "--without-gossip",
+                                 "--without-mingle"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    peer_tasks.app.conf.update(broker_url=url, result_backend=url)
+    _until(lambda: bool(peer_tasks.app.control.ping(destination=[node], timeout=0.5)), 120, f"{name} worker",
+           proc)
+    sender = peer_tasks.app.tasks[task]
+
+    def send(request: Request) -> str:
+        return str(sender.apply_async((request.query, request.docs), queue=task).id)
+
+    return System(name, send, lambda: [proc.pid], lambda: _stop(proc))
+
+
+def infinity_system(binary: str, model: str, logdir: Path, completions: Completions) -> System:
+    port = free_port()
+    with open(logdir / "infinity.log", "wb") as log:
+        proc = subprocess.Popen([binary, "v2", "--model-id", model, "--served-model-name", "bench",
+                                 "--device", "cpu", "--engine", "torch", "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _until(lambda: _http_ok(f"{url}/health"), 300, "infinity-emb", proc)
+    pool = ThreadPoolExecutor(64)
+    counter = iter(range(10**9))
+
+    def post(task_id: str, request: Request) -> None:
+        body = json.dumps({"model": "bench", "query": request.query, "documents": request.docs,
+                           "return_documents": False}).encode()
+        req = urllib.request.Request(f"{url}/rerank", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=1800) as response:
+            response.read()
+        completions.mark(task_id)
+
+    def send(request: Request) -> str:
+        task_id = f"infinity-{next(counter)}"
+        pool.submit(post, task_id, request)
+        return task_id
+
+    def stop() -> None:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop(proc)
+
+    return System("infinity-emb", send, lambda: [proc.pid], stop)
+
+
+def scrape(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+)", status)
+    return int(match[1]) / 1024 if match else 0.0
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready within {timeout}s")
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
