@@ -41,6 +41,11 @@ from worker.stats import StatsReporter, Throughput, WorkerStats
 
 logger = logging.getLogger(__name__)
 
+#: Task events wait this long to be published together (worker/consumer.py ``_batch_events``)...
+EVENTS_FLUSH_S = 0.05
+#: ...or until this many are waiting.
+EVENTS_BUFFER = 512
+
 _ranker: Ranker | None = None
 _device = "cpu"
 
@@ -335,6 +340,7 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
                                                          BrokerRedis(app))
         metrics.HELD.set_function(lambda: sum(chunks.held().values()))
         consumer.rerankq_stats = _start_reporter(app, consumer.hostname, chunks, settings.poll_ms / 1000)
+    _batch_events(consumer)
     Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
                                  consumer.event_dispatcher, app=app)
     revoked_tasks = worker_state.revoked
@@ -360,6 +366,30 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         chunks.put(request)
 
     return on_message
+
+
+def _batch_events(consumer: Any) -> None:
+    """Publish task events every ``EVENTS_FLUSH_S``, many in one message.
+
+    Celery buffers task events and publishes them on the event loop's next turn; with the runner thread
+    sending them, that is a few per message, and at a few hundred jobs/s a quarter of the worker's time
+    (BENCHMARKS.md). Flower sees each event up to ``EVENTS_FLUSH_S`` later instead."""
+    dispatcher, hub = consumer.event_dispatcher, consumer.hub
+    if dispatcher is None or hub is None:
+        return
+    dispatcher.buffer_limit = EVENTS_BUFFER
+    pending = threading.Event()
+
+    def flush() -> None:
+        pending.clear()
+        consumer._flush_events()
+
+    def on_buffered() -> None:  # any thread
+        if not pending.is_set():
+            pending.set()
+            hub.call_soon(lambda: hub.call_later(EVENTS_FLUSH_S, flush))
+
+    dispatcher.on_send_buffered = on_buffered
 
 
 def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: float) -> StatsReporter:
