@@ -427,6 +427,11 @@ class ChunkStep(bootsteps.StartStopStep):
         chunks: ChunkConsumer | None = getattr(parent, "rerankq_chunks", None)
         if chunks is not None:
             chunks.stop()
+        if parent.event_dispatcher is not None:  # the last chunk's events, still in their 50 ms wait
+            try:
+                parent.event_dispatcher.flush()
+            except Exception:
+                logger.warning("could not publish the last task events", exc_info=True)
         reporter: StatsReporter | None = getattr(parent, "rerankq_stats", None)
         if reporter is not None:
             reporter.stop()
