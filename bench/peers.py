@@ -34,8 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.systems import Completions, System, celery_peer, free_port, infinity_system, rerankq_system, scrape  # noqa: E402
+from bench.systems import Completions, System, celery_peer, infinity_system, rerankq_system, scrape  # noqa: E402
 from bench.workload import Request, pairs, workload  # noqa: E402
+from rerankq.redis_server import free_port  # noqa: E402
 
 ZERO_COST = "latency_ms=0,token_us=0"
 

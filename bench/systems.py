@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from typing import Any
 import redis
 
 from bench.workload import Request
+from rerankq.local import rss_mb
+from rerankq.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +77,7 @@ class System:
             os.kill(pid, signum)
 
     def rss_mb(self) -> float:
-        return sum(_rss_mb(pid) for pid in self.pids())
+        return sum(rss_mb(pid) for pid in self.pids())
 
 
 def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
@@ -155,18 +156,6 @@ def scrape(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match[1]) if match else 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+)", status)
-    return int(match[1]) / 1024 if match else 0.0
 
 
 def _http_ok(url: str) -> bool:

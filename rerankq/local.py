@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,14 @@ class WorkerProcess(RerankqProcess):
             if app.control.ping(destination=[self.node], timeout=0.5):
                 return
         raise RerankError(f"worker {self.node} did not answer within {timeout:.0f}s:\n{self.log()}")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a live process (Linux ``/proc``), in MB."""
+    match = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    if match is None:
+        raise RerankError(f"process {pid} has no resident memory to read: has it exited?")
+    return int(match[1]) / 1024
 
 
 def supervised_options() -> dict[str, Any]:

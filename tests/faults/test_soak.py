@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from producer import submit_many
+from rerankq.local import rss_mb
 from tasks import Result, rerank
 from tests.conftest import StartWatchdog, eventually, new_queue
 
@@ -28,11 +29,6 @@ SOAK_S = float(os.environ.get("RERANKQ_SOAK_S", "0"))
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not SOAK_S, reason="opt-in: set RERANKQ_SOAK_S (seconds)"),
               pytest.mark.timeout(int(SOAK_S) + 600)]
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
 
 
 def test_soak_with_random_worker_kills(celery_app: Any, redis_url: str, start_watchdog: StartWatchdog,
