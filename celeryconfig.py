@@ -42,7 +42,8 @@ class Settings:
                                  "(BENCHMARKS.md).")
     max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in one chunk.")
     max_wait_ms: float = _env("RERANKQ_MAX_WAIT_MS", 10.0,
-                              "Longest a received job waits for chunk-mates before its chunk runs.")
+                              "Longest a received job waits for chunk-mates still being tokenized before its "
+                              "chunk runs; with none in sight it runs at once.")
     prefetch: int = _env("RERANKQ_PREFETCH", 0,
                          "Jobs a worker holds unacked; 0 means 2 x max_chunk_jobs (the least allowed).")
     model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL, "Cross-encoder: a hub id or a local path.")

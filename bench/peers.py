@@ -5,12 +5,13 @@ one ``predict`` per request), celery-batches, infinity-emb's ``/rerank`` server 
 path of its ``infinity_emb`` command, installed in a venv of its own) and rerankq (one worker, defaults).
 
 Figures: pairs/s at saturation (every request sent at once; median of ``--repeats``, systems alternating),
-latency percentiles under open-loop Poisson arrivals at each ``--loads`` (requests/s), padding
+latency percentiles of requests sent one at a time (none waits for another: the light-load case) and
+under open-loop Poisson arrivals at each ``--loads`` (requests/s), padding
 efficiency, worker RSS. ``--zero-cost`` swaps every model for one that costs nothing (rerankq's simulated
 ranker at zero cost, the peers returning zeros): jobs/s is then pure queue overhead.
 
     python bench/peers.py --infinity /opt/infinity/bin/infinity_emb
-    python bench/peers.py --zero-cost --requests 2000 --max-docs 10 --max-words 20 --loads ""
+    python bench/peers.py --zero-cost --requests 6000 --max-docs 10 --max-words 20 --loads ""
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def open_loop(system: System, requests: list[Request], rate: float, seed: int,
     return [done[i] - t for i, t in sent]
 
 
+def one_at_a_time(system: System, requests: list[Request], completions: Completions) -> list[float]:
+    """Latencies (s) of requests sent one after another's result (and a pause): no request ever waits
+    for another, so what is left over a bare ``predict`` of the same request is the system's own cost."""
+    latencies = []
+    for request in requests:
+        start = time.perf_counter()
+        task_id = system.send(request)
+        latencies.append(completions.wait([task_id])[task_id] - start)
+        time.sleep(0.05)
+    return latencies
+
+
 def bare_predict(model: str, saturation: dict[str, int], light: dict[str, int]) -> dict[str, Any]:
     """``bench/bare.py`` in a process of its own, as the workers are: nothing else shares its threads."""
     spec = json.dumps({"saturation": saturation, "light": light})
@@ -79,6 +92,10 @@ def bare_predict(model: str, saturation: dict[str, int], light: dict[str, int]) 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    return {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99)}
 
 
 def main() -> None:
@@ -137,11 +154,14 @@ def main() -> None:
                     seconds[system.name].append(saturate(system, requests, completions))
             rss = {s.name: round(s.rss_mb()) for s in systems}
             latency: dict[str, dict[str, dict[str, float]]] = {}
+            if loads:
+                for system in systems:
+                    ms = [1000 * x for x in one_at_a_time(system, light, completions)]
+                    latency.setdefault(system.name, {})["one at a time"] = percentiles(ms)
             for rate in loads:
                 for system in systems:
                     ms = [1000 * x for x in open_loop(system, light, rate, args.seed, completions)]
-                    latency.setdefault(system.name, {})[f"{rate:g}/s"] = {
-                        "p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99)}
+                    latency.setdefault(system.name, {})[f"{rate:g}/s"] = percentiles(ms)
             real = scrape(metrics_port, "rerankq_real_tokens_total")
             padded = scrape(metrics_port, "rerankq_padded_tokens_total")
         finally:
@@ -157,6 +177,8 @@ def main() -> None:
         "padding_efficiency": {"rerankq": real / padded if padded else None}}
     if bare:
         report["padding_efficiency"]["bare predict"] = bare["padding"]
+        if loads:
+            report["latency_ms"] = {"bare predict": {"one at a time": percentiles(bare["single_ms"])}, **latency}
         report["bare_single_request_ms_p50"] = statistics.median(bare["single_ms"])
     print_report(report, args.zero_cost)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,18 +188,19 @@ def main() -> None:
 def print_report(report: dict[str, Any], zero_cost: bool) -> None:
     rate = report["jobs_per_s" if zero_cost else "pairs_per_s"]
     unit = "jobs/s" if zero_cost else "pairs/s"
-    base_name = "rerankq" if zero_cost else "bare predict"
+    base_name = "celery-batches" if zero_cost else "bare predict"
     print(f"\n{report['requests']} requests, {report['pairs']} pairs; medians of the saturation runs\n")
     print(f"| system | median s | {unit} | vs {base_name} | worker RSS MB |\n| --- | --- | --- | --- | --- |")
     for name, seconds in report["seconds"].items():
         print(f"| {name} | {statistics.median(seconds):.2f} | {rate[name]:.0f} | "
               f"{rate[name] / rate[base_name]:.2f}x | {report['rss_mb'].get(name, '-')} |")
     if report["latency_ms"]:
-        loads = list(next(iter(report["latency_ms"].values())))
+        loads = list(report["latency_ms"]["rerankq"])
         print("\n| system | " + " | ".join(f"{load} p50 / p95 / p99 ms" for load in loads) + " |")
         print("| --- |" + " --- |" * len(loads))
         for name, by_load in report["latency_ms"].items():
-            cells = [f"{v['p50']:.0f} / {v['p95']:.0f} / {v['p99']:.0f}" for v in by_load.values()]
+            cells = [f"{by_load[load]['p50']:.0f} / {by_load[load]['p95']:.0f} / {by_load[load]['p99']:.0f}"
+                     if load in by_load else "-" for load in loads]
             print(f"| {name} | " + " | ".join(cells) + " |")
     if "bare_single_request_ms_p50" in report:
         print(f"\nbare predict of one request, median: {report['bare_single_request_ms_p50']:.0f} ms")

@@ -47,20 +47,37 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "throughput.png", dpi=100)
 
-    loads = list(next(iter(peers["latency_ms"].values())))
+    loads = list(peers["latency_ms"]["rerankq"])
     fig, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), 4), squeeze=False)
     for ax, load in zip(axes[0], loads, strict=True):
-        names = list(peers["latency_ms"])
+        names = [n for n, by_load in peers["latency_ms"].items() if load in by_load]
         for offset, (q, colour) in enumerate([("p50", "#1f77b4"), ("p95", "#ff7f0e"), ("p99", "#2ca02c")]):
             ax.bar([i + 0.27 * (offset - 1) for i in range(len(names))],
                    [peers["latency_ms"][n][load][q] for n in names], width=0.27, label=q, color=colour)
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("ms")
-        ax.set_title(f"Latency, open-loop Poisson arrivals at {load}")
+        ax.set_title(f"Latency, open-loop Poisson arrivals at {load}" if load[0].isdigit()
+                     else f"Latency, requests {load}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "latency.png", dpi=100)
-    print(f"wrote {RESULTS / 'throughput.png'} and {RESULTS / 'latency.png'}")
+    overload = json.loads((RESULTS / "overload.json").read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
+    colours = {"simulated": "#d62728", "fast": "#1f77b4", "passthrough": "#2ca02c"}
+    for ax, (name, run) in zip(axes, overload["runs"].items(), strict=True):
+        for kind, colour in colours.items():
+            points = [(n, ms / 1000) for n, (ms, ranker) in enumerate(zip(run["latency_ms"], run["rankers"],
+                                                                          strict=True)) if ranker == kind]
+            if points:
+                ax.scatter(*zip(*points, strict=True), s=4, color=colour,
+                           label="GPU (simulated)" if kind == "simulated" else kind)
+        ax.set_title(f"{overload['offered_jobs_per_s'] / overload['gpu_jobs_per_s']:.0f}x overload, {name}")
+        ax.set_xlabel("job, in arrival order")
+        ax.legend(markerscale=3)
+    axes[0].set_ylabel("latency, s")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "overload.png", dpi=100)
+    print(f"wrote throughput.png, latency.png and overload.png in {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,66 @@ def test_a_channel_consuming_several_queues_receives_from_each(connection: Conne
     assert {m.headers["id"] for m in received} == sent
     for message in received:
         message.ack()
+
+
+def test_jobs_waiting_together_come_in_one_receive_within_prefetch_each_recorded_as_unacked(
+        connection: Connection, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    channel: Any = connection.channel()
+    channel.basic_qos(prefetch_count=3)
+    received: list[Any] = []
+    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+    sent = [rerank.apply_async(JOB, queue=queue).id for _ in range(5)]
+
+    connection.drain_events(timeout=5)
+
+    assert [m.headers["id"] for m in received] == sent[:3]  # in queue order, up to the prefetch
+    _index, unacked = broker.unacked_keys()
+    assert all(broker.client.hexists(unacked, m.delivery_tag) for m in received)
+    assert broker.client.llen(inflight.list_key(broker.prefix, transport._owner, queue)) == 0
+    assert broker.client.llen(broker.queue_lists(queue)[0]) == 2
+    for message in received:
+        message.ack()
+    connection.drain_events(timeout=5)
+    assert [m.headers["id"] for m in received] == sent
+
+
+def test_a_consumer_that_raises_on_one_job_still_gets_the_others_of_its_receive(
+        connection: Connection, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    channel: Any = connection.channel()
+    received: list[Any] = []
+
+    def callback(message: Any) -> None:
+        received.append(message)
+        if len(received) == 1:
+            raise RuntimeError("the consumer's own failure")
+
+    channel.basic_consume(queue, no_ack=False, callback=callback, consumer_tag="test")
+    sent = [rerank.apply_async(JOB, queue=queue).id for _ in range(3)]
+    with pytest.raises(RuntimeError, match="the consumer's own failure"):
+        connection.drain_events(timeout=5)
+    assert [m.headers["id"] for m in received] == sent
+    _index, unacked = broker.unacked_keys()
+    assert all(broker.client.hexists(unacked, m.delivery_tag) for m in received)
+
+
+def test_a_chunk_acked_in_one_round_trip_is_not_acked_in_redis_again_job_by_job(
+        connection: Connection, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    channel: Any = connection.channel()
+    received: list[Any] = []
+    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+    for _ in range(3):
+        rerank.apply_async(JOB, queue=queue)
+    connection.drain_events(timeout=5)
+    index, unacked = broker.unacked_keys()
+
+    transport.ack_in_redis(broker.client, (index, unacked), received)
+    assert not any(broker.client.hexists(unacked, m.delivery_tag) for m in received)
+    broker.client.zadd(index, {received[0].delivery_tag: 1.0})  # a command each ack() would remove again
+    for message in received:
+        message.ack()
+    assert broker.client.zscore(index, received[0].delivery_tag) == 1.0
+    assert {m.delivery_tag for m in received} <= channel.qos._dirty  # kombu's bookkeeping still done
+    broker.client.zrem(index, received[0].delivery_tag)

@@ -8,8 +8,9 @@ Three threads share the work so that the GPU never waits on bookkeeping:
   job's result in one pipelined round trip, only then acks each job, and last publishes the results
   to their waiters (so a waiter never sees a result whose job is still unacked in Redis).
 
-A chunk grows while the previous one runs, and is taken when the budget is full or its oldest job has
-waited ``max_wait_ms``: a lone job is never held for chunk-mates that are not coming.
+A chunk grows while the previous one runs, and is taken when the budget is full, when no other received
+job is still being prepared (a lone job is never held for chunk-mates that are not in sight), or when its
+oldest job has waited ``max_wait_ms`` for those being prepared.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError, DeadlineExceeded, RankerFailed
 from tasks.records import ChunkInfo, Job, Result, Timings, top_indices
 from tasks.rerank import SENT_AT_HEADER
-from worker import metrics, results
+from worker import metrics, results, transport
 from worker.chunker import plan_batches, take_chunk
 from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
 from worker.stats import StatsReporter, Throughput, WorkerStats
@@ -81,6 +82,8 @@ class ChunkConsumer:
         self._inbox: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._ready: deque[Pending] = deque()
         self._ready_tokens = 0
+        #: Jobs put and not yet prepared: chunk-mates on their way.
+        self._unprepared = 0
         self._cond = threading.Condition()
         self._stopping = False
         self.throughput = Throughput()
@@ -100,6 +103,8 @@ class ChunkConsumer:
         """Called by the event loop for each received job; returns at once."""
         with self._held_lock:
             self._held[request.message.delivery_tag] = _routing_key(request)
+        with self._cond:
+            self._unprepared += 1
         self._inbox.put(Pending(request, time.time()))
 
     def held(self) -> dict[str, int]:
@@ -134,6 +139,7 @@ class ChunkConsumer:
             with self._cond:
                 self._ready.append(pending)
                 self._ready_tokens += pending.tokens
+                self._unprepared -= 1
                 self._cond.notify()
 
     def _prepare(self, pending: Pending) -> None:
@@ -168,7 +174,7 @@ class ChunkConsumer:
                 self._cond.wait()
             while not self._stopping:
                 if (self._ready_tokens >= self.settings.max_chunk_tokens
-                        or len(self._ready) >= self.settings.max_chunk_jobs):
+                        or len(self._ready) >= self.settings.max_chunk_jobs or not self._unprepared):
                     break
                 remaining = self._ready[0].received + max_wait - time.time()
                 if remaining <= 0:
@@ -199,7 +205,7 @@ class ChunkConsumer:
         outcomes = [self._outcome(p, scores.get(p, []), started, inference_ms, info) for p in live]
         written = results.store(self.backend, outcomes)
         finished = time.time()
-        _ack_in_redis(self.broker, [o.request for o in outcomes])
+        _ack_in_redis(self.broker, [o.request.message for o in outcomes])
         for outcome in outcomes:
             request = outcome.request
             if outcome.result is not None:
@@ -299,20 +305,11 @@ def _record(live: list[Pending], outcomes: list[results.Outcome], pairs: int, to
         metrics.LATENCY.observe(max(0.0, finished - sent_at))
 
 
-def _ack_in_redis(broker: BrokerRedis, requests: list[Any]) -> None:
-    """The Redis side of kombu's ack (off its unacked index and hash), for a whole chunk in one pipeline,
-    before the results are published. Each job's own ``acknowledge()`` still follows on the event loop
-    (kombu's bookkeeping; its Redis commands then find nothing left to remove). The keys are the same for
-    every channel, so jobs received before a reconnect are acked here too."""
-    index_key, hash_key = broker.unacked_keys()
-    tags = [request.message.delivery_tag for request in requests]
-    if not tags:
-        return
+def _ack_in_redis(broker: BrokerRedis, messages: list[Any]) -> None:
+    """Ack a whole chunk in Redis in one round trip, before its results are published; each job's own
+    ``acknowledge()`` on the event loop then only does kombu's bookkeeping."""
     try:
-        with broker.client.pipeline(transaction=False) as pipe:
-            pipe.zrem(index_key, *tags)
-            pipe.hdel(hash_key, *tags)
-            pipe.execute()
+        transport.ack_in_redis(broker.client, broker.unacked_keys(), messages)
     except Exception:
         logger.warning("could not ack a chunk in one round trip; the event loop acks each job", exc_info=True)
 

@@ -6,6 +6,10 @@ the two, with the reply in its socket, loses that job (the soak in RELIABILITY.m
 (worker/inflight.py), and its unacked record and its removal from that list are one ``MULTI``. Everything
 else is kombu's: acks, the visibility timeout, restoring unacked jobs.
 
+It is also faster: one receive takes every job waiting, up to what prefetch allows (one script moves
+them), and records them all in one ``MULTI``; a chunk's acks are one round trip (``ack_in_redis``) where
+kombu makes one per job.
+
 ``BLMOVE`` takes one source list, so this applies to a worker consuming one queue (rerankq's workers
 do; ``priority_steps`` is ``[0]``, one list per queue). A worker given several queues receives as
 kombu does, and says so once; so does a worker on Redis older than 6.2, which has no ``BLMOVE``.
@@ -39,21 +43,31 @@ _REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
-        receiving = self.channel.receiving
-        if receiving is None:
+        if self.channel.recorded:  # the receive recorded it in Redis already (Channel._record)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
             super().append(message, delivery_tag)
-            return
-        key, raw = receiving
-        delivery = message.delivery_info
-        with self.pipe_or_acquire() as pipe:
-            # kombu's own unacked record, and the job off the in-flight list, in one transaction.
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag,
-                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
-            pipe.lrem(key, 1, raw)
-            pipe.execute()
-        self.channel.receiving = None
-        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if getattr(self._delivered.get(delivery_tag), "acked_in_redis", False):  # by ack_in_redis
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().ack(delivery_tag)
+
+
+def ack_in_redis(client: redis.Redis, keys: tuple[str, str], messages: list[Any]) -> None:
+    """The Redis side of kombu's ack for many messages in one round trip (``keys``: kombu's unacked index and
+    hash, prefixed). Each message's own ``ack()`` then only does kombu's bookkeeping. The keys are the same
+    for every channel, so messages received before a reconnect are acked here too."""
+    tags = [message.delivery_tag for message in messages]
+    if not tags:
+        return
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrem(keys[0], *tags)
+        pipe.hdel(keys[1], *tags)
+        pipe.execute()
+    for message in messages:
+        message.acked_in_redis = True
 
 
 class Channel(kombu_redis.Channel):
@@ -61,9 +75,10 @@ class Channel(kombu_redis.Channel):
 
     #: (queue, source list, in-flight list) of the BLMOVE outstanding, if any.
     _moving: tuple[str, str, str] | None = None
-    #: (in-flight list, raw message) while a moved job is being delivered.
-    receiving: tuple[str, bytes] | None = None
+    #: True while delivering a job that the receive has recorded as unacked already.
+    recorded = False
     _can_move = True
+    _plain: redis.Redis | None = None
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         # Before the first receive: take back what a worker of the same name left in flight.
@@ -82,7 +97,9 @@ class Channel(kombu_redis.Channel):
 
     def _plain_client(self) -> redis.Redis:
         """A client on kombu's pool that does not prefix keys (ours carry the prefix already)."""
-        return redis.Redis(connection_pool=self.pool)
+        if self._plain is None or self._plain.connection_pool is not self.pool:
+            self._plain = redis.Redis(connection_pool=self.pool)
+        return self._plain
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self.active_queues
@@ -106,7 +123,7 @@ class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         if self._moving is None:
             return bool(super()._brpop_read(**options))
-        queue, _source, key = self._moving
+        queue, source, key = self._moving
         try:
             try:
                 raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
@@ -116,29 +133,81 @@ class Channel(kombu_redis.Channel):
             if raw is None:
                 self._moving = None
                 raise virtual.Empty()
-            self.receiving = (key, raw)
-            try:
-                self.connection._deliver(loads(bytes_to_str(raw)), queue)
-            except _REDIS_UNREACHABLE:
-                raise  # not recorded: still in flight, put back by the next start
-            except Exception as exc:  # kombu counts KeyError as a connection error too: not here
-                if self.receiving is not None:  # not recorded, and never will be
-                    self._drop(key, raw, exc)
-                    self._moving = None
-                    raise virtual.Empty() from None
-                raise
-            finally:
-                self.receiving = None
-            self._moving = None
+            # Whatever else waits, up to what prefetch allows, comes in the same receive: at hundreds of
+            # jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
+            more = self.qos.can_consume_max_estimate()
+            raws = [raw, *self._move_more(source, key, min(BURST, BURST if more is None else more) - 1)]
+            received = self._record(key, raws)
+            self._moving = None  # recorded or dropped: nothing of this receive is left in flight
+            self._deliver_all(queue, received)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu declares it bool
             self._flush_brpop_reauth()
 
-    def _drop(self, key: str, raw: bytes, exc: Exception) -> None:
-        """An item of the queue that is not a kombu message: nothing can serve it, so it must not come back."""
-        logger.error("dropped an item of the queue that is not a message (%r): %r", exc, raw[:200])
-        self._plain_client().lrem(key, 1, raw)  # type: ignore[arg-type]  # bytes are values
+    def _move_more(self, source: str, key: str, n: int) -> list[bytes]:
+        if n <= 0:
+            return []
+        return list(self._plain_client().eval(_MOVE_MORE, 2, source, key, n))  # type: ignore[arg-type]
+
+    def _record(self, key: str, raws: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+        """kombu's unacked record of each moved job, and its removal from the in-flight list, in one
+        transaction; an item that is not a kombu message is dropped instead. Returns (tag, payload) of
+        the recorded ones."""
+        received: list[tuple[str, dict[str, Any]]] = []
+        now = time.time()
+        with self._plain_client().pipeline() as pipe:
+            for raw in raws:
+                try:
+                    payload = loads(bytes_to_str(raw))
+                    tag, delivery = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
+                    # kombu's record: [message, exchange, routing key], the message as it came.
+                    record = b"[%s,%s,%s]" % (raw, dumps(delivery["exchange"]).encode(),
+                                              dumps(delivery["routing_key"]).encode())
+                except Exception as exc:
+                    logger.error("dropped an item of the queue that is not a message (%r): %r", exc, raw[:200])
+                    pipe.lrem(key, 1, raw)  # type: ignore[arg-type]  # bytes are values
+                    continue
+                prefix = self.global_keyprefix
+                pipe.zadd(prefix + self.qos.unacked_index_key, {tag: now})
+                pipe.hset(prefix + self.qos.unacked_key, tag, record)
+                pipe.lrem(key, 1, raw)  # type: ignore[arg-type]
+                received.append((tag, payload))
+            pipe.execute()
+        return received
+
+    def _deliver_all(self, queue: str, received: list[tuple[str, dict[str, Any]]]) -> None:
+        errors = []
+        for tag, payload in received:
+            self.recorded = True
+            try:
+                self.connection._deliver(payload, queue)
+            except Exception as exc:
+                if tag in self.qos._delivered:
+                    errors.append(exc)  # raised by the consumer: kombu's to handle, as with its own receive
+                else:  # kombu could not make a message of it: nothing can serve it, so it must not come back
+                    logger.error("dropped an item of the queue that is not a message (%r): %r", exc,
+                                 str(payload)[:200])
+                    self.qos._remove_from_indices(tag).execute()
+            finally:
+                self.recorded = False
+        if errors:
+            raise errors[0]
+
+
+#: Jobs moved in one receive at most (beside the first), within what prefetch allows.
+BURST = 64
+
+#: Move up to ARGV[1] more jobs from the queue to the in-flight list, stopping when the queue is empty.
+_MOVE_MORE = """
+local moved = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not item then break end
+  moved[#moved + 1] = item
+end
+return moved
+"""
 
 
 def _has_blmove(client: redis.Redis) -> bool:
