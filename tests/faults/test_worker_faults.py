@@ -77,7 +77,8 @@ def test_with_a_watchdog_a_killed_workers_jobs_are_back_in_seconds_not_after_the
 def test_sigterm_finishes_the_running_chunk_and_returns_prefetched_jobs_at_once(
         start_worker: StartWorker, broker: BrokerRedis) -> None:
     queue = new_queue()
-    # Chunks of 2, prefetch 4: the worker runs 2 and holds 2 more; 6 wait in Redis.
+    # Chunks of at most 2, prefetch 4: the worker runs 1 or 2 (the first job runs at once unless the
+    # second was already in sight) and holds the rest of the 4; 6 wait in Redis.
     stopping = start_worker(*simulated(1500), queue=queue, RERANKQ_MAX_CHUNK_JOBS="2")
     handles = [rerank.apply_async(JOB, queue=queue) for _ in range(10)]
     eventually(lambda: waiting(broker, queue) == 6, 10, "the worker holds 4 jobs")
@@ -85,8 +86,9 @@ def test_sigterm_finishes_the_running_chunk_and_returns_prefetched_jobs_at_once(
     asked = time.monotonic()
     assert stopping.stop() == 0
     assert time.monotonic() - asked < 10
-    assert sum(h.ready() for h in handles) == 2  # the running chunk finished
-    assert waiting(broker, queue) == 8  # the prefetched two are back at once, not after a timeout
+    finished = sum(h.ready() for h in handles)
+    assert finished in (1, 2)  # the running chunk finished, and no other started
+    assert waiting(broker, queue) == 10 - finished  # the prefetched ones are back at once, not after a timeout
     start_worker(*simulated(1), queue=queue)
     assert all(Result.from_dict(h.get(timeout=60)).ranker == "simulated" for h in handles)
 
