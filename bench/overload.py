@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import open_loop, percentiles, saturate  # noqa: E402
+from bench.peers import cell, open_loop, percentiles, saturate  # noqa: E402
 from bench.systems import Completions, System  # noqa: E402
 from bench.workload import Request, workload  # noqa: E402
 
@@ -118,10 +118,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def _cells(ms: list[float]) -> str:
-    if not ms:
-        return "-"
-    p = percentiles(ms)
-    return f"{p['p50']:.0f} / {p['p95']:.0f} / {p['p99']:.0f}"
+    return cell(percentiles(ms)) if ms else "-"
 
 
 if __name__ == "__main__":

@@ -98,6 +98,11 @@ def percentiles(ms: list[float]) -> dict[str, float]:
     return {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99)}
 
 
+def cell(p: dict[str, float]) -> str:
+    """A table cell of ``percentiles``: p50 / p95 / p99."""
+    return f"{p['p50']:.0f} / {p['p95']:.0f} / {p['p99']:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=30)
@@ -199,8 +204,7 @@ def print_report(report: dict[str, Any], zero_cost: bool) -> None:
         print("\n| system | " + " | ".join(f"{load} p50 / p95 / p99 ms" for load in loads) + " |")
         print("| --- |" + " --- |" * len(loads))
         for name, by_load in report["latency_ms"].items():
-            cells = [f"{by_load[load]['p50']:.0f} / {by_load[load]['p95']:.0f} / {by_load[load]['p99']:.0f}"
-                     if load in by_load else "-" for load in loads]
+            cells = [cell(by_load[load]) if load in by_load else "-" for load in loads]
             print(f"| {name} | " + " | ".join(cells) + " |")
     if "bare_single_request_ms_p50" in report:
         print(f"\nbare predict of one request, median: {report['bare_single_request_ms_p50']:.0f} ms")

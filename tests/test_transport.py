@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +28,21 @@ def connection(redis_url: str) -> Iterator[Connection]:
         yield connection
 
 
+def consume(connection: Connection, queue: str, then: Callable[[Any], None] | None = None) -> tuple[Any, list[Any]]:
+    """A channel consuming ``queue``, and the list each message it receives is appended to (then passed to
+    ``then``)."""
+    channel: Any = connection.channel()
+    received: list[Any] = []
+
+    def callback(message: Any) -> None:
+        received.append(message)
+        if then is not None:
+            then(message)
+
+    channel.basic_consume(queue, no_ack=False, callback=callback, consumer_tag="test")
+    return channel, received
+
+
 @pytest.fixture
 def broker(celery_app: Any) -> Iterator[BrokerRedis]:
     broker = BrokerRedis(celery_app)
@@ -38,9 +53,7 @@ def broker(celery_app: Any) -> Iterator[BrokerRedis]:
 def test_a_received_job_is_unacked_and_off_the_in_flight_list_and_a_reply_lost_with_its_connection_comes_again(
         connection: Connection, broker: BrokerRedis) -> None:
     queue = new_queue()
-    channel: Any = connection.channel()
-    received: list[Any] = []
-    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+    channel, received = consume(connection, queue)
     sent = rerank.apply_async(JOB, queue=queue)
     source = broker.queue_lists(queue)[0]
 
@@ -77,10 +90,8 @@ def test_a_channel_consuming_several_queues_receives_from_each(connection: Conne
 def test_jobs_waiting_together_come_in_one_receive_within_prefetch_each_recorded_as_unacked(
         connection: Connection, broker: BrokerRedis) -> None:
     queue = new_queue()
-    channel: Any = connection.channel()
+    channel, received = consume(connection, queue)
     channel.basic_qos(prefetch_count=3)
-    received: list[Any] = []
-    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
     sent = [rerank.apply_async(JOB, queue=queue).id for _ in range(5)]
 
     connection.drain_events(timeout=5)
@@ -99,15 +110,12 @@ def test_jobs_waiting_together_come_in_one_receive_within_prefetch_each_recorded
 def test_a_consumer_that_raises_on_one_job_still_gets_the_others_of_its_receive(
         connection: Connection, broker: BrokerRedis) -> None:
     queue = new_queue()
-    channel: Any = connection.channel()
-    received: list[Any] = []
 
-    def callback(message: Any) -> None:
-        received.append(message)
+    def fail_the_first(message: Any) -> None:
         if len(received) == 1:
             raise RuntimeError("the consumer's own failure")
 
-    channel.basic_consume(queue, no_ack=False, callback=callback, consumer_tag="test")
+    _channel, received = consume(connection, queue, then=fail_the_first)
     sent = [rerank.apply_async(JOB, queue=queue).id for _ in range(3)]
     with pytest.raises(RuntimeError, match="the consumer's own failure"):
         connection.drain_events(timeout=5)
@@ -119,9 +127,7 @@ def test_a_consumer_that_raises_on_one_job_still_gets_the_others_of_its_receive(
 def test_a_chunk_acked_in_one_round_trip_is_not_acked_in_redis_again_job_by_job(
         connection: Connection, broker: BrokerRedis) -> None:
     queue = new_queue()
-    channel: Any = connection.channel()
-    received: list[Any] = []
-    channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag="test")
+    channel, received = consume(connection, queue)
     for _ in range(3):
         rerank.apply_async(JOB, queue=queue)
     connection.drain_events(timeout=5)

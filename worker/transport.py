@@ -38,9 +38,6 @@ logger = logging.getLogger(__name__)
 _owner = f"{socket.gethostname()}-{os.getpid()}"
 
 
-_REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
-
-
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.recorded:  # the receive recorded it in Redis already (Channel._record)
@@ -135,8 +132,8 @@ class Channel(kombu_redis.Channel):
                 raise virtual.Empty()
             # Whatever else waits, up to what prefetch allows, comes in the same receive: at hundreds of
             # jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
-            more = self.qos.can_consume_max_estimate()
-            raws = [raw, *self._move_more(source, key, min(BURST, BURST if more is None else more) - 1)]
+            allowed = self.qos.can_consume_max_estimate()
+            raws = [raw, *self._move_more(source, key, (BURST if allowed is None else min(BURST, allowed)) - 1)]
             received = self._record(key, raws)
             self._moving = None  # recorded or dropped: nothing of this receive is left in flight
             self._deliver_all(queue, received)
@@ -156,6 +153,8 @@ class Channel(kombu_redis.Channel):
         the recorded ones."""
         received: list[tuple[str, dict[str, Any]]] = []
         now = time.time()
+        index_key = self.global_keyprefix + self.qos.unacked_index_key
+        hash_key = self.global_keyprefix + self.qos.unacked_key
         with self._plain_client().pipeline() as pipe:
             for raw in raws:
                 try:
@@ -165,12 +164,11 @@ class Channel(kombu_redis.Channel):
                     record = b"[%s,%s,%s]" % (raw, dumps(delivery["exchange"]).encode(),
                                               dumps(delivery["routing_key"]).encode())
                 except Exception as exc:
-                    logger.error("dropped an item of the queue that is not a message (%r): %r", exc, raw[:200])
+                    _dropped(exc, raw)
                     pipe.lrem(key, 1, raw)  # type: ignore[arg-type]  # bytes are values
                     continue
-                prefix = self.global_keyprefix
-                pipe.zadd(prefix + self.qos.unacked_index_key, {tag: now})
-                pipe.hset(prefix + self.qos.unacked_key, tag, record)
+                pipe.zadd(index_key, {tag: now})
+                pipe.hset(hash_key, tag, record)
                 pipe.lrem(key, 1, raw)  # type: ignore[arg-type]
                 received.append((tag, payload))
             pipe.execute()
@@ -186,8 +184,7 @@ class Channel(kombu_redis.Channel):
                 if tag in self.qos._delivered:
                     errors.append(exc)  # raised by the consumer: kombu's to handle, as with its own receive
                 else:  # kombu could not make a message of it: nothing can serve it, so it must not come back
-                    logger.error("dropped an item of the queue that is not a message (%r): %r", exc,
-                                 str(payload)[:200])
+                    _dropped(exc, payload)
                     self.qos._remove_from_indices(tag).execute()
             finally:
                 self.recorded = False
@@ -195,8 +192,12 @@ class Channel(kombu_redis.Channel):
             raise errors[0]
 
 
-#: Jobs moved in one receive at most (beside the first), within what prefetch allows.
+#: Jobs in one receive at most, within what prefetch allows.
 BURST = 64
+
+
+def _dropped(exc: Exception, item: object) -> None:
+    logger.error("dropped an item of the queue that is not a message (%r): %r", exc, str(item)[:200])
 
 #: Move up to ARGV[1] more jobs from the queue to the in-flight list, stopping when the queue is empty.
 _MOVE_MORE = """
