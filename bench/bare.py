@@ -1,6 +1,7 @@
-"""Bare ``CrossEncoder.predict`` (batch 32), the in-process ceiling, timed in a process of its own.
+"""Bare ``CrossEncoder.predict`` (batch 32), the in-process ceiling, timed in a process of its own;
+in fp16 on CUDA, as the workers run.
 
-    python -m bench.bare MODEL '{"seed": 1, "requests": 30, ...}'
+    python -m bench.bare MODEL '{"device": "cpu", "saturation": {"seed": 1, "requests": 30, ...}, ...}'
 
 prints ``{"saturation_s": ..., "single_ms": [...], "padding": ...}``: all pairs in one ``predict`` call, then
 each request of the light workload alone, and real over padded tokens of the saturation run.
@@ -30,7 +31,9 @@ def main() -> None:
     model, spec = sys.argv[1], json.loads(sys.argv[2])
     requests = workload(**spec["saturation"])
     light = workload(**spec["light"])
-    ce = CrossEncoder(model, device="cpu")
+    ce = CrossEncoder(model, device=spec["device"])
+    if spec["device"].startswith("cuda"):
+        ce.model.half()
     ce.predict([(requests[0].query, d) for d in requests[0].docs], show_progress_bar=False)  # warm-up
     start = time.perf_counter()
     ce.predict([(r.query, d) for r in requests for d in r.docs], batch_size=32, show_progress_bar=False)

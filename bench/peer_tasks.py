@@ -5,7 +5,8 @@
   ``flush_interval`` seconds) as one ``predict`` over all their pairs, results stored per request as its
   README shows.
 
-``PEERS_MODEL`` is a model path, or ``zero`` for a ranker that costs nothing (pure queue overhead).
+``PEERS_MODEL`` is a model path, or ``zero`` for a ranker that costs nothing (pure queue overhead);
+``PEERS_DEVICE`` its device (fp16 on CUDA, as rerankq runs it).
 Workers: ``celery -A bench.peer_tasks worker -Q peers.naive`` (or ``peers.batched``), solo pool.
 """
 
@@ -34,7 +35,11 @@ app.conf.update(task_serializer="json", result_serializer="json", accept_content
 def _model() -> Any:
     from sentence_transformers import CrossEncoder
 
-    return CrossEncoder(os.environ["PEERS_MODEL"], device=os.environ.get("PEERS_DEVICE", "cpu"))
+    device = os.environ.get("PEERS_DEVICE", "cpu")
+    model = CrossEncoder(os.environ["PEERS_MODEL"], device=device)
+    if device.startswith("cuda"):
+        model.model.half()
+    return model
 
 
 def _predict(pairs: list[tuple[str, str]]) -> list[float]:

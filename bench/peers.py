@@ -10,8 +10,13 @@ under open-loop Poisson arrivals at each ``--loads`` (requests/s), padding
 efficiency, worker RSS. ``--zero-cost`` swaps every model for one that costs nothing (rerankq's simulated
 ranker at zero cost, the peers returning zeros): jobs/s is then pure queue overhead.
 
+Models (``--model``): a MiniLM cross-encoder (the cost of ms-marco-MiniLM-L-6-v2), or one of
+bge-reranker-v2-m3's shape (``bge-reranker-v2-m3``: XLM-RoBERTa-large, random weights) for a GPU
+(``--device cuda:0``: every system in fp16); ``xlmr-tiny`` checks that command end to end on any machine.
+
     python bench/peers.py --infinity /opt/infinity/bin/infinity_emb
     python bench/peers.py --zero-cost --requests 6000 --max-docs 10 --max-words 20 --loads ""
+    python bench/peers.py --model bge-reranker-v2-m3 --device cuda:0 --requests 400 --infinity ...
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ from bench.workload import Request, pairs, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
 
 ZERO_COST = "latency_ms=0,token_us=0"
+
+
+MODELS = ("minilm", "bge-reranker-v2-m3", "xlmr-tiny")
+
+
+def build_model(name: str, path: Path) -> Path:
+    from tests.tiny_models import build_minilm_cross_encoder, build_xlmr_cross_encoder
+
+    if name == "minilm":
+        return build_minilm_cross_encoder(path)
+    return build_xlmr_cross_encoder(path, name.removeprefix("xlmr-"))
 
 
 def saturate(system: System, requests: list[Request], completions: Completions) -> float:
@@ -81,12 +97,21 @@ def one_at_a_time(system: System, requests: list[Request], completions: Completi
     return latencies
 
 
-def bare_predict(model: str, saturation: dict[str, int], light: dict[str, int]) -> dict[str, Any]:
+def bare_predict(model: str, device: str, saturation: dict[str, int], light: dict[str, int]) -> dict[str, Any]:
     """``bench/bare.py`` in a process of its own, as the workers are: nothing else shares its threads."""
-    spec = json.dumps({"saturation": saturation, "light": light})
+    spec = json.dumps({"device": device, "saturation": saturation, "light": light})
     run = subprocess.run([sys.executable, "-m", "bench.bare", model, spec], cwd=ROOT, check=True,
                          capture_output=True, text=True)
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def machine(device: str) -> str:
+    cpus = f"{platform.machine()}, {os.cpu_count()} cpus"
+    if not device.startswith("cuda"):
+        return cpus
+    import torch
+
+    return f"{cpus}, {torch.cuda.get_device_name(torch.device(device))}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,6 +139,8 @@ def main() -> None:
     parser.add_argument("--loads", default="0.5,2", help="offered loads for the latency runs, requests/s")
     parser.add_argument("--latency-requests", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--model", choices=MODELS, default="minilm")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (fp16)")
     parser.add_argument("--infinity", help="the infinity_emb command (omit to leave infinity-emb out)")
     parser.add_argument("--zero-cost", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -121,7 +148,6 @@ def main() -> None:
     out = args.out or ROOT / "bench" / "results" / ("overhead.json" if args.zero_cost else "peers.json")
 
     from rerankq.redis_server import RedisServer
-    from tests.tiny_models import build_minilm_cross_encoder
 
     shape = {"min_docs": args.min_docs, "max_docs": args.max_docs, "min_words": args.min_words,
              "max_words": args.max_words}
@@ -132,18 +158,19 @@ def main() -> None:
     n_pairs = pairs(requests)
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         logdir = Path(tmp)
-        model = str(build_minilm_cross_encoder(logdir / "minilm-ce"))
+        model = str(build_model(args.model, logdir / args.model))
         completions = Completions(server.url)
         metrics_port = free_port()
         peer_model = "zero" if args.zero_cost else model
-        worker_args = ("--ranker", "simulated", "--model", ZERO_COST) if args.zero_cost else ()
+        worker_args = ("--ranker", "simulated", "--model", ZERO_COST) if args.zero_cost else ("--device", args.device)
         systems = [
-            celery_peer("naive Celery", "peers.naive", server.url, peer_model, logdir, prefetch=1),
-            celery_peer("celery-batches", "peers.batched", server.url, peer_model, logdir, prefetch=128),
+            celery_peer("naive Celery", "peers.naive", server.url, peer_model, args.device, logdir, prefetch=1),
+            celery_peer("celery-batches", "peers.batched", server.url, peer_model, args.device, logdir,
+                        prefetch=128),
             rerankq_system(server.url, model, logdir, metrics_port, worker_args),
         ]
         if args.infinity and not args.zero_cost:
-            systems.insert(2, infinity_system(args.infinity, model, logdir, completions))
+            systems.insert(2, infinity_system(args.infinity, model, args.device, logdir, completions))
         try:
             for system in systems:  # warm-up
                 saturate(system, requests[:4], completions)
@@ -153,7 +180,7 @@ def main() -> None:
                 seconds = {"bare predict": [], **seconds}
             for _ in range(args.repeats):
                 if not args.zero_cost:
-                    bare = bare_predict(model, saturation_spec, light_spec)
+                    bare = bare_predict(model, args.device, saturation_spec, light_spec)
                     seconds["bare predict"].append(bare["saturation_s"])
                 for system in systems:
                     seconds[system.name].append(saturate(system, requests, completions))
@@ -175,7 +202,8 @@ def main() -> None:
 
     median = {name: statistics.median(ts) for name, ts in seconds.items()}
     report: dict[str, Any] = {
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "date": date.today().isoformat(), "machine": machine(args.device), "model": args.model,
+        "device": args.device,
         "command": "python bench/peers.py " + shlex.join(sys.argv[1:]), "requests": len(requests),
         "pairs": n_pairs, "seconds": seconds, "jobs_per_s": {k: len(requests) / v for k, v in median.items()},
         "pairs_per_s": {k: n_pairs / v for k, v in median.items()}, "rss_mb": rss, "latency_ms": latency,
@@ -193,12 +221,14 @@ def main() -> None:
 def print_report(report: dict[str, Any], zero_cost: bool) -> None:
     rate = report["jobs_per_s" if zero_cost else "pairs_per_s"]
     unit = "jobs/s" if zero_cost else "pairs/s"
-    base_name = "celery-batches" if zero_cost else "bare predict"
+    bases = ["celery-batches"] if zero_cost else ["bare predict", "naive Celery"]
     print(f"\n{report['requests']} requests, {report['pairs']} pairs; medians of the saturation runs\n")
-    print(f"| system | median s | {unit} | vs {base_name} | worker RSS MB |\n| --- | --- | --- | --- | --- |")
+    print(f"| system | median s | {unit} | " + " | ".join(f"vs {b}" for b in bases) + " | worker RSS MB |")
+    print("| --- | --- | --- |" + " --- |" * len(bases) + " --- |")
     for name, seconds in report["seconds"].items():
-        print(f"| {name} | {statistics.median(seconds):.2f} | {rate[name]:.0f} | "
-              f"{rate[name] / rate[base_name]:.2f}x | {report['rss_mb'].get(name, '-')} |")
+        ratios = " | ".join(f"{rate[name] / rate[b]:.2f}x" for b in bases)
+        print(f"| {name} | {statistics.median(seconds):.2f} | {rate[name]:.0f} | {ratios} | "
+              f"{report['rss_mb'].get(name, '-')} |")
     if report["latency_ms"]:
         loads = list(report["latency_ms"]["rerankq"])
         print("\n| system | " + " | ".join(f"{load} p50 / p95 / p99 ms" for load in loads) + " |")

@@ -100,12 +100,13 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
     return System("rerankq", send, lambda: [worker.proc.pid], stop)
 
 
-def celery_peer(name: str, task: str, url: str, model: str, logdir: Path, prefetch: int) -> System:
+def celery_peer(name: str, task: str, url: str, model: str, device: str, logdir: Path,
+                prefetch: int) -> System:
     from bench import peer_tasks
 
     node = f"bench-{task}-{os.getpid()}@localhost"
-    env = {**os.environ, "PEERS_REDIS_URL": url, "PEERS_MODEL": model, "PEERS_PREFETCH": str(prefetch),
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PEERS_REDIS_URL": url, "PEERS_MODEL": model, "PEERS_DEVICE": device,
+           "PEERS_PREFETCH": str(prefetch), "PYTHONPATH": str(ROOT)}
     with open(logdir / f"{task}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.peer_tasks", "worker", "-Q", task,
                                  "--pool", "solo", "--loglevel", "WARNING", "-n", node, "--without-gossip",
@@ -121,11 +122,13 @@ def celery_peer(name: str, task: str, url: str, model: str, logdir: Path, prefet
     return System(name, send, lambda: [proc.pid], lambda: _stop(proc))
 
 
-def infinity_system(binary: str, model: str, logdir: Path, completions: Completions) -> System:
+def infinity_system(binary: str, model: str, device: str, logdir: Path, completions: Completions) -> System:
     port = free_port()
+    cuda = device.startswith("cuda")
     with open(logdir / "infinity.log", "wb") as log:
         proc = subprocess.Popen([binary, "v2", "--model-id", model, "--served-model-name", "bench",
-                                 "--device", "cpu", "--engine", "torch", "--port", str(port)],
+                                 "--device", "cuda" if cuda else "cpu", "--dtype", "float16" if cuda else "float32",
+                                 "--engine", "torch", "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _until(lambda: _http_ok(f"{url}/health"), 300, "infinity-emb", proc)

@@ -11,6 +11,7 @@ from sentence_transformers import CrossEncoder
 from rerankq.local import WorkerProcess
 from tasks import Result, rerank
 from tests.conftest import StartWorker
+from tests.tiny_models import build_xlmr_cross_encoder
 from worker.rankers import CrossEncoderRanker, FastRanker
 
 CASES = [
@@ -55,6 +56,17 @@ def test_the_cross_encoder_ranker_matches_predict(tiny_model: Path) -> None:
     want = CrossEncoder(str(tiny_model), device="cpu").predict(pairs)
     np.testing.assert_allclose(ranker.score(pairs), want, rtol=0, atol=1e-5)
     assert ranker.token_counts("x", ["y " * 600])[0] == ranker.max_length == 512
+
+
+def test_the_cross_encoder_ranker_runs_the_default_models_architecture(tmp_path: Path) -> None:
+    """bge-reranker-v2-m3 is an XLM-RoBERTa: padding-aware position ids, one label, sigmoid as predict has."""
+    model = str(build_xlmr_cross_encoder(tmp_path / "xlmr", "tiny"))
+    ranker = CrossEncoderRanker(model, "cpu")
+    pairs = [("river bank", "a bank by the river"), ("loan", "interest rates rose " * 40), ("x", "y " * 600)]
+    want = CrossEncoder(model, device="cpu").predict(pairs)
+    np.testing.assert_allclose(ranker.score(pairs), want, rtol=0, atol=1e-5)
+    # One batch of mixed lengths scores each pair as it scores alone: padding changes nothing.
+    np.testing.assert_allclose(ranker.score(pairs), [ranker.score([p])[0] for p in pairs], rtol=0, atol=1e-5)
 
 
 @pytest.mark.integration

