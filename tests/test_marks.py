@@ -8,7 +8,7 @@ from tasks import BadJob
 from tasks.router import QueueLoad, passthrough_result
 from worker.watchdog import Marks
 
-MARKS = Marks(high_wait_s=2.0, low_wait_s=0.5)
+MARKS = Marks(high_wait_s=2.0, low_wait_s=0.5, cold_jobs=64)
 
 
 def load(wait_s: float | None = None, backlog: int = 0, workers: int = 1) -> QueueLoad:
@@ -47,9 +47,17 @@ def test_a_wait_oscillating_between_the_marks_does_not_flap_either_way() -> None
 
 
 def test_job_count_marks_shed_on_backlog_even_while_the_wait_is_unknown() -> None:
-    marks = Marks(high_wait_s=2.0, low_wait_s=0.5, high_jobs=100, low_jobs=20)
+    marks = Marks(high_wait_s=2.0, low_wait_s=0.5, cold_jobs=1000, high_jobs=100, low_jobs=20)
     unknown = [QueueLoad("q", n, 0, 1, None, None) for n in (50, 101, 60, 21, 20)]
     assert follow(marks, unknown) == [False, True, True, True, False]
+
+
+def test_a_queue_of_unknown_speed_takes_one_chunk_per_live_worker() -> None:
+    def cold(backlog: int, workers: int) -> QueueLoad:
+        return QueueLoad("q", backlog, 0, workers, pairs_per_s=None, pairs_per_job=None)
+
+    loads = [cold(64, 1), cold(65, 1), cold(65, 1), cold(64, 1), cold(129, 2), cold(128, 2), load(1.9)]
+    assert follow(MARKS, loads) == [False, True, True, False, True, False, False]
 
 
 def test_a_queue_without_live_workers_is_over_its_mark() -> None:

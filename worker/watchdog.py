@@ -3,7 +3,8 @@
 Hysteresis keeps the route from flapping: the route turns to ``shed`` when the GPU queue's estimated wait
 (or backlog, with the job-count marks) goes above the high mark, and back to ``gpu`` only once it is at
 or below the low mark. The CPU queue is gated the same way (``cpu_open``); a queue with no live worker
-counts as over its high mark. The state is written with a TTL refreshed every poll, so routing falls
+counts as over its high mark, and one whose workers have not yet measured their speed takes no more than
+a chunk (``RERANKQ_MAX_CHUNK_JOBS``) per worker. The state is written with a TTL refreshed every poll, so routing falls
 back to the GPU queue when the watchdog stops. Each change is logged and added to a Redis stream.
 """
 
@@ -33,21 +34,30 @@ CHANGES_KEPT = 1000
 class Marks:
     high_wait_s: float
     low_wait_s: float
+    #: Backlog per live worker a queue may take while its wait is unknown (no chunk measured yet): one
+    #: chunk, which its first chunk serves. Without it a cold queue (the fast ranker's, when shedding
+    #: starts) takes every shed job until its workers first report, and they wait for seconds.
+    cold_jobs: int
     high_jobs: int = 0
     low_jobs: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Marks:
-        return cls(settings.high_wait_s, settings.low_wait_s, settings.high_jobs, settings.low_jobs)
+        return cls(settings.high_wait_s, settings.low_wait_s, settings.max_chunk_jobs, settings.high_jobs,
+                   settings.low_jobs)
+
+    def _cold_over(self, load: QueueLoad) -> bool:
+        return load.backlog > self.cold_jobs * load.workers
 
     def over_high(self, load: QueueLoad) -> bool:
         wait = load.wait_s
-        return ((wait is not None and wait > self.high_wait_s)
+        return ((self._cold_over(load) if wait is None else wait > self.high_wait_s)
                 or bool(self.high_jobs and load.backlog > self.high_jobs))
 
     def under_low(self, load: QueueLoad) -> bool:
         wait = load.wait_s
-        return ((wait is None or wait <= self.low_wait_s)
+        # A cold queue's only mark is its cap: once closed it gets no new jobs, so its backlog cannot flap.
+        return ((not self._cold_over(load) if wait is None else wait <= self.low_wait_s)
                 and not (self.high_jobs and load.backlog > self.low_jobs))
 
     def describe(self) -> str:
