@@ -49,6 +49,10 @@ class Settings:
     model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL, "Cross-encoder: a hub id or a local path.")
     fast_model: str = _env("RERANKQ_FAST_MODEL", "",
                            "Fast-ranker bi-encoder; empty means the bundled all-MiniLM-L6-v2.")
+    backend: str = _env("RERANKQ_BACKEND", "torch",
+                        "Cross-encoder runtime of CPU workers: `torch`, or `onnx-int8` (ONNX Runtime with "
+                        "int8 weights: about 2x torch, scores a little off; BENCHMARKS.md; needs "
+                        "`pip install 'rerankq[onnx]'`). GPU workers run torch in fp16.")
     max_length: int = _env("RERANKQ_MAX_LENGTH", 512,
                            "Cross-encoder tokens per (query, doc) pair; longer docs are truncated. Capped by the "
                            "model's own limit; 0 means that limit.")
@@ -97,6 +101,8 @@ class Settings:
             raise ConfigError(
                 f"RERANKQ_ROUTE_TTL_S={self.route_ttl_s} must outlast one poll (RERANKQ_POLL_MS={self.poll_ms}), "
                 "or the route state expires between the watchdog's refreshes")
+        if self.backend not in ("torch", "onnx-int8"):
+            raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):
             url = getattr(self, name)
             if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):

@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", choices=MODELS, default="minilm")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (fp16)")
+    parser.add_argument("--backend", default="torch", help="rerankq's RERANKQ_BACKEND (the peers run torch)")
     parser.add_argument("--infinity", help="the infinity_emb command (omit to leave infinity-emb out)")
     parser.add_argument("--zero-cost", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -167,7 +168,7 @@ def main() -> None:
             celery_peer("naive Celery", "peers.naive", server.url, peer_model, args.device, logdir, prefetch=1),
             celery_peer("celery-batches", "peers.batched", server.url, peer_model, args.device, logdir,
                         prefetch=128),
-            rerankq_system(server.url, model, logdir, metrics_port, worker_args),
+            rerankq_system(server.url, model, logdir, metrics_port, worker_args, args.backend),
         ]
         if args.infinity and not args.zero_cost:
             systems.insert(2, infinity_system(args.infinity, model, args.device, logdir, completions))

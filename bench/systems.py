@@ -81,12 +81,13 @@ class System:
 
 
 def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
-                   worker_args: tuple[str, ...] = ()) -> System:
+                   worker_args: tuple[str, ...] = (), backend: str = "torch") -> System:
     from rerankq.local import WorkerProcess
     from tasks import app, rerank
 
     app.conf.update(broker_url=url, result_backend=url)
-    env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_METRICS_PORT": str(metrics_port)}
+    env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_METRICS_PORT": str(metrics_port),
+           "RERANKQ_BACKEND": backend}
     worker = WorkerProcess("bench.rerankq", ["--model", model, "--loglevel", "WARNING", *worker_args], env,
                            logdir / "rerankq.log", f"bench-rerankq-{os.getpid()}@localhost")
     worker.wait_ready(app)

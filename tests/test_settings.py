@@ -31,6 +31,7 @@ def test_every_setting_reads_its_environment_variable() -> None:
     ({"RERANKQ_POLL_MS": "0"}, "RERANKQ_POLL_MS must be > 0"),
     ({"RERANKQ_POLL_MS": "500", "RERANKQ_ROUTE_TTL_S": "0.5"}, "must outlast one poll"),
     ({"RERANKQ_PASSTHROUGH": "maybe"}, "RERANKQ_PASSTHROUGH='maybe' is not a valid bool"),
+    ({"RERANKQ_BACKEND": "tensorrt"}, "RERANKQ_BACKEND='tensorrt': use 'torch' or 'onnx-int8'"),
 ])
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):

@@ -33,11 +33,12 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     transport.install(owner=node)
 
     name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
+    runtime = f" ({settings.backend})" if ranker == "cross-encoder" and settings.backend != "torch" else ""
     print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} "
-          f"on {device}", file=sys.stderr, flush=True)
+          f"on {device}{runtime}", file=sys.stderr, flush=True)
     started = time.monotonic()
     try:
-        loaded = load_ranker(ranker, name, torch_device, settings.max_length)
+        loaded = load_ranker(ranker, name, torch_device, settings.max_length, settings.backend)
     except RerankError as exc:
         _count_load(app, queues, "failure")
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)

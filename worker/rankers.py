@@ -161,9 +161,13 @@ def private_copy(tokenizer: Any) -> Any:
     return copy.deepcopy(tokenizer)
 
 
-def load_ranker(kind: str, model: str, device: str, max_length: int = 0) -> Ranker:
-    """Load a ranker once for this process, or raise ``ModelLoadError`` naming the model and the cause."""
+def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend: str = "torch") -> Ranker:
+    """Load a ranker once for this process, or raise ``ModelLoadError`` naming the model and the cause.
+    ``backend`` (``RERANKQ_BACKEND``) picks the cross-encoder's runtime on a CPU."""
     name = model or ("all-MiniLM-L6-v2 (bundled)" if kind == "fast" else "")
+    if backend != "torch" and kind == "cross-encoder" and device != "cpu":
+        raise ModelLoadError(f"RERANKQ_BACKEND={backend} runs the cross-encoder on a CPU, not on {device}: "
+                             "GPU workers run torch in fp16 (set RERANKQ_BACKEND=torch for them)")
     # The simulated ranker only stands in for a GPU: it runs anywhere.
     if device.startswith("cuda") and kind != "simulated" and not torch.cuda.is_available():
         raise ModelLoadError(
@@ -172,6 +176,10 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0) -> Rank
     try:
         if kind == "fast":
             return FastRanker(model, device)
+        if kind == "cross-encoder" and backend == "onnx-int8":
+            from worker.onnx_ranker import OnnxCrossEncoderRanker
+
+            return OnnxCrossEncoderRanker(model, device, max_length, int8=True)
         if kind == "cross-encoder":
             return CrossEncoderRanker(model, device, max_length)
         if kind == "simulated":
