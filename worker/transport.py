@@ -199,6 +199,7 @@ BURST = 64
 def _dropped(exc: Exception, item: object) -> None:
     logger.error("dropped an item of the queue that is not a message (%r): %r", exc, str(item)[:200])
 
+
 #: Move up to ARGV[1] more jobs from the queue to the in-flight list, stopping when the queue is empty.
 _MOVE_MORE = """
 local moved = {}

@@ -4,8 +4,9 @@ Hysteresis keeps the route from flapping: the route turns to ``shed`` when the G
 (or backlog, with the job-count marks) goes above the high mark, and back to ``gpu`` only once it is at
 or below the low mark. The CPU queue is gated the same way (``cpu_open``); a queue with no live worker
 counts as over its high mark, and one whose workers have not yet measured their speed takes no more than
-a chunk (``RERANKQ_MAX_CHUNK_JOBS``) per worker. The state is written with a TTL refreshed every poll, so routing falls
-back to the GPU queue when the watchdog stops. Each change is logged and added to a Redis stream.
+a chunk (``RERANKQ_MAX_CHUNK_JOBS``) per worker. The state is written with a TTL refreshed every poll, so
+routing falls back to the GPU queue when the watchdog stops. Each change is logged and added to a Redis
+stream.
 """
 
 from __future__ import annotations
