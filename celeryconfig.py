@@ -45,7 +45,13 @@ class Settings:
                               "Longest a received job waits for chunk-mates still being tokenized before its "
                               "chunk runs; with none in sight it runs at once.")
     prefetch: int = _env("RERANKQ_PREFETCH", 0,
-                         "Jobs a worker holds unacked; 0 means 2 x max_chunk_jobs (the least allowed).")
+                         "Jobs a worker holds unacked, both lanes together; bulk jobs take at most this minus "
+                         "max_chunk_jobs, so interactive ones always find room. 0 means 3 x max_chunk_jobs; "
+                         "the least allowed is 2 x max_chunk_jobs.")
+    bulk_suffix: str = _env("RERANKQ_BULK_SUFFIX", ".bulk",
+                            "A queue's bulk lane is the queue's name with this suffix (`rerank.gpu.bulk`): "
+                            "`rerankq submit` and `submit_many` send there, workers serve it after the "
+                            "interactive lane, and the watchdog never sheds it.")
     model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL, "Cross-encoder: a hub id or a local path.")
     fast_model: str = _env("RERANKQ_FAST_MODEL", "",
                            "Fast-ranker bi-encoder; empty means the bundled all-MiniLM-L6-v2.")
@@ -101,6 +107,8 @@ class Settings:
             raise ConfigError(
                 f"RERANKQ_ROUTE_TTL_S={self.route_ttl_s} must outlast one poll (RERANKQ_POLL_MS={self.poll_ms}), "
                 "or the route state expires between the watchdog's refreshes")
+        if not self.bulk_suffix:
+            raise ConfigError("RERANKQ_BULK_SUFFIX must not be empty: it tells a bulk lane from its queue")
         if self.backend not in ("torch", "onnx-int8"):
             raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):
@@ -118,7 +126,12 @@ class Settings:
 
     @property
     def prefetch_count(self) -> int:
-        return self.prefetch or 2 * self.max_chunk_jobs
+        return self.prefetch or 3 * self.max_chunk_jobs
+
+    @property
+    def bulk_limit(self) -> int:
+        """Bulk jobs a worker holds at most: the rest of its prefetch is kept for interactive ones."""
+        return self.prefetch_count - self.max_chunk_jobs
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

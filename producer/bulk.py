@@ -7,6 +7,7 @@ from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
 from producer.waiting import Outcome, Waiter
+from tasks.lanes import BULK, queue_for
 from tasks.rerank import rerank as rerank_task
 
 DEFAULT_MAX_IN_FLIGHT = 256
@@ -16,12 +17,13 @@ PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5,
 
 
 def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                queue: str | None = None) -> Generator[tuple[Any, Outcome], None, None]:
+                queue: str | None = None, lane: str = BULK) -> Generator[tuple[Any, Outcome], None, None]:
     """Send each job ``{"id", "query", "docs"[, "top_k"]}`` and yield ``(id, Result or exception)`` as
     results complete, never with more than ``max_in_flight`` jobs sent and unanswered.
 
-    Jobs go to ``queue``, by default the GPU queue itself: an offline run is not shed to the fast ranker
-    or answered with passthrough. Stopping the iteration leaves the jobs in flight to finish unread.
+    Jobs go to ``queue`` (by default the GPU queue), in its bulk lane unless ``lane="interactive"``: workers
+    serve them with whatever interactive traffic leaves, and an offline run is never shed to the fast
+    ranker or answered with passthrough. Stopping the iteration leaves the jobs in flight to finish unread.
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -29,6 +31,7 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
         from celeryconfig import settings
 
         queue = settings.gpu_queue
+    queue = queue_for(queue, lane)
     waiter = Waiter(rerank_task.backend)
     ids: dict[str, Any] = {}
     pending = iter(jobs)

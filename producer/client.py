@@ -18,6 +18,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from producer.waiting import AsyncWaiter
 from tasks.errors import RerankTimeout
+from tasks.lanes import INTERACTIVE
 from tasks.records import Result
 from tasks.rerank import rerank as rerank_task
 
@@ -27,9 +28,10 @@ _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWaiter] = we
 
 
 def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
-           timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None) -> Result:
-    """Score ``docs`` against ``query``; blocks up to ``timeout`` seconds."""
-    handle = _send(str(uuid.uuid4()), query, docs, top_k, deadline, timeout, queue)
+           timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE) -> Result:
+    """Score ``docs`` against ``query``; blocks up to ``timeout`` seconds. ``lane="bulk"`` sends it behind
+    interactive traffic (never shed)."""
+    handle = _send(str(uuid.uuid4()), query, docs, top_k, deadline, timeout, queue, lane)
     try:
         return Result.from_dict(handle.get(timeout=timeout, propagate=True))
     except CeleryTimeout:
@@ -37,7 +39,7 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
 
 
 async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
-                  timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None) -> Result:
+                  timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE) -> Result:
     """Like ``rerank``, awaited: one async Redis connection per event loop waits for every pending job."""
     loop = asyncio.get_running_loop()
     waiter = _waiters.get(loop)
@@ -46,7 +48,7 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
     task_id = str(uuid.uuid4())
     future = await waiter.expect(task_id)
     try:
-        handle = _send(task_id, query, docs, top_k, deadline, timeout, queue)
+        handle = _send(task_id, query, docs, top_k, deadline, timeout, queue, lane)
         if handle.ready():  # passthrough: answered without queueing
             return Result.from_dict(handle.get(propagate=True))
         outcome = await asyncio.wait_for(future, timeout)
@@ -60,9 +62,9 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
 
 
 def _send(task_id: str, query: str, docs: Sequence[str], top_k: int | None, deadline: float | None,
-          timeout: float, queue: str | None) -> Any:
+          timeout: float, queue: str | None, lane: str) -> Any:
     deadline = deadline if deadline is not None else time.time() + timeout
-    options: dict[str, Any] = {"task_id": task_id}
+    options: dict[str, Any] = {"task_id": task_id, "lane": lane}
     if queue:
         options["queue"] = queue
     return rerank_task.apply_async((query, docs), {"top_k": top_k, "deadline": deadline}, **options)

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from producer.bulk import submit_many
 from tasks.errors import BadJob, RerankError
+from tasks.lanes import BULK
 from tasks.records import Job, Result
 
 #: Seconds between progress lines when the output is not a terminal.
@@ -96,7 +97,7 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
 
 
 def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flight: int, resume: bool,
-               queue: str | None, progress: bool | None = None) -> int:
+               queue: str | None, progress: bool | None = None, lane: str = BULK) -> int:
     from celeryconfig import settings
 
     if output.exists() and output.stat().st_size and not resume:
@@ -110,7 +111,7 @@ def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flig
     with open(source, encoding="utf-8") as lines, open(output, "a", encoding="utf-8") as out, \
             open(errors_path, "a" if resume else "w", encoding="utf-8") as errors:
         jobs = read_jobs(lines, skip, errors, settings.max_docs, summary)
-        results = submit_many(jobs, max_in_flight=max_in_flight, queue=queue)
+        results = submit_many(jobs, max_in_flight=max_in_flight, queue=queue, lane=lane)
         try:
             for job_id, outcome in results:
                 _record(out, job_id, outcome, summary)

@@ -34,8 +34,8 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True,
               help="'cpu', or 'cuda:N' to pin this process to GPU N (set before torch loads).")
 @click.option("--queue", "queues", multiple=True,
-              help="Queue to serve (repeatable). Default: RERANKQ_GPU_QUEUE, or RERANKQ_CPU_QUEUE with "
-                   "--ranker fast.")
+              help="Queue to serve (repeatable), with its bulk lane. Default: RERANKQ_GPU_QUEUE, or "
+                   "RERANKQ_CPU_QUEUE with --ranker fast.")
 @click.option("--ranker", type=click.Choice(["cross-encoder", "fast", "simulated"]), default="cross-encoder",
               show_default=True, help="Model kind: the cross-encoder, the bi-encoder fast ranker, or a simulated "
                                       "GPU for benchmarks and tests (sleeps; --model 'latency_ms=10,token_us=5').")
@@ -112,13 +112,15 @@ def status(as_json: bool) -> None:
               help="Most jobs sent and not yet answered: bounds what the run puts in Redis.")
 @click.option("--resume", is_flag=True, help="Skip the ids OUTPUT already holds, and append to it.")
 @click.option("--queue", default=None, help="Queue to send to (default: RERANKQ_GPU_QUEUE; never shed).")
+@click.option("--lane", type=click.Choice(["bulk", "interactive"]), default="bulk", show_default=True,
+              help="bulk: served with what interactive traffic leaves; interactive: beside web traffic.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
-           progress: bool | None) -> None:
+           lane: str, progress: bool | None) -> None:
     """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k"]} per line)."""
     from producer.runner import run_submit
 
-    sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress))
+    sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane))
 
 
 @cli.command()

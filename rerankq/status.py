@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from celeryconfig import Settings
+from tasks import lanes
 from tasks.connections import BrokerRedis
 from tasks.router import RouteState, counts_key, state_key
 from worker.backlog import Snapshot, measure
@@ -17,7 +18,7 @@ RECENT_CHANGES = 5
 
 
 def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
-    queues = [settings.gpu_queue, settings.cpu_queue]
+    queues = lanes.both([settings.gpu_queue, settings.cpu_queue], settings.bulk_suffix)
     snapshot = measure(broker, queues, settings.poll_ms / 1000)
     with broker.client.pipeline(transaction=False) as pipe:
         pipe.get(state_key(broker, settings.gpu_queue))
@@ -26,12 +27,20 @@ def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
     state = RouteState.decode(raw_state) if raw_state else None
     return {
         "route": _route(state),
-        "queues": [_queue_row(snapshot, q) for q in queues],
-        "workers": [{"queue": q, **asdict(w), "pairs_per_s": w.pairs_per_s} for q in queues
-                    for w in snapshot.workers[q]],
+        "queues": [_queue_row(snapshot, q, lanes.lane_of(q, settings.bulk_suffix)) for q in queues],
+        "workers": _workers(snapshot, queues),
         "routed": {k.decode(): int(v) for k, v in sorted(counts.items())},
         "changes": recent_changes(broker, settings.gpu_queue, RECENT_CHANGES),
     }
+
+
+def _workers(snapshot: Snapshot, queues: list[str]) -> list[dict[str, Any]]:
+    """Each live worker once, under the first queue it serves (a worker reports under both its lanes)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for queue in queues:
+        for worker in snapshot.workers[queue]:
+            rows.setdefault(worker.node, {"queue": queue, **asdict(worker), "pairs_per_s": worker.pairs_per_s})
+    return list(rows.values())
 
 
 def _route(state: RouteState | None) -> dict[str, Any]:
@@ -41,10 +50,10 @@ def _route(state: RouteState | None) -> dict[str, Any]:
             "reason": state.reason}
 
 
-def _queue_row(snapshot: Snapshot, queue: str) -> dict[str, Any]:
+def _queue_row(snapshot: Snapshot, queue: str, lane: str) -> dict[str, Any]:
     load = snapshot.loads[queue]
     wait = load.wait_s
-    return {**asdict(load), "backlog": load.backlog,
+    return {**asdict(load), "lane": lane, "backlog": load.backlog,
             "wait_s": None if wait is None or wait == float("inf") else round(wait, 3)}
 
 
@@ -56,8 +65,9 @@ def render(status: dict[str, Any]) -> str:
     else:
         head = "route: gpu (no route state: the watchdog is not running, or its state expired)"
     lines = [head, ""]
-    lines += _table(["queue", "waiting", "held", "backlog", "workers", "pairs/s", "est. wait"], [
-        [q["queue"], q["waiting"], q["held"], q["backlog"], q["workers"], _num(q["pairs_per_s"]),
+    # A bulk lane's wait is for the record: it waits its turn behind interactive jobs, and is never shed.
+    lines += _table(["queue", "lane", "waiting", "held", "backlog", "workers", "pairs/s", "est. wait"], [
+        [q["queue"], q["lane"], q["waiting"], q["held"], q["backlog"], q["workers"], _num(q["pairs_per_s"]),
          "no worker" if not q["workers"] else "unknown" if q["wait_s"] is None else f"{q['wait_s']:.2f}s"]
         for q in status["queues"]])
     routed = ", ".join(f"{k} {v}" for k, v in status["routed"].items()) or "none yet"

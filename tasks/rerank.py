@@ -10,6 +10,7 @@ from typing import Any
 from celery import Task, states
 from celery.result import EagerResult
 
+from tasks import lanes
 from tasks.app import app
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, RerankError
@@ -36,9 +37,19 @@ class RerankTask(Task):
     #: Set on first use from the settings; replace it to route with other queues or marks.
     router: Router | None = None
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+    def apply_async(self, args: Any = None, kwargs: Any = None, lane: str = lanes.INTERACTIVE,
+                    **options: Any) -> Any:
+        """Celery's ``apply_async``, plus ``lane``: ``"interactive"`` (the default) is routed by the watchdog's
+        state; ``"bulk"`` goes to the bulk lane of ``queue`` (default: the GPU queue), never shed or passed
+        through."""
         _refuse_oversized(args, kwargs)
-        if not any(options.get(name) for name in _DESTINATION_OPTIONS):
+        explicit = any(options.get(name) for name in _DESTINATION_OPTIONS)
+        if lanes.check(lane) == lanes.BULK:
+            from celeryconfig import settings
+
+            options["queue"] = lanes.queue_for(options.get("queue") or settings.gpu_queue, lanes.BULK)
+            options.pop("routing_key", None)
+        elif not explicit:
             destination = self.get_router().route()
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))

@@ -71,11 +71,13 @@ def test_status_prints_queues_route_and_workers(redis_url: str) -> None:
     table = rerankq("status", env=env, timeout=30)
     assert table.returncode == 0, table.stderr
     assert "route: gpu (no route state: the watchdog is not running" in table.stdout
-    assert table.stdout.splitlines()[2].split() == ["queue", "waiting", "held", "backlog", "workers", "pairs/s",
-                                                    "est.", "wait"]
+    assert table.stdout.splitlines()[2].split() == ["queue", "lane", "waiting", "held", "backlog", "workers",
+                                                    "pairs/s", "est.", "wait"]
     as_json = rerankq("status", "--json", env=env, timeout=30)
     figures = json.loads(as_json.stdout)
-    assert [q["queue"] for q in figures["queues"]] == ["status.gpu", "status.cpu"]
+    assert [(q["queue"], q["lane"]) for q in figures["queues"]] == [
+        ("status.gpu", "interactive"), ("status.cpu", "interactive"), ("status.gpu.bulk", "bulk"),
+        ("status.cpu.bulk", "bulk")]
     assert figures["route"]["route"] == "gpu" and figures["workers"] == []
 
 

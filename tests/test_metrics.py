@@ -61,7 +61,8 @@ def test_a_workers_metrics_move_when_its_jobs_run(start_worker: StartWorker, tin
     assert 1 <= moved(before, after, "rerankq_chunk_jobs_count") <= 21
     assert moved(before, after, "rerankq_inference_seconds_count") == moved(before, after, "rerankq_chunk_jobs_count")
     for histogram in ("rerankq_queue_wait_seconds", "rerankq_job_latency_seconds"):
-        assert moved(before, after, f"{histogram}_count") == 21
+        assert moved(before, after, f'{histogram}_count{{lane="interactive"}}') == 21
+        assert moved(before, after, f'{histogram}_count{{lane="bulk"}}') == 0
     real = moved(before, after, "rerankq_real_tokens_total")
     padded = moved(before, after, "rerankq_padded_tokens_total")
     assert real == moved(before, after, "rerankq_chunk_tokens_sum")

@@ -152,18 +152,20 @@ def test_ten_thousand_jobs_through_two_workers_each_id_once_with_predict_scores(
     jobs = make_jobs(10_000)
     source, output = write_jsonl(tmp_path / "jobs.jsonl", jobs), tmp_path / "scores.jsonl"
     broker = BrokerRedis(celery_app)
-    lists, unacked = broker.queue_lists(queue), broker.prefix + "unacked"  # kombu's delivered-not-acked hash
+    interactive, bulk = broker.queue_lists(queue), broker.queue_lists(f"{queue}.bulk")
+    unacked = broker.prefix + "unacked"  # kombu's delivered-not-acked hash
     already_unacked = broker.client.hlen(unacked)
-    peak, running = [0], True
+    peak, peak_interactive, running = [0], [0], True
 
-    def sample() -> None:  # the run's jobs in Redis: waiting in the queue, or delivered and not yet acked
+    def sample() -> None:  # the run's jobs in Redis: waiting in a lane, or delivered and not yet acked
         while running:
             with broker.client.pipeline(transaction=False) as pipe:
-                for name in lists:
+                for name in interactive + bulk:
                     pipe.llen(name)
                 pipe.hlen(unacked)
                 counts = pipe.execute()
             peak[0] = max(peak[0], sum(counts) - already_unacked)
+            peak_interactive[0] = max(peak_interactive[0], sum(counts[:len(interactive)]))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
@@ -185,6 +187,7 @@ def test_ten_thousand_jobs_through_two_workers_each_id_once_with_predict_scores(
         np.testing.assert_allclose(by_id[job["id"]]["scores"], predict(reference, job["query"], job["docs"]),
                                    atol=1e-5)
     assert 0 < peak[0] <= 200
+    assert peak_interactive[0] == 0  # a run goes to the bulk lane unless told otherwise
 
 
 def test_a_killed_run_resumes_to_a_complete_output_without_duplicates(

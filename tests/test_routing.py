@@ -13,7 +13,7 @@ import pytest
 from celeryconfig import Settings
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.status import gather
-from tasks import Result, rerank
+from tasks import Result, lanes, rerank
 from tasks.connections import BrokerRedis
 from tasks.router import Router, RouteState, state_key
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
@@ -125,6 +125,34 @@ def test_a_backlog_sheds_new_jobs_to_the_fast_ranker_until_it_drains(stack: Stac
     assert float(shed["gpu_wait_s"]) > HIGH_WAIT_S and float(back["gpu_wait_s"]) <= LOW_WAIT_S
     # Every job got its result above, and each was scored exactly once.
     eventually(lambda: stack.served() == len(stack.sent), 5, f"{len(stack.sent)} jobs served once each")
+
+
+def test_a_bulk_backlog_never_sheds_interactive_jobs_and_interactive_overload_still_does(stack: Stack) -> None:
+    stack.gpu_worker()
+    stack.cpu_worker()
+    stack.watchdog()
+    eventually(routed_to(stack, "gpu", True), 30, "both workers live, route gpu")
+    assert stack.rankers(stack.delay(3)) == {"simulated"}
+
+    # 6 s of work for the slow GPU, in its bulk lane: far over the marks if it counted.
+    stack.sent += [rerank.apply_async((QUERY, DOCS), queue=stack.gpu, lane="bulk") for _ in range(120)]
+    bulk_lane = lanes.queue_for(stack.gpu, lanes.BULK)
+
+    def bulk_backlog() -> int:
+        state = stack.state()
+        return state.loads[bulk_lane].backlog if state is not None and bulk_lane in state.loads else 0
+
+    eventually(lambda: bulk_backlog() > 100, 5, "the watchdog measures the bulk backlog")
+    time.sleep(1.0)  # ten polls over it
+    assert routed_to(stack, "gpu", True)() and "shed" not in [c["route"] for c in stack.changes()]
+    assert stack.rankers(stack.delay(5)) == {"simulated"}  # served by the GPU worker, ahead of the bulk run
+    assert bulk_backlog() > 0
+
+    stack.flood_gpu(60)  # interactive traffic over capacity: 3 s of interactive work
+    eventually(routed_to(stack, "shed", True), 5, "route shed on the interactive backlog")
+    time.sleep(0.1)
+    assert stack.rankers(stack.delay(5)) == {"fast"}
+    eventually(lambda: stack.served() == len(stack.sent), 20, f"{len(stack.sent)} jobs served once each")
 
 
 def test_prefetched_unacked_jobs_count_in_the_backlog(stack: Stack, start_worker: StartWorker) -> None:

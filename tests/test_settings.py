@@ -31,6 +31,7 @@ def test_every_setting_reads_its_environment_variable() -> None:
     ({"RERANKQ_POLL_MS": "0"}, "RERANKQ_POLL_MS must be > 0"),
     ({"RERANKQ_POLL_MS": "500", "RERANKQ_ROUTE_TTL_S": "0.5"}, "must outlast one poll"),
     ({"RERANKQ_PASSTHROUGH": "maybe"}, "RERANKQ_PASSTHROUGH='maybe' is not a valid bool"),
+    ({"RERANKQ_BULK_SUFFIX": ""}, "RERANKQ_BULK_SUFFIX must not be empty"),
     ({"RERANKQ_BACKEND": "tensorrt"}, "RERANKQ_BACKEND='tensorrt': use 'torch' or 'onnx-int8'"),
 ])
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
@@ -49,8 +50,11 @@ def test_forward_batches_default_large_on_a_gpu_and_small_on_a_cpu_unless_set() 
     assert (fixed.batch_tokens("cuda:0"), fixed.batch_tokens("cpu")) == (4096, 4096)
 
 
-def test_prefetch_fills_two_chunks_by_default() -> None:
-    assert Settings.from_env({"RERANKQ_MAX_CHUNK_JOBS": "50"}).prefetch_count == 100
+def test_prefetch_holds_two_chunks_of_bulk_and_keeps_a_chunk_of_room_for_interactive_jobs() -> None:
+    default = Settings.from_env({"RERANKQ_MAX_CHUNK_JOBS": "50"})
+    assert (default.prefetch_count, default.bulk_limit) == (150, 100)
+    tight = Settings.from_env({"RERANKQ_MAX_CHUNK_JOBS": "50", "RERANKQ_PREFETCH": "100"})
+    assert (tight.prefetch_count, tight.bulk_limit) == (100, 50)
 
 
 def test_celery_is_configured_for_json_only_and_late_acks() -> None:

@@ -10,7 +10,7 @@ from kombu.connection import Connection
 from kombu.utils.url import parse_url
 
 import celeryconfig
-from tasks import rerank
+from tasks import lanes, rerank
 from tasks.connections import BrokerRedis
 from tests.conftest import eventually, new_queue
 from worker import inflight, transport
@@ -73,18 +73,63 @@ def test_a_received_job_is_unacked_and_off_the_in_flight_list_and_a_reply_lost_w
     assert not broker.client.hexists(unacked, received[0].delivery_tag)
 
 
-def test_a_channel_consuming_several_queues_receives_from_each(connection: Connection) -> None:
+def consume_lanes(connection: Connection, queue: str) -> tuple[Any, list[Any]]:
+    """A channel consuming both lanes of ``queue``, as a worker does."""
+    channel: Any = connection.channel()
+    received: list[Any] = []
+    for n, lane in enumerate(lanes.both([queue])):
+        channel.basic_consume(lane, no_ack=False, callback=received.append, consumer_tag=f"test{n}")
+    return channel, received
+
+
+def test_a_channel_consuming_several_queues_receives_from_each_in_one_receive(connection: Connection) -> None:
     queues = [new_queue(), new_queue()]
     channel: Any = connection.channel()
     received: list[Any] = []
     for n, queue in enumerate(queues):
         channel.basic_consume(queue, no_ack=False, callback=received.append, consumer_tag=f"test{n}")
     sent = {rerank.apply_async(JOB, queue=queue).id for queue in queues}
-    for _ in queues:
-        connection.drain_events(timeout=5)
+    connection.drain_events(timeout=5)
     assert {m.headers["id"] for m in received} == sent
     for message in received:
         message.ack()
+
+
+def test_interactive_jobs_are_received_before_bulk_ones_and_bulk_ones_only_up_to_the_bulk_limit(
+        connection: Connection, broker: BrokerRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "_bulk_limit", 2)
+    queue = new_queue()
+    channel, received = consume_lanes(connection, queue)
+    channel.basic_qos(prefetch_count=10)
+    bulk = [rerank.apply_async(JOB, queue=queue, lane="bulk").id for _ in range(5)]
+    interactive = [rerank.apply_async(JOB, queue=queue).id for _ in range(3)]
+
+    connection.drain_events(timeout=5)
+    assert [m.headers["id"] for m in received] == interactive + bulk[:2]
+    assert broker.client.llen(broker.queue_lists(lanes.queue_for(queue, "bulk"))[0]) == 3  # over the limit
+
+    # Held bulk jobs leave room: a new interactive job comes in; a bulk one only once a bulk job is acked.
+    late = rerank.apply_async(JOB, queue=queue).id
+    connection.drain_events(timeout=5)
+    assert received[-1].headers["id"] == late
+    received[3].ack()
+    connection.drain_events(timeout=5)
+    assert [m.headers["id"] for m in received[-1:]] == bulk[2:3]
+    for message in received:
+        if message is not received[3]:
+            message.ack()
+
+
+def test_a_bulk_job_sent_to_an_idle_worker_comes_while_it_waits_on_the_interactive_lane(
+        connection: Connection) -> None:
+    queue = new_queue()
+    _channel, received = consume_lanes(connection, queue)
+    with pytest.raises(TimeoutError):
+        connection.drain_events(timeout=0.3)  # nothing anywhere: it now blocks on the interactive lane
+    sent = rerank.apply_async(JOB, queue=queue, lane="bulk").id
+    connection.drain_events(timeout=5)
+    assert [m.headers["id"] for m in received] == [sent]
+    received[0].ack()
 
 
 def test_jobs_waiting_together_come_in_one_receive_within_prefetch_each_recorded_as_unacked(

@@ -51,8 +51,13 @@ def measure(broker: BrokerRedis, queues: Sequence[str], poll_s: float) -> Snapsh
 
 
 def _load(queue: str, waiting: int, workers: list[WorkerStats]) -> QueueLoad:
+    """A worker's throughput is what it does for whichever lane it serves (bulk makes way for interactive at
+    every forward batch); the size of this queue's own jobs, where measured, turns its backlog into pairs."""
     rates = [w.pairs_per_s for w in workers if w.pairs_per_s]
     pairs, jobs = sum(w.pairs for w in workers), sum(w.jobs for w in workers)
+    own = [w.per_queue[queue] for w in workers if queue in w.per_queue]
+    if sum(counts[1] for counts in own):
+        pairs, jobs = sum(counts[0] for counts in own), sum(counts[1] for counts in own)
     return QueueLoad(
         queue=queue,
         waiting=waiting,

@@ -32,6 +32,24 @@ def take_chunk(ready: deque[C], max_tokens: int, max_jobs: int) -> list[C]:
     return chunk
 
 
+def take_lanes(interactive: deque[C], bulk: deque[C], max_tokens: int, max_jobs: int) -> tuple[list[C], list[C]]:
+    """The next chunk as (interactive jobs, bulk jobs): the waiting interactive jobs first, in arrival
+    order; bulk jobs, in arrival order, fill what is left of the token budget and the job limit.
+
+    At least one bulk job comes along in every chunk (over the budget if it must): a steady stream of
+    interactive jobs slows bulk work down but never stops it, so no bulk job sits held for ever.
+    """
+    first = take_chunk(interactive, max_tokens, max_jobs)
+    if not first:
+        return first, take_chunk(bulk, max_tokens, max_jobs)
+    used = sum(job.tokens for job in first)
+    fill: list[C] = []
+    while bulk and (not fill or (len(first) + len(fill) < max_jobs and used + bulk[0].tokens <= max_tokens)):
+        used += bulk[0].tokens
+        fill.append(bulk.popleft())
+    return first, fill
+
+
 def plan_batches(costs: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Split pair indices into forward batches: longest first, each batch's padded size within budget.
 

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +32,14 @@ from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from celeryconfig import Settings
+from tasks import lanes
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError, DeadlineExceeded, RankerFailed
+from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import ChunkInfo, Job, Result, Timings, top_indices
 from tasks.rerank import SENT_AT_HEADER
 from worker import metrics, results, transport
-from worker.chunker import plan_batches, take_chunk
+from worker.chunker import plan_batches, take_chunk, take_lanes
 from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
 from worker.stats import StatsReporter, Throughput, WorkerStats
 
@@ -63,6 +66,9 @@ class Pending:
 
     request: Any
     received: float
+    #: The routing key it came with (its queue), and that queue's lane.
+    queue: str = ""
+    lane: str = INTERACTIVE
     job: Job | None = None
     costs: list[int] = field(default_factory=list)
     error: BaseException | None = None
@@ -80,8 +86,10 @@ class ChunkConsumer:
         #: Acks the Redis side of each chunk; outlives the consumer's channel across reconnects.
         self.broker = broker
         self._inbox: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
-        self._ready: deque[Pending] = deque()
+        self._ready: dict[str, deque[Pending]] = {lane: deque() for lane in LANES}
         self._ready_tokens = 0
+        #: Wall time of interactive chunks run between the forward batches of a bulk one (not its busy time).
+        self._preempted_s = 0.0
         #: Jobs put and not yet prepared: chunk-mates on their way.
         self._unprepared = 0
         self._cond = threading.Condition()
@@ -101,11 +109,12 @@ class ChunkConsumer:
 
     def put(self, request: Any) -> None:
         """Called by the event loop for each received job; returns at once."""
+        routing_key = _routing_key(request)
         with self._held_lock:
-            self._held[request.message.delivery_tag] = _routing_key(request)
+            self._held[request.message.delivery_tag] = routing_key
         with self._cond:
             self._unprepared += 1
-        self._inbox.put(Pending(request, time.time()))
+        self._inbox.put(Pending(request, time.time(), routing_key, lanes.lane_of(routing_key)))
 
     def held(self) -> dict[str, int]:
         """Jobs held per routing key."""
@@ -137,7 +146,7 @@ class ChunkConsumer:
         while (pending := self._inbox.get()) is not None:
             self._prepare(pending)
             with self._cond:
-                self._ready.append(pending)
+                self._ready[pending.lane].append(pending)
                 self._ready_tokens += pending.tokens
                 self._unprepared -= 1
                 self._cond.notify()
@@ -157,37 +166,64 @@ class ChunkConsumer:
 
     def _run_loop(self) -> None:
         while (chunk := self._next_chunk()) is not None:
-            try:
-                self._serve(chunk)
-            except Exception:
-                # Never leave a chunk's jobs in limbo: back to the queue, to be served again.
-                logger.exception("chunk failed outside the model; requeueing its %d jobs", len(chunk))
-                for pending in chunk:
-                    _requeue(pending.request)
-            finally:
-                self._settled(chunk)
+            for part in chunk:
+                # Stopping after the interactive part: the bulk part has not started, and goes back unacked.
+                if part and not (part[0].lane == BULK and self._stopping):
+                    self._serve(part)
 
-    def _next_chunk(self) -> list[Pending] | None:
+    def _waiting(self) -> int:
+        return sum(len(ready) for ready in self._ready.values())
+
+    def _next_chunk(self) -> tuple[list[Pending], list[Pending]] | None:
+        """The next chunk as (interactive jobs, bulk jobs); None once stopping."""
         max_wait = self.settings.max_wait_ms / 1000
         with self._cond:
-            while not self._ready and not self._stopping:
+            while not self._waiting() and not self._stopping:
                 self._cond.wait()
             while not self._stopping:
                 if (self._ready_tokens >= self.settings.max_chunk_tokens
-                        or len(self._ready) >= self.settings.max_chunk_jobs or not self._unprepared):
+                        or self._waiting() >= self.settings.max_chunk_jobs or not self._unprepared):
                     break
-                remaining = self._ready[0].received + max_wait - time.time()
+                oldest = min(ready[0].received for ready in self._ready.values() if ready)
+                remaining = oldest + max_wait - time.time()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             if self._stopping:
                 return None
-            chunk = take_chunk(self._ready, self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
-            self._ready_tokens -= sum(p.tokens for p in chunk)
+            chunk = take_lanes(self._ready[INTERACTIVE], self._ready[BULK], self.settings.max_chunk_tokens,
+                               self.settings.max_chunk_jobs)
+            self._ready_tokens -= sum(p.tokens for part in chunk for p in part)
             return chunk
 
+    def _preempt(self) -> None:
+        """Between two forward batches of bulk jobs: run the interactive jobs ready now, so that one waits at
+        most a forward batch behind bulk work."""
+        with self._cond:
+            if self._stopping or not self._ready[INTERACTIVE]:
+                return
+            chunk = take_chunk(self._ready[INTERACTIVE], self.settings.max_chunk_tokens,
+                               self.settings.max_chunk_jobs)
+            self._ready_tokens -= sum(p.tokens for p in chunk)
+        started = time.monotonic()
+        self._serve(chunk)
+        self._preempted_s += time.monotonic() - started
+
     def _serve(self, chunk: list[Pending]) -> None:
+        """Score one lane's part of a chunk, then write, announce and ack it; on a failure outside the model,
+        its jobs go back to the queue to be served again, never left in limbo."""
+        try:
+            self._score_and_settle(chunk)
+        except Exception:
+            logger.exception("chunk failed outside the model; requeueing its %d jobs", len(chunk))
+            for pending in chunk:
+                _requeue(pending.request)
+        finally:
+            self._settled(chunk)
+
+    def _score_and_settle(self, chunk: list[Pending]) -> None:
         started = time.time()
+        preempted_before = self._preempted_s
         live = [p for p in chunk if not p.request.revoked()]  # expired or revoked: Celery settles them
         for pending in live:
             job = pending.job
@@ -198,8 +234,11 @@ class ChunkConsumer:
             pending.request.send_event("task-started")
 
         scored = [p for p in live if p.error is None and p.costs]
-        scores = self._infer(scored)
-        inference_ms = (time.time() - started) * 1000
+        # Bulk jobs make way for interactive ones at every forward batch.
+        between = self._preempt if chunk[0].lane == BULK else None
+        scores = self._infer(scored, between)
+        preempted_s = self._preempted_s - preempted_before
+        inference_ms = (time.time() - started - preempted_s) * 1000
         info = ChunkInfo(id=next(self._chunk_ids), jobs=len(live), tokens=sum(p.tokens for p in live))
 
         outcomes = [self._outcome(p, scores.get(p, []), started, inference_ms, info) for p in live]
@@ -217,11 +256,14 @@ class ChunkConsumer:
             request.acknowledge()
             worker_state.task_ready(request, successful=outcome.error is None)
         results.announce(self.backend, written)
-        pairs = sum(len(p.costs) for p in scored)
-        self.throughput.add(pairs, len(live), finished - started)
-        _record(live, outcomes, pairs, info.tokens, started, inference_ms / 1000, finished)
-        logger.info("chunk %s: %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
-                    info.jobs, pairs, info.tokens, inference_ms, (finished - started) * 1000)
+        pairs: Counter[str] = Counter()
+        for pending in scored:
+            pairs[pending.queue] += len(pending.costs)
+        self.throughput.add(pairs, Counter(p.queue for p in live), finished - started - preempted_s)
+        _record(live, outcomes, sum(pairs.values()), info.tokens, started, inference_ms / 1000, finished)
+        logger.info("chunk %s (%s): %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
+                    chunk[0].lane, info.jobs, sum(pairs.values()), info.tokens, inference_ms,
+                    (finished - started) * 1000)
 
     def _outcome(self, pending: Pending, scores: list[float] | BaseException, started: float,
                  inference_ms: float, info: ChunkInfo) -> results.Outcome:
@@ -241,17 +283,19 @@ class ChunkConsumer:
         )
         return results.Outcome(pending.request, result=result.to_dict())
 
-    def _infer(self, jobs: list[Pending]) -> dict[Pending, list[float] | BaseException]:
-        """Score the jobs together; if the model raises, retry by halves so only the culprit fails."""
+    def _infer(self, jobs: list[Pending], between: Callable[[], None] | None
+               ) -> dict[Pending, list[float] | BaseException]:
+        """Score the jobs together (calling ``between`` after each forward batch); if the model raises, retry
+        by halves so only the culprit fails."""
         if not jobs:
             return {}
         try:
-            return dict(zip(jobs, self._score(jobs, self.settings.batch_tokens(_device)), strict=True))
+            return dict(zip(jobs, self._score(jobs, self.settings.batch_tokens(_device), between), strict=True))
         except Exception as exc:
             if len(jobs) > 1:
                 half = len(jobs) // 2
                 logger.warning("model raised on a chunk of %d jobs (%r); retrying by halves", len(jobs), exc)
-                return {**self._infer(jobs[:half]), **self._infer(jobs[half:])}
+                return {**self._infer(jobs[:half], between), **self._infer(jobs[half:], between)}
             return {jobs[0]: self._score_alone(jobs[0], exc)}
 
     def _score_alone(self, pending: Pending, exc: Exception) -> list[float] | BaseException:
@@ -266,7 +310,8 @@ class ChunkConsumer:
                 exc = retry_exc
         return RankerFailed(f"the {self.ranker.kind} model failed on this job: {exc!r}")
 
-    def _score(self, jobs: list[Pending], batch_tokens: int) -> list[list[float]]:
+    def _score(self, jobs: list[Pending], batch_tokens: int, between: Callable[[], None] | None = None
+               ) -> list[list[float]]:
         pairs: list[tuple[str, str]] = []
         costs: list[int] = []
         for pending in jobs:
@@ -280,6 +325,8 @@ class ChunkConsumer:
             lengths = [costs[i] for i in batch]
             metrics.REAL_TOKENS.inc(sum(lengths))
             metrics.PADDED_TOKENS.inc(len(lengths) * max(lengths))  # batches are padded to their longest pair
+            if between is not None:
+                between()
         out, start = [], 0
         for pending in jobs:
             out.append(flat[start:start + len(pending.costs)])
@@ -301,8 +348,8 @@ def _record(live: list[Pending], outcomes: list[results.Outcome], pairs: int, to
     for pending, outcome in zip(live, outcomes, strict=True):
         metrics.JOBS.labels("success" if outcome.error is None else type(outcome.error).__name__).inc()
         sent_at = _sent_at(pending)
-        metrics.QUEUE_WAIT.observe(max(0.0, started - sent_at))
-        metrics.LATENCY.observe(max(0.0, finished - sent_at))
+        metrics.QUEUE_WAIT.labels(pending.lane).observe(max(0.0, started - sent_at))
+        metrics.LATENCY.labels(pending.lane).observe(max(0.0, finished - sent_at))
 
 
 def _ack_in_redis(broker: BrokerRedis, messages: list[Any]) -> None:
@@ -401,10 +448,10 @@ def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: floa
         for key, n in chunks.held().items():
             # A routing key that is not a queue name (custom routing): count it on the first queue.
             held[key if key in served else served[0]] += n
-        pairs, jobs, busy_s = chunks.throughput.window()
+        pairs, jobs, busy_s, per_queue = chunks.throughput.window()
         return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=_device, held=dict(held),
                            pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=chunks.throughput.served,
-                           tags=chunks.held_tags())
+                           tags=chunks.held_tags(), per_queue=per_queue)
 
     return StatsReporter(BrokerRedis(app), queues, snapshot, interval_s)
 

@@ -25,12 +25,12 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
 
     from celery.utils.nodenames import host_format
 
-    from tasks import app
+    from tasks import app, lanes
     from worker import transport
     from worker.rankers import load_ranker
 
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
-    transport.install(owner=node)
+    transport.install(owner=node, bulk_limit=settings.bulk_limit)
 
     name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
     runtime = f" ({settings.backend})" if ranker == "cross-encoder" and settings.backend != "torch" else ""
@@ -54,7 +54,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     survive_redis_outage()
     install(loaded, device)
     app.steps["consumer"].add(ChunkStep)
-    worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=queues, loglevel=loglevel,
+    # Each queue's two lanes: interactive jobs are received and scored first, bulk jobs fill the rest.
+    worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=lanes.both(queues), loglevel=loglevel,
                         without_gossip=True, without_mingle=True, task_events=True)
     worker.start()
     return int(worker.exitcode or 0)

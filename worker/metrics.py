@@ -29,10 +29,10 @@ REAL_TOKENS = Counter("rerankq_real_tokens", "Tokens of the pairs scored (before
 PADDED_TOKENS = Counter("rerankq_padded_tokens",
                         "Tokens the forward batches ran, padding included: real / padded is padding efficiency.")
 INFERENCE = Histogram("rerankq_inference_seconds", "Wall time of a chunk's batched inference.", buckets=_SECONDS)
-QUEUE_WAIT = Histogram("rerankq_queue_wait_seconds", "From the producer's send to the job's chunk starting.",
-                       buckets=_SECONDS)
-LATENCY = Histogram("rerankq_job_latency_seconds", "From the producer's send to the job's result being written.",
-                    buckets=_SECONDS)
+QUEUE_WAIT = Histogram("rerankq_queue_wait_seconds", "From the producer's send to the job's chunk starting, "
+                       "by lane (interactive, bulk).", ["lane"], buckets=_SECONDS)
+LATENCY = Histogram("rerankq_job_latency_seconds", "From the producer's send to the job's result being written, "
+                    "by lane.", ["lane"], buckets=_SECONDS)
 JOBS = Counter("rerankq_jobs", "Jobs settled, by outcome: success or the error's name.", ["outcome"])
 HELD = Gauge("rerankq_jobs_held", "Jobs this worker holds: received, not yet acked.")
 MODEL = Gauge("rerankq_model_info", "The model this worker serves (always 1).", ["ranker", "model", "device"])

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from tasks.connections import BrokerRedis
@@ -51,22 +51,32 @@ def count_model_load(broker: BrokerRedis, queues: list[str], outcome: str) -> No
 
 
 class Throughput:
-    """Pairs and jobs served over busy seconds, over the last ``WINDOW_CHUNKS`` chunks (thread-safe)."""
+    """Pairs and jobs served over busy seconds, over the last ``WINDOW_CHUNKS`` chunks (thread-safe), in all
+    and per queue (each lane is a queue: its jobs' size is what turns its backlog into a wait)."""
 
     def __init__(self) -> None:
-        self._chunks: deque[tuple[int, int, float]] = deque(maxlen=WINDOW_CHUNKS)
+        self._chunks: deque[tuple[Mapping[str, int], Mapping[str, int], float]] = deque(maxlen=WINDOW_CHUNKS)
         self._lock = threading.Lock()
         self.served = 0
 
-    def add(self, pairs: int, jobs: int, busy_s: float) -> None:
+    def add(self, pairs: Mapping[str, int], jobs: Mapping[str, int], busy_s: float) -> None:
+        """One chunk: its pairs and jobs per queue, and the seconds it kept the model busy."""
         with self._lock:
             self._chunks.append((pairs, jobs, busy_s))
-            self.served += jobs
+            self.served += sum(jobs.values())
 
-    def window(self) -> tuple[int, int, float]:
+    def window(self) -> tuple[int, int, float, dict[str, list[int]]]:
+        """Pairs, jobs and busy seconds over the window, and ``{queue: [pairs, jobs]}``."""
         with self._lock:
             chunks = list(self._chunks)
-        return sum(c[0] for c in chunks), sum(c[1] for c in chunks), sum(c[2] for c in chunks)
+        per_queue: dict[str, list[int]] = {}
+        for pairs, jobs, _ in chunks:
+            for queue in jobs:
+                counts = per_queue.setdefault(queue, [0, 0])
+                counts[0] += pairs.get(queue, 0)
+                counts[1] += jobs[queue]
+        return (sum(sum(c[0].values()) for c in chunks), sum(sum(c[1].values()) for c in chunks),
+                sum(c[2] for c in chunks), per_queue)
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,8 @@ class WorkerStats:
     at: float = field(default_factory=time.time)
     #: Delivery tags of the jobs it holds.
     tags: list[str] = field(default_factory=list)
+    #: Over the throughput window, per queue (lane) it served: [pairs, jobs].
+    per_queue: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def pairs_per_s(self) -> float | None:

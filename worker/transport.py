@@ -10,9 +10,12 @@ It is also faster: one receive takes every job waiting, up to what prefetch allo
 them), and records them all in one ``MULTI``; a chunk's acks are one round trip (``ack_in_redis``) where
 kombu makes one per job.
 
-``BLMOVE`` takes one source list, so this applies to a worker consuming one queue (rerankq's workers
-do; ``priority_steps`` is ``[0]``, one list per queue). A worker given several queues receives as
-kombu does, and says so once; so does a worker on Redis older than 6.2, which has no ``BLMOVE``.
+A worker serves the two lanes of its queue (tasks/lanes.py), each with its own in-flight list. A receive
+first looks at every lane without blocking (one script: interactive lanes first, then bulk ones up to the
+bulk limit, so a worker full of bulk jobs keeps room for interactive ones); when that finds nothing, the
+next receive blocks with ``BLMOVE`` on the interactive lane for at most ``LANE_POLL_S`` before looking
+again. ``priority_steps`` is ``[0]``: one list per lane. A worker on Redis older than 6.2, which has no
+``BLMOVE``, receives as kombu does and says what that risks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from kombu import transport as kombu_transports
@@ -30,12 +33,15 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from tasks import lanes
 from worker import inflight
 
 logger = logging.getLogger(__name__)
 
 #: Names this process's in-flight lists: the Celery node name once the worker knows it.
 _owner = f"{socket.gethostname()}-{os.getpid()}"
+#: Bulk jobs this process holds at most (``Settings.bulk_limit``), once a worker installs the transport.
+_bulk_limit: int | None = None
 
 
 class QoS(kombu_redis.QoS):
@@ -67,11 +73,21 @@ def ack_in_redis(client: redis.Redis, keys: tuple[str, str], messages: list[Any]
         message.acked_in_redis = True
 
 
+class Source(NamedTuple):
+    """One list a worker receives from: its queue, the queue's Redis list, this worker's in-flight list."""
+
+    queue: str
+    source: str
+    key: str
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
 
-    #: (queue, source list, in-flight list) of the BLMOVE outstanding, if any.
-    _moving: tuple[str, str, str] | None = None
+    #: The receive outstanding, if any: its command, and the lists it may have moved jobs from.
+    _moving: tuple[str, list[Source]] | None = None
+    #: The last look at every lane found nothing: the next receive blocks on the first lane.
+    _idle = False
     #: True while delivering a job that the receive has recorded as unacked already.
     recorded = False
     _can_move = True
@@ -83,9 +99,6 @@ class Channel(kombu_redis.Channel):
         restored = inflight.adopt(self._plain_client(), self.global_keyprefix, key, source)
         if restored:
             logger.warning("put back %d job(s) a previous worker named %s left in flight", restored, _owner)
-        if len(self.active_queues) == 1:
-            logger.warning("consuming several queues: jobs are received with BRPOP, and a worker killed "
-                           "while receiving one can lose it; run one queue per worker")
         self._can_move = _has_blmove(self._plain_client())
         return super().basic_consume(queue, *args, **kwargs)
 
@@ -98,65 +111,104 @@ class Channel(kombu_redis.Channel):
             self._plain = redis.Redis(connection_pool=self.pool)
         return self._plain
 
+    def _sources(self) -> list[Source]:
+        """The lists to receive from, in the order jobs are taken: interactive lanes, then bulk lanes."""
+        queues = sorted(self.active_queues, key=lambda queue: (lanes.lane_of(queue) == lanes.BULK, queue))
+        return [Source(queue, self._source(queue), inflight.list_key(self.global_keyprefix, _owner, queue))
+                for queue in queues]
+
+    def _allowance(self, sources: list[Source]) -> tuple[int, list[int]]:
+        """How many jobs this receive may take in all, and from each source: bulk lanes only up to the bulk
+        limit, so that a worker full of bulk jobs still has room to receive interactive ones."""
+        room = self.qos.can_consume_max_estimate()
+        total = BURST if room is None else max(0, min(BURST, room))
+        if _bulk_limit is None:
+            return total, [total] * len(sources)
+        delivered, dirty = self.qos._delivered, self.qos._dirty
+        bulk_held = sum(1 for tag, message in list(delivered.items())
+                        if tag not in dirty and lanes.lane_of(_routing_key(message)) == lanes.BULK)
+        bulk_room = max(0, _bulk_limit - bulk_held)
+        return total, [bulk_room if lanes.lane_of(s.queue) == lanes.BULK else total for s in sources]
+
     def _brpop_start(self, timeout: float | None = None) -> None:
-        queues = self.active_queues
-        if len(queues) != 1 or len(self.priority_steps) != 1 or not self._can_move:
+        if len(self.priority_steps) != 1 or not self._can_move or not self.active_queues:
             super()._brpop_start(timeout)
             return
         if self._moving is not None:
-            # The last move's reply was lost with its connection (a stale socket dropped, a read that
+            # The last receive's reply was lost with its connection (a stale socket dropped, a read that
             # failed): whatever it moved waits in flight.
-            _queue, source, key = self._moving
-            restored = inflight.restore(self._plain_client(), key, source)
-            if restored:
-                logger.warning("put back %d job(s) received on a connection that was lost", restored)
-        queue = queues[0]
-        self._moving = (queue, self._source(queue), inflight.list_key(self.global_keyprefix, _owner, queue))
-        self._in_poll = self.client.connection
+            for lost in self._moving[1]:
+                restored = inflight.restore(self._plain_client(), lost.key, lost.source)
+                if restored:
+                    logger.warning("put back %d job(s) received on a connection that was lost", restored)
+        sources = self._sources()
+        connection = self.client.connection
+        if self._idle:
+            # Nothing anywhere: block on the first lane, and look at the others again soon.
+            wait = self.brpop_timeout if timeout is None else timeout
+            if len(sources) > 1:
+                wait = min(wait, LANE_POLL_S)
+            self._moving = ("BLMOVE", sources)
+            connection.send_command("BLMOVE", sources[0].source, sources[0].key, "RIGHT", "LEFT", wait)
+        else:
+            total, caps = self._allowance(sources)
+            self._moving = ("EVAL", sources)
+            connection.send_command("EVAL", _MOVE_LANES, 2 * len(sources),
+                                    *(key for s in sources for key in (s.source, s.key)), total, *caps)
+        self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares it None
-        self.client.connection.send_command("BLMOVE", self._moving[1], self._moving[2], "RIGHT", "LEFT",
-                                            self.brpop_timeout if timeout is None else timeout)
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._moving is None:
             return bool(super()._brpop_read(**options))
-        queue, source, key = self._moving
+        command, sources = self._moving
         try:
             try:
-                raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                raw = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next start reconnects and puts back what this moved
                 raise
-            if raw is None:
-                self._moving = None
-                raise virtual.Empty()
-            # Whatever else waits, up to what prefetch allows, comes in the same receive: at hundreds of
-            # jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
-            allowed = self.qos.can_consume_max_estimate()
-            raws = [raw, *self._move_more(source, key, (BURST if allowed is None else min(BURST, allowed)) - 1)]
-            received = self._record(key, raws)
+            if command == "BLMOVE":
+                self._idle = False  # whatever came, look at every lane without blocking next time
+                if raw is None:
+                    self._moving = None
+                    raise virtual.Empty()
+                # Whatever else waits, up to what prefetch allows, comes in the same receive: at hundreds of
+                # jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
+                total, caps = self._allowance(sources)
+                caps[0] -= 1
+                moved = [(sources[0], raw), *self._move_lanes(sources, total - 1, caps)]
+            else:
+                moved = _pair(sources, raw)
+                if not moved:
+                    self._idle = True
+                    self._moving = None
+                    raise virtual.Empty()
+            received = self._record(moved)
             self._moving = None  # recorded or dropped: nothing of this receive is left in flight
-            self._deliver_all(queue, received)
+            self._deliver_all(received)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu declares it bool
             self._flush_brpop_reauth()
 
-    def _move_more(self, source: str, key: str, n: int) -> list[bytes]:
-        if n <= 0:
+    def _move_lanes(self, sources: list[Source], total: int, caps: list[int]) -> list[tuple[Source, bytes]]:
+        if total <= 0:
             return []
-        return list(self._plain_client().eval(_MOVE_MORE, 2, source, key, n))  # type: ignore[arg-type]
+        keys = [key for s in sources for key in (s.source, s.key)]
+        raw = self._plain_client().eval(_MOVE_LANES, len(keys), *keys, total, *caps)  # type: ignore[arg-type]
+        return _pair(sources, raw)
 
-    def _record(self, key: str, raws: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    def _record(self, moved: list[tuple[Source, bytes]]) -> list[tuple[str, str, dict[str, Any]]]:
         """kombu's unacked record of each moved job, and its removal from the in-flight list, in one
-        transaction; an item that is not a kombu message is dropped instead. Returns (tag, payload) of
-        the recorded ones."""
-        received: list[tuple[str, dict[str, Any]]] = []
+        transaction; an item that is not a kombu message is dropped instead. Returns (queue, tag, payload)
+        of the recorded ones."""
+        received: list[tuple[str, str, dict[str, Any]]] = []
         now = time.time()
         index_key = self.global_keyprefix + self.qos.unacked_index_key
         hash_key = self.global_keyprefix + self.qos.unacked_key
         with self._plain_client().pipeline() as pipe:
-            for raw in raws:
+            for source, raw in moved:
                 try:
                     payload = loads(bytes_to_str(raw))
                     tag, delivery = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
@@ -165,18 +217,18 @@ class Channel(kombu_redis.Channel):
                                               dumps(delivery["routing_key"]).encode())
                 except Exception as exc:
                     _dropped(exc, raw)
-                    pipe.lrem(key, 1, raw)  # type: ignore[arg-type]  # bytes are values
+                    pipe.lrem(source.key, 1, raw)  # type: ignore[arg-type]  # bytes are values
                     continue
                 pipe.zadd(index_key, {tag: now})
                 pipe.hset(hash_key, tag, record)
-                pipe.lrem(key, 1, raw)  # type: ignore[arg-type]
-                received.append((tag, payload))
+                pipe.lrem(source.key, 1, raw)  # type: ignore[arg-type]
+                received.append((source.queue, tag, payload))
             pipe.execute()
         return received
 
-    def _deliver_all(self, queue: str, received: list[tuple[str, dict[str, Any]]]) -> None:
+    def _deliver_all(self, received: list[tuple[str, str, dict[str, Any]]]) -> None:
         errors = []
-        for tag, payload in received:
+        for queue, tag, payload in received:
             self.recorded = True
             try:
                 self.connection._deliver(payload, queue)
@@ -192,6 +244,15 @@ class Channel(kombu_redis.Channel):
             raise errors[0]
 
 
+def _pair(sources: list[Source], replies: Any) -> list[tuple[Source, bytes]]:
+    """The script's reply (one list of moved items per source) as (source, item) pairs, in source order."""
+    return [(source, item) for source, items in zip(sources, replies, strict=True) for item in items]
+
+
+def _routing_key(message: Any) -> str:
+    return str((getattr(message, "delivery_info", None) or {}).get("routing_key") or "")
+
+
 #: Jobs in one receive at most, within what prefetch allows.
 BURST = 64
 
@@ -200,15 +261,27 @@ def _dropped(exc: Exception, item: object) -> None:
     logger.error("dropped an item of the queue that is not a message (%r): %r", exc, str(item)[:200])
 
 
-#: Move up to ARGV[1] more jobs from the queue to the in-flight list, stopping when the queue is empty.
-_MOVE_MORE = """
-local moved = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not item then break end
-  moved[#moved + 1] = item
+#: How long an idle worker blocks on its interactive lane before it looks at its bulk lane again: the
+#: most a bulk job sent to an idle worker waits to be received (a busy worker takes bulk jobs at once).
+LANE_POLL_S = 0.05
+
+#: Move up to ARGV[1] jobs in all from the sources KEYS[1], KEYS[3], ... (in that order) to their in-flight
+#: lists KEYS[2], KEYS[4], ..., at most ARGV[1 + i] from source i. Returns one list of moved items per source.
+_MOVE_LANES = """
+local left = tonumber(ARGV[1])
+local replies = {}
+for i = 1, #KEYS / 2 do
+  local moved = {}
+  local cap = math.min(left, tonumber(ARGV[1 + i]))
+  while #moved < cap do
+    local item = redis.call('LMOVE', KEYS[2 * i - 1], KEYS[2 * i], 'RIGHT', 'LEFT')
+    if not item then break end
+    moved[#moved + 1] = item
+  end
+  left = left - #moved
+  replies[i] = moved
 end
-return moved
+return replies
 """
 
 
@@ -230,11 +303,11 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def install(owner: str) -> None:
+def install(owner: str, bulk_limit: int | None) -> None:
     """Receive with this transport in this process (``redis://`` and ``rediss://`` URLs alike), naming its
-    in-flight lists after ``owner`` (the worker's node name)."""
-    global _owner
-    _owner = owner
+    in-flight lists after ``owner`` (the worker's node name), holding at most ``bulk_limit`` bulk jobs."""
+    global _owner, _bulk_limit
+    _owner, _bulk_limit = owner, bulk_limit
     for scheme in ("redis", "rediss"):
         kombu_transports.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
         kombu_transports._transport_cache.pop(scheme, None)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celeryconfig import Settings
+from tasks import lanes
 from tasks.connections import BrokerRedis
 from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from worker import metrics
@@ -76,6 +77,7 @@ class Watchdog:
         self.settings = settings
         self.marks = Marks.from_settings(settings)
         self.gpu_queue, self.cpu_queue = settings.gpu_queue, settings.cpu_queue
+        self.queues = lanes.both([self.gpu_queue, self.cpu_queue], settings.bulk_suffix)
         self.state: RouteState | None = None
         self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
 
@@ -88,7 +90,8 @@ class Watchdog:
 
     def poll(self) -> RouteState:
         """Measure, decide, write the state; log and record a change. Returns the new state."""
-        snapshot = measure(self.broker, [self.gpu_queue, self.cpu_queue], self.settings.poll_ms / 1000)
+        # Bulk lanes are measured for the record, never judged: a bulk run waits its turn and sheds nothing.
+        snapshot = measure(self.broker, self.queues, self.settings.poll_ms / 1000)
         self._reclaim([w for workers in snapshot.workers.values() for w in workers])
         gpu, cpu = snapshot.loads[self.gpu_queue], snapshot.loads[self.cpu_queue]
         previous = self.state or self._resume()
@@ -123,7 +126,7 @@ class Watchdog:
 
     def _reclaim(self, live: list[WorkerStats]) -> None:
         try:
-            reclaimed = reclaim(self.broker, [self.gpu_queue, self.cpu_queue], live, self.reclaim_grace_s)
+            reclaimed = reclaim(self.broker, self.queues, live, self.reclaim_grace_s)
         except Exception:  # never let reclaiming stop the routing
             logger.exception("could not reclaim orphaned jobs; they return after the visibility timeout")
             return

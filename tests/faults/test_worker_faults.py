@@ -77,11 +77,11 @@ def test_with_a_watchdog_a_killed_workers_jobs_are_back_in_seconds_not_after_the
 def test_sigterm_finishes_the_running_chunk_and_returns_prefetched_jobs_at_once(
         start_worker: StartWorker, broker: BrokerRedis) -> None:
     queue = new_queue()
-    # Chunks of at most 2, prefetch 4: the worker runs 1 or 2 (the first job runs at once unless the
-    # second was already in sight) and holds the rest of the 4; 6 wait in Redis.
+    # Chunks of at most 2, prefetch 6 (three chunks): the worker runs 1 or 2 (the first job runs at once
+    # unless the second was already in sight) and holds the rest of the 6; 4 wait in Redis.
     stopping = start_worker(*simulated(1500), queue=queue, RERANKQ_MAX_CHUNK_JOBS="2")
     handles = [rerank.apply_async(JOB, queue=queue) for _ in range(10)]
-    eventually(lambda: waiting(broker, queue) == 6, 10, "the worker holds 4 jobs")
+    eventually(lambda: waiting(broker, queue) == 4, 10, "the worker holds 6 jobs")
     time.sleep(0.3)
     asked = time.monotonic()
     assert stopping.stop() == 0
