@@ -73,9 +73,12 @@ def render(status: dict[str, Any]) -> str:
     routed = ", ".join(f"{k} {v}" for k, v in status["routed"].items()) or "none yet"
     lines += ["", f"jobs routed by producers: {routed}", ""]
     now = time.time()
-    lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "seen"], [
+    # busy: share of the last 30 s in forward batches; wait p95: interactive jobs' queue wait, same window.
+    lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "busy",
+                     "wait p95", "seen"], [
         [w["node"], w["queue"], w["ranker"], w["model"], w["device"], sum(w["held"].values()), w["served"],
-         _num(w["pairs_per_s"]), f"{now - w['at']:.1f}s ago"]
+         _num(w["pairs_per_s"]), f"{100 * w['busy_ratio']:.0f}%",
+         "-" if w["wait_p95_ms"] is None else f"{w['wait_p95_ms']:.1f}ms", f"{now - w['at']:.1f}s ago"]
         for w in status["workers"]]) if status["workers"] else ["no live workers"]
     if status["changes"]:
         lines += ["", "recent route changes (newest first):"]

@@ -65,6 +65,11 @@ def test_a_workers_metrics_move_when_its_jobs_run(start_worker: StartWorker, tin
         assert moved(before, after, f'{histogram}_count{{lane="bulk"}}') == 0
     real = moved(before, after, "rerankq_real_tokens_total")
     padded = moved(before, after, "rerankq_padded_tokens_total")
+    assert moved(before, after, "rerankq_forward_batch_pairs_sum") == 20 * len(DOCS)
+    assert moved(before, after, "rerankq_forward_batch_padded_tokens_sum") == padded
+    assert moved(before, after, "rerankq_forward_batch_pairs_count") >= 1
+    assert 0 < moved(before, after, "rerankq_busy_seconds_total") <= moved(before, after,
+                                                                          "rerankq_inference_seconds_sum")
     assert real == moved(before, after, "rerankq_chunk_tokens_sum")
     assert 0 < real < padded  # one long doc among short ones: some padding
     assert after["rerankq_jobs_held"] == 0

@@ -114,6 +114,8 @@ def test_a_backlog_sheds_new_jobs_to_the_fast_ranker_until_it_drains(stack: Stac
     status = gather(stack.broker, Settings.from_env(stack.env))
     assert status["route"]["route"] == "shed" and status["routed"][stack.gpu] >= 3
     assert sorted(w["ranker"] for w in status["workers"]) == ["fast", "simulated"]
+    gpu_row = next(w for w in status["workers"] if w["ranker"] == "simulated")
+    assert 0 < gpu_row["busy_ratio"] <= 1 and gpu_row["wait_p95_ms"] > 0  # the write-up's two figures
 
     eventually(routed_to(stack, "gpu", True), 20, "route back to gpu once drained")
     time.sleep(0.1)

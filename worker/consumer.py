@@ -41,7 +41,7 @@ from tasks.rerank import SENT_AT_HEADER
 from worker import metrics, results, transport
 from worker.chunker import plan_batches, take_chunk, take_lanes
 from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
-from worker.stats import StatsReporter, Throughput, WorkerStats
+from worker.stats import Recent, StatsReporter, Throughput, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class ChunkConsumer:
         self._cond = threading.Condition()
         self._stopping = False
         self.throughput = Throughput()
+        self.recent = Recent()
         #: Jobs received and not yet settled: delivery tag (what the watchdog must not reclaim,
         #: worker/reclaim.py) -> the routing key it came with (what the backlog counts per queue).
         self._held: dict[str, str] = {}
@@ -261,6 +262,9 @@ class ChunkConsumer:
             pairs[pending.queue] += len(pending.costs)
         self.throughput.add(pairs, Counter(p.queue for p in live), finished - started - preempted_s)
         _record(live, outcomes, sum(pairs.values()), info.tokens, started, inference_ms / 1000, finished)
+        for pending in live:
+            if pending.lane == INTERACTIVE:
+                self.recent.waited(max(0.0, started - _sent_at(pending)))
         logger.info("chunk %s (%s): %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
                     chunk[0].lane, info.jobs, sum(pairs.values()), info.tokens, inference_ms,
                     (finished - started) * 1000)
@@ -320,11 +324,19 @@ class ChunkConsumer:
             costs.extend(pending.costs)
         flat = [0.0] * len(pairs)
         for batch in plan_batches(costs, batch_tokens):
-            for index, score in zip(batch, self.ranker.score([pairs[i] for i in batch]), strict=True):
+            began = time.perf_counter()
+            scored = self.ranker.score([pairs[i] for i in batch])
+            busy_s = time.perf_counter() - began
+            for index, score in zip(batch, scored, strict=True):
                 flat[index] = score
             lengths = [costs[i] for i in batch]
+            padded = len(lengths) * max(lengths)  # batches are padded to their longest pair
+            self.recent.busy(busy_s)
+            metrics.BUSY.inc(busy_s)
+            metrics.BATCH_PAIRS.observe(len(batch))
+            metrics.BATCH_PADDED.observe(padded)
             metrics.REAL_TOKENS.inc(sum(lengths))
-            metrics.PADDED_TOKENS.inc(len(lengths) * max(lengths))  # batches are padded to their longest pair
+            metrics.PADDED_TOKENS.inc(padded)
             if between is not None:
                 between()
         out, start = [], 0
@@ -451,7 +463,8 @@ def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: floa
         pairs, jobs, busy_s, per_queue = chunks.throughput.window()
         return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=_device, held=dict(held),
                            pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=chunks.throughput.served,
-                           tags=chunks.held_tags(), per_queue=per_queue)
+                           tags=chunks.held_tags(), per_queue=per_queue,
+                           busy_ratio=round(chunks.recent.busy_ratio(), 4), wait_p95_ms=chunks.recent.wait_p95_ms())
 
     return StatsReporter(BrokerRedis(app), queues, snapshot, interval_s)
 

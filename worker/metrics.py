@@ -25,6 +25,12 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 CHUNK_JOBS = Histogram("rerankq_chunk_jobs", "Jobs per chunk (one batched inference).", buckets=_POW2[:10])
 CHUNK_PAIRS = Histogram("rerankq_chunk_pairs", "(query, doc) pairs per chunk.", buckets=_POW2[:14])
 CHUNK_TOKENS = Histogram("rerankq_chunk_tokens", "Real tokens per chunk.", buckets=_POW2[4:])
+BATCH_PAIRS = Histogram("rerankq_forward_batch_pairs", "Pairs per forward batch (one call of the model).",
+                        buckets=_POW2[:13])
+BATCH_PADDED = Histogram("rerankq_forward_batch_padded_tokens", "Padded tokens per forward batch.",
+                         buckets=_POW2[4:])
+BUSY = Counter("rerankq_busy_seconds", "Seconds the model spent in forward batches: its rate is the share of "
+               "wall time the device computes, a utilisation figure that needs no NVML.")
 REAL_TOKENS = Counter("rerankq_real_tokens", "Tokens of the pairs scored (before padding).")
 PADDED_TOKENS = Counter("rerankq_padded_tokens",
                         "Tokens the forward batches ran, padding included: real / padded is padding efficiency.")

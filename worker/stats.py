@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: Chunks the throughput is averaged over. Idle time does not count: the rate is what a busy worker does.
 WINDOW_CHUNKS = 64
+#: Seconds the busy ratio and the queue-wait p95 a worker reports are measured over.
+RECENT_S = 30.0
 
 
 def live_for(poll_s: float) -> float:
@@ -79,6 +81,46 @@ class Throughput:
                 sum(c[2] for c in chunks), per_queue)
 
 
+class Recent:
+    """The model's busy seconds and the interactive jobs' queue waits over the last ``window_s``, for the
+    worker's report: the write-up's utilisation and queue-wait p95 figures (thread-safe)."""
+
+    def __init__(self, window_s: float = RECENT_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._busy: deque[tuple[float, float]] = deque()
+        self._waits: deque[tuple[float, float]] = deque()
+        self._lock = threading.Lock()
+        self._started = clock()
+
+    def busy(self, seconds: float) -> None:
+        with self._lock:
+            self._busy.append((self._clock(), seconds))
+
+    def waited(self, seconds: float) -> None:
+        with self._lock:
+            self._waits.append((self._clock(), seconds))
+
+    def _trim(self, now: float) -> None:
+        for figures in (self._busy, self._waits):
+            while figures and figures[0][0] < now - self.window_s:
+                figures.popleft()
+
+    def busy_ratio(self) -> float:
+        """Share of the window (or of the time since start, if shorter) spent in forward batches."""
+        now = self._clock()
+        with self._lock:
+            self._trim(now)
+            busy = sum(seconds for _, seconds in self._busy)
+        return min(1.0, busy / max(1e-9, min(self.window_s, now - self._started)))
+
+    def wait_p95_ms(self) -> float | None:
+        with self._lock:
+            self._trim(self._clock())
+            waits = sorted(seconds for _, seconds in self._waits)
+        return round(1000 * waits[min(len(waits) - 1, int(0.95 * len(waits)))], 3) if waits else None
+
+
 @dataclass(frozen=True)
 class WorkerStats:
     node: str
@@ -97,6 +139,9 @@ class WorkerStats:
     tags: list[str] = field(default_factory=list)
     #: Over the throughput window, per queue (lane) it served: [pairs, jobs].
     per_queue: dict[str, list[int]] = field(default_factory=dict)
+    #: Over the last ``RECENT_S``: share of wall time in forward batches; interactive queue-wait p95.
+    busy_ratio: float = 0.0
+    wait_p95_ms: float | None = None
 
     @property
     def pairs_per_s(self) -> float | None:
