@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import cell, open_loop, percentiles  # noqa: E402
-from bench.systems import Completions, System, scrape  # noqa: E402
-from bench.workload import Request, workload  # noqa: E402
+from bench.systems import Completions, RoutedSender, System, scrape  # noqa: E402
+from bench.workload import workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
 
 
@@ -98,14 +98,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lanes.json")
     args = parser.parse_args()
 
-    from celery.result import EagerResult
 
     from celeryconfig import Settings
     from rerankq.local import RerankqProcess, WorkerProcess
     from rerankq.redis_server import RedisServer
-    from tasks import app, rerank
+    from tasks import app
     from tasks.connections import BrokerRedis
-    from tasks.records import Result
     from worker.backlog import measure
 
     requests = workload(args.seed, int(args.rate * args.seconds), args.docs, args.docs, args.min_words,
@@ -117,23 +115,12 @@ def main() -> None:
         settings = Settings.from_env(env)
         completions = Completions(server.url)
         broker = BrokerRedis(app)
-        sent: dict[str, dict[str, Any] | None] = {}
-
-        def send(request: Request) -> str:
-            handle = rerank.apply_async((request.query, request.docs))
-            sent[handle.id] = None
-            if isinstance(handle, EagerResult):  # passthrough: answered at once, nothing published
-                sent[handle.id] = handle.result
-                completions.mark(handle.id)
-            return str(handle.id)
+        sender = RoutedSender(completions)
 
         def interactive(name: str) -> dict[str, Any]:
-            sent.clear()
-            latencies = open_loop(System(name, send, lambda: [], lambda: None), requests, args.rate, args.seed,
-                                  completions)
-            rankers = [Result.from_dict(result or app.backend.get_task_meta(task_id)["result"]).ranker
-                       for task_id, result in sent.items()]
-            return {"latency_ms": [round(1000 * x, 1) for x in latencies], "rankers": rankers}
+            latencies = open_loop(System(name, sender.send, lambda: [], lambda: None), requests, args.rate,
+                                  args.seed, completions)
+            return {"latency_ms": [round(1000 * x, 1) for x in latencies], "rankers": sender.rankers()}
 
         def drained() -> None:
             """Wait until every queue is empty and nothing is held, so that runs do not overlap."""

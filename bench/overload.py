@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import cell, open_loop, percentiles, saturate  # noqa: E402
-from bench.systems import Completions, System  # noqa: E402
-from bench.workload import Request, workload  # noqa: E402
+from bench.systems import Completions, RoutedSender, System  # noqa: E402
+from bench.workload import workload  # noqa: E402
 
 
 def main() -> None:
@@ -44,28 +44,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
 
-    from celery.result import EagerResult
 
     from rerankq.local import RerankqProcess, WorkerProcess
     from rerankq.redis_server import RedisServer
-    from tasks import app, rerank
-    from tasks.records import Result
+    from tasks import app
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         logs = Path(tmp)
         app.conf.update(broker_url=server.url, result_backend=server.url)
         env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url}
         completions = Completions(server.url)
-        #: Task id -> the passthrough result, or None for a queued job (its result is read from Redis).
-        sent: dict[str, dict[str, Any] | None] = {}
-
-        def send(request: Request) -> str:
-            handle = rerank.apply_async((request.query, request.docs))
-            sent[handle.id] = None
-            if isinstance(handle, EagerResult):  # passthrough: answered at once, nothing published
-                sent[handle.id] = handle.result
-                completions.mark(handle.id)
-            return str(handle.id)
+        sender = RoutedSender(completions)
 
         gpu = WorkerProcess("rerank.gpu", ["--ranker", "simulated", "--model", args.model, "--device", "cuda:0",
                                            "--loglevel", "WARNING"], env, logs / "gpu.log", f"gpu-{os.getpid()}@bench")
@@ -76,21 +65,19 @@ def main() -> None:
             gpu.wait_ready(app)
             cpu.wait_ready(app)
             probe = workload(args.seed + 100, 300, 1, args.max_docs, 5, args.max_words)
-            capacity = len(probe) / saturate(System("gpu", send, lambda: [gpu.proc.pid], lambda: None), probe,
+            capacity = len(probe) / saturate(System("gpu", sender.send, lambda: [gpu.proc.pid], lambda: None), probe,
                                              completions)
             rate = args.overload * capacity
+            sender.sent.clear()  # the probe's jobs
             requests = workload(args.seed, int(rate * args.seconds), 1, args.max_docs, 5, args.max_words)
             runs: dict[str, dict[str, Any]] = {}
             for name in ("without watchdog", "with watchdog"):
                 if name == "with watchdog":
                     watchdog = RerankqProcess(["watchdog", "--loglevel", "WARNING"], env, logs / "watchdog.log")
                     time.sleep(3)  # its first polls: both queues measured, the route state written
-                sent.clear()
-                system = System(name, send, lambda: [], lambda: None)
+                system = System(name, sender.send, lambda: [], lambda: None)
                 latencies = open_loop(system, requests, rate, args.seed, completions)
-                rankers = [Result.from_dict(result or app.backend.get_task_meta(task_id)["result"]).ranker
-                           for task_id, result in sent.items()]
-                runs[name] = {"latency_ms": [round(1000 * x, 1) for x in latencies], "rankers": rankers}
+                runs[name] = {"latency_ms": [round(1000 * x, 1) for x in latencies], "rankers": sender.rankers()}
         finally:
             for process in (gpu, cpu, watchdog):
                 if process is not None:

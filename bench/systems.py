@@ -65,6 +65,38 @@ class Completions:
             return {i: self._done.pop(i) for i in ids}
 
 
+class RoutedSender:
+    """Sends requests as web apps do, through the router (``rerank.apply_async``), and records each job:
+    a passthrough answer is marked done at once, as nothing is published for it."""
+
+    def __init__(self, completions: Completions) -> None:
+        self._completions = completions
+        #: Task id -> the passthrough result, or None for a queued job (its result is read from Redis).
+        self.sent: dict[str, dict[str, Any] | None] = {}
+
+    def send(self, request: Any) -> str:
+        from celery.result import EagerResult
+
+        from tasks import rerank
+
+        handle = rerank.apply_async((request.query, request.docs))
+        self.sent[handle.id] = None
+        if isinstance(handle, EagerResult):
+            self.sent[handle.id] = handle.result
+            self._completions.mark(handle.id)
+        return str(handle.id)
+
+    def rankers(self) -> list[str]:
+        """Which ranker served each job sent, in order; then forgets them."""
+        from tasks import app
+        from tasks.records import Result
+
+        rankers = [Result.from_dict(result or app.backend.get_task_meta(task_id)["result"]).ranker
+                   for task_id, result in self.sent.items()]
+        self.sent.clear()
+        return rankers
+
+
 class System:
     """Something that takes a request and, some time later, marks it done in ``completions``."""
 
