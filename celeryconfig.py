@@ -81,8 +81,9 @@ class Settings:
                              "When both queues are over their marks, return the retrieval order at once "
                              "(`ranker: passthrough`) instead of queueing.")
     metrics_port: int = _env("RERANKQ_METRICS_PORT", 9808,
-                             "Port of a worker's or the watchdog's Prometheus `/metrics` (each process on a host "
-                             "needs its own); 0 means none.")
+                             "First port of a cross-encoder worker's Prometheus `/metrics`; the fast ranker starts "
+                             "10 above, the watchdog 20 above. A port in use moves to the next free one (of 10), "
+                             "said in the log and `rerankq status`; 0 means none.")
 
     def __post_init__(self) -> None:
         for f in fields(self):

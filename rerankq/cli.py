@@ -43,7 +43,8 @@ def cli() -> None:
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default names ranker, device, pid).")
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
-              help="Prometheus /metrics port; default RERANKQ_METRICS_PORT; 0 for none.")
+              help="Prometheus /metrics port (the next free one if taken); default RERANKQ_METRICS_PORT, +10 for "
+                   "--ranker fast; 0 for none.")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="One worker per GPU, each pinned (--device cuda:N), restarted if it dies; metrics on "
                    "consecutive ports from --metrics-port.")
@@ -61,13 +62,13 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglev
         args = ["--ranker", ranker, "--model", model, "--loglevel", loglevel]
         for queue in queues:
             args += ["--queue", queue]
-        sys.exit(run_per_gpu(gpus, args, _metrics_port(metrics_port), hostname))
+        sys.exit(run_per_gpu(gpus, args, _metrics_port(metrics_port, ranker), hostname))
 
     from worker.main import run_worker
 
     default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
     sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname,
-                        _metrics_port(metrics_port)))
+                        _metrics_port(metrics_port, ranker)))
 
 
 @cli.command()
@@ -85,12 +86,13 @@ def demo(model: str, redis_url: str) -> None:
 @cli.command()
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
-              help="Prometheus /metrics port; default RERANKQ_METRICS_PORT; 0 for none.")
+              help="Prometheus /metrics port (the next free one if taken); default RERANKQ_METRICS_PORT + 20; 0 "
+                   "for none.")
 def watchdog(loglevel: str, metrics_port: int | None) -> None:
     """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
     from worker.watchdog import run_watchdog
 
-    sys.exit(run_watchdog(loglevel, _metrics_port(metrics_port)))
+    sys.exit(run_watchdog(loglevel, _metrics_port(metrics_port, "watchdog")))
 
 
 @cli.command()
@@ -160,14 +162,15 @@ def up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port: in
     """The whole stack on this machine: Redis, workers per GPU (or CPU), fast ranker, watchdog, Flower."""
     from rerankq.up import run_up
 
-    sys.exit(run_up(redis_url, model, cpu, flower_port, _metrics_port(metrics_port), log_dir))
+    sys.exit(run_up(redis_url, model, cpu, flower_port, _metrics_port(metrics_port, "up"), log_dir))
 
 
-def _metrics_port(option: int | None) -> int:
-    """``--metrics-port`` if given, else RERANKQ_METRICS_PORT."""
+def _metrics_port(option: int | None, kind: str) -> int:
+    """``--metrics-port`` if given, else where a process of ``kind`` starts from RERANKQ_METRICS_PORT."""
     from celeryconfig import settings
+    from worker.metrics import default_port
 
-    return settings.metrics_port if option is None else option
+    return default_port(kind, settings.metrics_port) if option is None else option
 
 
 @cli.command()

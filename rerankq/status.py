@@ -45,9 +45,10 @@ def _workers(snapshot: Snapshot, queues: list[str]) -> list[dict[str, Any]]:
 
 def _route(state: RouteState | None) -> dict[str, Any]:
     if state is None:
-        return {"route": "gpu", "cpu_open": True, "watchdog": False, "since": None, "reason": ""}
+        return {"route": "gpu", "cpu_open": True, "watchdog": False, "since": None, "reason": "",
+                "metrics_port": 0}
     return {"route": state.route, "cpu_open": state.cpu_open, "watchdog": True, "since": state.since,
-            "reason": state.reason}
+            "reason": state.reason, "metrics_port": state.metrics_port}
 
 
 def _queue_row(snapshot: Snapshot, queue: str, lane: str) -> dict[str, Any]:
@@ -61,7 +62,8 @@ def render(status: dict[str, Any]) -> str:
     route = status["route"]
     if route["watchdog"]:
         age = time.time() - route["since"]
-        head = f"route: {route['route']} for {age:.0f}s, cpu queue {'open' if route['cpu_open'] else 'closed'}"
+        head = (f"route: {route['route']} for {age:.0f}s, cpu queue {'open' if route['cpu_open'] else 'closed'}; "
+                f"watchdog metrics {_port(route['metrics_port'])}")
     else:
         head = "route: gpu (no route state: the watchdog is not running, or its state expired)"
     lines = [head, ""]
@@ -75,10 +77,11 @@ def render(status: dict[str, Any]) -> str:
     now = time.time()
     # busy: share of the last 30 s in forward batches; wait p95: interactive jobs' queue wait, same window.
     lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "busy",
-                     "wait p95", "seen"], [
+                     "wait p95", "metrics", "seen"], [
         [w["node"], w["queue"], w["ranker"], w["model"], w["device"], sum(w["held"].values()), w["served"],
          _num(w["pairs_per_s"]), f"{100 * w['busy_ratio']:.0f}%",
-         "-" if w["wait_p95_ms"] is None else f"{w['wait_p95_ms']:.1f}ms", f"{now - w['at']:.1f}s ago"]
+         "-" if w["wait_p95_ms"] is None else f"{w['wait_p95_ms']:.1f}ms", _port(w["metrics_port"]),
+         f"{now - w['at']:.1f}s ago"]
         for w in status["workers"]]) if status["workers"] else ["no live workers"]
     if status["changes"]:
         lines += ["", "recent route changes (newest first):"]
@@ -87,6 +90,10 @@ def render(status: dict[str, Any]) -> str:
             gate = "open" if change["cpu_open"] == "1" else "closed"
             lines.append(f"  {at}  -> {change['route']}, cpu {gate}: {change['reason']}")
     return "\n".join(lines)
+
+
+def _port(port: int) -> str:
+    return f":{port}" if port else "none"
 
 
 def _num(value: float | None) -> str:

@@ -74,6 +74,8 @@ class RouteState:
     at: float
     reason: str = ""
     loads: dict[str, QueueLoad] = field(default_factory=dict)
+    #: Where the watchdog serves /metrics on its host (0: nowhere).
+    metrics_port: int = 0
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -15,11 +16,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from celeryconfig import Settings
 from rerankq.redis_server import free_port
+from rerankq.status import gather
 from tasks import Result, rerank
 from tasks.connections import BrokerRedis
 from tasks.router import Router
-from tests.conftest import StartWatchdog, StartWorker, new_queue
+from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
+from worker import metrics
 
 pytestmark = pytest.mark.integration
 
@@ -85,8 +89,8 @@ def test_the_watchdog_exports_route_queues_routed_counts_and_model_loads(
                              str(tmp_path / "missing"), "--metrics-port", "0"],
                             env={**_worker_env(celery_app), **env}, capture_output=True, timeout=120)
     assert failed.returncode == 1
-    port = free_port()
-    start_watchdog(RERANKQ_METRICS_PORT=str(port), **env)
+    port = free_port()  # the watchdog's: it starts 20 above RERANKQ_METRICS_PORT
+    start_watchdog(RERANKQ_METRICS_PORT=str(port - metrics.KIND_OFFSETS["watchdog"]), **env)
     broker = BrokerRedis(celery_app)
     router = Router(lambda: broker, gpu, cpu, cache_s=0.0, passthrough=True)
     monkeypatch.setattr(rerank, "router", router)
@@ -125,16 +129,59 @@ def _worker_env(celery_app: Any) -> dict[str, str]:
     return {**os.environ, "RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url}
 
 
-def test_a_metrics_port_in_use_stops_the_process_saying_what_to_do(redis_url: str) -> None:
-    with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "rerankq", "watchdog", "--metrics-port", str(port)],
-                              env={**os.environ, "RERANKQ_BROKER_URL": redis_url}, capture_output=True, text=True,
-                              timeout=60)
-    assert done.returncode == 2
-    assert f"cannot serve metrics on port {port}" in done.stderr and "its own RERANKQ_METRICS_PORT" in done.stderr
+def test_processes_with_default_ports_on_one_host_each_serve_metrics_on_their_own_and_say_where(
+        celery_app: Any, start_worker: StartWorker, start_watchdog: StartWatchdog) -> None:
+    base = free_port_run(30)
+    gpu, cpu = new_queue(), new_queue()
+    env = {"RERANKQ_METRICS_PORT": str(base), "RERANKQ_GPU_QUEUE": gpu, "RERANKQ_CPU_QUEUE": cpu,
+           "RERANKQ_POLL_MS": "100"}
+    watchdog = start_watchdog(**env)
+    first = start_worker("--ranker", "simulated", queue=gpu, **env)
+    second = start_worker("--ranker", "simulated", queue=gpu, **env)  # the same default port: taken
+
+    assert f"metrics on http://0.0.0.0:{base}/metrics" in first.log()
+    assert f"metrics on http://0.0.0.0:{base + 1}/metrics (port {base} is in use)" in second.log()
+    eventually(lambda: f"metrics on http://0.0.0.0:{base + 20}/metrics" in watchdog.log(), 10, "watchdog's port")
+    for port in (base, base + 1, base + 20):
+        assert "rerankq_" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+    broker = BrokerRedis(celery_app)
+    try:
+        eventually(lambda: len(gather(broker, Settings.from_env(env))["workers"]) == 2, 10, "both workers report")
+        status = gather(broker, Settings.from_env(env))
+    finally:
+        broker.close()
+    assert sorted(w["metrics_port"] for w in status["workers"]) == [base, base + 1]
+    assert status["route"]["metrics_port"] == base + 20
+
+
+def test_a_process_whose_metrics_ports_are_all_taken_serves_without_them_and_says_so() -> None:
+    with contextlib.ExitStack() as stack:
+        base = free_port_run(metrics.PORT_TRIES)
+        for port in range(base, base + metrics.PORT_TRIES):
+            taken = stack.enter_context(socket.socket())
+            taken.bind(("0.0.0.0", port))
+            taken.listen()
+        assert metrics.serve(base) == 0
+    assert "ports" in metrics.describe(base, 0) and "all in use" in metrics.describe(base, 0)
+
+
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive ports free now."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65536 and all(_free(port) for port in range(base, base + n)):
+            return base
+    raise AssertionError(f"no run of {n} free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
 
 
 def test_the_grafana_dashboard_queries_only_metrics_rerankq_exports() -> None:

@@ -464,7 +464,8 @@ def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: floa
         return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=_device, held=dict(held),
                            pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=chunks.throughput.served,
                            tags=chunks.held_tags(), per_queue=per_queue,
-                           busy_ratio=round(chunks.recent.busy_ratio(), 4), wait_p95_ms=chunks.recent.wait_p95_ms())
+                           busy_ratio=round(chunks.recent.busy_ratio(), 4), wait_p95_ms=chunks.recent.wait_p95_ms(),
+                           metrics_port=metrics.served_port)
 
     return StatsReporter(BrokerRedis(app), queues, snapshot, interval_s)
 

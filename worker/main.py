@@ -18,7 +18,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
         from worker import metrics
 
-        metrics.serve(metrics_port)
+        served = metrics.serve(metrics_port)
+        print(f"rerankq worker: {metrics.describe(metrics_port, served)}", file=sys.stderr, flush=True)
     except RerankError as exc:
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1

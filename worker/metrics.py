@@ -16,8 +16,6 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from tasks.errors import ConfigError
-
 _POW2 = [float(2**i) for i in range(0, 17)]
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -78,15 +76,44 @@ REDIS_COUNTERS = RedisCounters()
 REGISTRY.register(REDIS_COUNTERS)
 
 
-def serve(port: int) -> None:
-    """Expose ``/metrics`` on ``port`` (all interfaces); 0 means no metrics."""
-    if not port:
-        return
-    try:
-        start_http_server(port)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on port {port} ({exc.strerror}): give each process on this "
-                          "host its own RERANKQ_METRICS_PORT (or --metrics-port), or 0 for none") from None
+#: Ports past its first one a process tries before it serves without metrics.
+PORT_TRIES = 10
+#: Where each kind of process starts, above ``RERANKQ_METRICS_PORT``: cross-encoder workers at it, the fast
+#: ranker 10 above, the watchdog 20 above, so that the README's commands run side by side on one host.
+KIND_OFFSETS = {"fast": 10, "watchdog": 20}
+#: The port this process serves ``/metrics`` on (0: none), for its reports and ``rerankq status``.
+served_port = 0
+
+
+def default_port(kind: str, configured: int) -> int:
+    """The first port a process of ``kind`` tries when none is given (``configured`` 0 means none)."""
+    return configured + KIND_OFFSETS.get(kind, 0) if configured else 0
+
+
+def serve(port: int) -> int:
+    """Expose ``/metrics`` on ``port`` (all interfaces), or on the next free one of ``PORT_TRIES``; 0 means no
+    metrics. Returns the port served, 0 if every one was taken: a port in use never keeps a process from
+    serving jobs. The caller says where metrics are."""
+    global served_port
+    for candidate in range(port, min(65536, port + PORT_TRIES)) if port else ():
+        try:
+            start_http_server(candidate)
+        except OSError:
+            continue
+        served_port = candidate
+        return candidate
+    return 0
+
+
+def describe(asked: int, served: int) -> str:
+    """One line for the log: where metrics are, and why not where asked."""
+    if not asked:
+        return "no metrics (port 0)"
+    if not served:
+        return (f"no metrics: ports {asked}-{asked + PORT_TRIES - 1} are all in use (give this process its own "
+                "--metrics-port or RERANKQ_METRICS_PORT)")
+    moved = f" (port {asked} is in use)" if served != asked else ""
+    return f"metrics on http://0.0.0.0:{served}/metrics{moved}"
 
 
 def record_loads(loads: Mapping[str, Any]) -> None:

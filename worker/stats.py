@@ -142,6 +142,8 @@ class WorkerStats:
     #: Over the last ``RECENT_S``: share of wall time in forward batches; interactive queue-wait p95.
     busy_ratio: float = 0.0
     wait_p95_ms: float | None = None
+    #: Where it serves /metrics on its host (0: nowhere).
+    metrics_port: int = 0
 
     @property
     def pairs_per_s(self) -> float | None:

@@ -102,7 +102,7 @@ class Watchdog:
         changed = route != previous.route or cpu_open != previous.cpu_open
         reason = self._reason(route, cpu_open, gpu, cpu) if changed else previous.reason
         self.state = RouteState(route=route, cpu_open=cpu_open, since=now if changed else previous.since, at=now,
-                                reason=reason, loads=snapshot.loads)
+                                reason=reason, loads=snapshot.loads, metrics_port=metrics.served_port)
         with self.broker.client.pipeline(transaction=False) as pipe:
             pipe.set(state_key(self.broker, self.gpu_queue), self.state.encode(),
                      px=int(self.settings.route_ttl_s * 1000))
@@ -186,7 +186,7 @@ def run_watchdog(loglevel: str, metrics_port: int) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    metrics.serve(metrics_port)
+    logger.info(metrics.describe(metrics_port, metrics.serve(metrics_port)))
     broker = BrokerRedis(app)
     watchdog = Watchdog(broker, settings)
     logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,
