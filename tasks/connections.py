@@ -40,8 +40,9 @@ class BrokerRedis:
         return self.prefix + qos.unacked_index_key, self.prefix + qos.unacked_key
 
     def restore(self, tag: str) -> None:
-        """Put an unacked job back at the head of its queue, as kombu restores one (atomically)."""
-        self._channel.qos.restore_by_tag(tag, leftmost=True)
+        """Put an unacked job back at the head of its queue, atomically: the end workers take next (kombu's
+        ``leftmost=True`` is the other end, behind every job waiting)."""
+        self._channel.qos.restore_by_tag(tag, leftmost=False)
 
     def close(self) -> None:
         self._connection.release()

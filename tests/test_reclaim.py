@@ -32,7 +32,7 @@ def test_only_rerank_jobs_no_live_worker_holds_are_put_back(celery_app: Any) -> 
         holder = WorkerStats(node="w@h", ranker="simulated", model="m", device="cpu", held={gpu: 1}, pairs=0,
                              jobs=0, busy_s=0.0, served=0, tags=[by_task[sent[0].id]])
         broker = BrokerRedis(celery_app)
-        reclaimed = reclaim(broker, [gpu], [holder], grace_s=0.0)
+        reclaimed, _ = reclaim(broker, [gpu], [holder], grace_s=0.0)
 
         assert sorted(reclaimed) == sorted([sent[1].id, sent[2].id])
         back = [json.loads(raw)["headers"]["id"] for raw in broker.client.lrange(gpu, 0, -1)]
@@ -40,11 +40,38 @@ def test_only_rerank_jobs_no_live_worker_holds_are_put_back(celery_app: Any) -> 
         index_key, _ = broker.unacked_keys()
         still_unacked = {t.decode() for t in broker.client.zrange(index_key, 0, -1)}  # type: ignore[union-attr]
         assert by_task[sent[0].id] in still_unacked and by_task[stranger.id] in still_unacked
-        assert reclaim(broker, [gpu], [holder], grace_s=3600.0) == []  # nothing is due yet
+        assert reclaim(broker, [gpu], [holder], grace_s=3600.0) == ([], 0)  # nothing is due yet
         for message in delivered:  # leave Redis clean
             message.ack()
         broker.client.delete(*broker.queue_lists(gpu))
         broker.close()
+
+
+def test_a_reclaimed_job_goes_to_the_head_of_its_queue_and_each_scan_reads_a_bounded_page(celery_app: Any) -> None:
+    queue = new_queue()
+    for _ in range(3):
+        rerank.apply_async(("q", ["d"]), queue=queue)
+    broker = BrokerRedis(celery_app)
+    with Connection(celery_app.conf.broker_url) as connection:
+        channel = connection.channel()
+        delivered = [channel.basic_get(queue, no_ack=False) for _ in range(3)]  # then their worker died
+        orphans = [message.headers["id"] for message in delivered]  # oldest delivery first
+        waiting = [rerank.apply_async(("q", ["d"]), queue=queue).id for _ in range(2)]
+        index_key, _ = broker.unacked_keys()
+        for n, message in enumerate(delivered):  # delivered before anything else unacked in this Redis
+            broker.client.zadd(index_key, {message.delivery_tag: n})
+
+        first, offset = reclaim(broker, [queue], [], grace_s=0.0, limit=2)
+        assert (first, offset) == (orphans[:2], 0 + 2 - 2)
+        second, _ = reclaim(broker, [queue], [], grace_s=0.0, limit=2)
+        assert second == orphans[2:]
+
+        # Workers take from the right end: each scan's jobs go to the head, oldest first, ahead of the two that
+        # waited meanwhile.
+        taken = [json.loads(raw)["headers"]["id"] for raw in reversed(broker.client.lrange(queue, 0, -1))]
+        assert taken == [orphans[2], orphans[0], orphans[1], *waiting]
+        broker.client.delete(*broker.queue_lists(queue))
+    broker.close()
 
 
 def test_in_flight_jobs_of_workers_gone_quiet_go_back_to_their_queue_and_live_ones_stay(celery_app: Any) -> None:

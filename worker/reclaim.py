@@ -3,7 +3,9 @@
 kombu keeps every delivered, unacked job in an index and a hash, and redelivers one only after the
 visibility timeout (an hour by default), since it cannot tell a slow worker from a dead one. rerankq's
 workers report the delivery tags they hold every poll, so the watchdog can: a rerank job delivered more
-than ``grace_s`` ago that no live worker reports holding is put back at the head of its queue at once. A
+than ``grace_s`` ago that no live worker reports holding is put back at the head of its queue at once
+(taken next: it has waited already). Each poll looks at a bounded page of the unacked index, the next
+page the next poll. A
 job reclaimed from a worker that was only slow is scored twice, which is harmless (its result is
 written twice); jobs of other apps sharing the Redis are never touched.
 """
@@ -22,27 +24,34 @@ from worker.stats import WorkerStats
 logger = logging.getLogger(__name__)
 
 
-def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerStats], grace_s: float) -> list[str]:
-    """Put back the orphaned rerank jobs of ``queues``; return their task ids."""
+#: Unacked jobs one reclaim looks at, at most: the index is shared by every queue and app on the Redis.
+RECLAIM_SCAN = 1000
+
+
+def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerStats], grace_s: float,
+            offset: int = 0, limit: int = RECLAIM_SCAN) -> tuple[list[str], int]:
+    """Put back the orphaned rerank jobs of ``queues`` among at most ``limit`` due deliveries, from
+    ``offset`` in the index (oldest first). Returns their task ids and the offset to scan from next time
+    (0 once the end of the due ones is reached)."""
     index_key, hash_key = broker.unacked_keys()
-    due: list[bytes] = broker.client.zrangebyscore(index_key, "-inf", time.time() - grace_s)  # type: ignore[assignment]
+    due: list[bytes] = broker.client.zrangebyscore(  # type: ignore[assignment]
+        index_key, "-inf", time.time() - grace_s, start=offset, num=limit)
     candidates = [tag.decode() for tag in due]
-    if not candidates:
-        return []
     held = {tag for worker in live for tag in worker.tags}
     orphans = [tag for tag in candidates if tag not in held]
-    if not orphans:
-        return []
     reclaimed = []
-    for tag, raw in zip(orphans, broker.client.hmget(hash_key, orphans), strict=True):
-        job = _rerank_job(raw, queues)
-        if job is not None:
-            broker.restore(tag)
-            reclaimed.append(job)
+    if orphans:
+        jobs = [(tag, _rerank_job(raw, queues)) for tag, raw in zip(orphans, broker.client.hmget(hash_key, orphans),
+                                                                   strict=True)]
+        for tag, job in reversed(jobs):  # newest first, so that the oldest ends at the very head
+            if job is not None:
+                broker.restore(tag)
+        reclaimed = [job for _, job in jobs if job is not None]
     if reclaimed:
         logger.warning("put back %d job(s) no live worker holds, delivered over %.0fs ago: %s", len(reclaimed),
                        grace_s, ", ".join(reclaimed[:5]) + (" ..." if len(reclaimed) > 5 else ""))
-    return reclaimed
+    # What was put back left the index: the next scan starts past what stays of this one.
+    return reclaimed, offset + len(candidates) - len(reclaimed) if len(candidates) == limit else 0
 
 
 def _rerank_job(raw: bytes | str | None, queues: Sequence[str]) -> str | None:

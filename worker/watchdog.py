@@ -80,6 +80,7 @@ class Watchdog:
         self.queues = lanes.both([self.gpu_queue, self.cpu_queue], settings.bulk_suffix)
         self.state: RouteState | None = None
         self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
+        self._reclaim_offset = 0
 
     def _resume(self) -> RouteState:
         """Carry on from the state a previous watchdog left (a restart must not flip the route)."""
@@ -126,7 +127,8 @@ class Watchdog:
 
     def _reclaim(self, live: list[WorkerStats]) -> None:
         try:
-            reclaimed = reclaim(self.broker, self.queues, live, self.reclaim_grace_s)
+            reclaimed, self._reclaim_offset = reclaim(self.broker, self.queues, live, self.reclaim_grace_s,
+                                                      self._reclaim_offset)
         except Exception:  # never let reclaiming stop the routing
             logger.exception("could not reclaim orphaned jobs; they return after the visibility timeout")
             return
