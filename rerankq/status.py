@@ -46,9 +46,9 @@ def _workers(snapshot: Snapshot, queues: list[str]) -> list[dict[str, Any]]:
 def _route(state: RouteState | None) -> dict[str, Any]:
     if state is None:
         return {"route": "gpu", "cpu_open": True, "watchdog": False, "since": None, "reason": "",
-                "metrics_port": 0}
+                "metrics_port": 0, "leader": ""}
     return {"route": state.route, "cpu_open": state.cpu_open, "watchdog": True, "since": state.since,
-            "reason": state.reason, "metrics_port": state.metrics_port}
+            "reason": state.reason, "metrics_port": state.metrics_port, "leader": state.leader}
 
 
 def _queue_row(snapshot: Snapshot, queue: str, lane: str) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def render(status: dict[str, Any]) -> str:
     if route["watchdog"]:
         age = time.time() - route["since"]
         head = (f"route: {route['route']} for {age:.0f}s, cpu queue {'open' if route['cpu_open'] else 'closed'}; "
-                f"watchdog metrics {_port(route['metrics_port'])}")
+                f"watchdog {route['leader']} leads, metrics {_port(route['metrics_port'])}")
     else:
         head = "route: gpu (no route state: the watchdog is not running, or its state expired)"
     lines = [head, ""]

@@ -74,8 +74,9 @@ class RouteState:
     at: float
     reason: str = ""
     loads: dict[str, QueueLoad] = field(default_factory=dict)
-    #: Where the watchdog serves /metrics on its host (0: nowhere).
+    #: Where the watchdog serves /metrics on its host (0: nowhere), and which watchdog leads.
     metrics_port: int = 0
+    leader: str = ""
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

@@ -157,6 +157,28 @@ def test_a_bulk_backlog_never_sheds_interactive_jobs_and_interactive_overload_st
     eventually(lambda: stack.served() == len(stack.sent), 20, f"{len(stack.sent)} jobs served once each")
 
 
+def test_of_two_watchdogs_one_leads_and_the_other_takes_over_within_the_route_ttl_when_it_is_killed(
+        stack: Stack) -> None:
+    stack.gpu_worker()
+    watchdogs = [stack.watchdog(), stack.watchdog()]
+    eventually(lambda: (state := stack.state()) is not None and bool(state.leader), 30, "a leader")
+    first = stack.state()
+    assert first is not None
+    leader = next(w for w in watchdogs if f"-{w.proc.pid}-" in first.leader)
+    standby = next(w for w in watchdogs if w is not leader)
+    eventually(lambda: "standing by" in standby.log(), 10, "the other stands by")
+
+    leader.kill()
+    killed, gaps = time.monotonic(), 0
+    while (state := stack.state()) is None or state.leader == first.leader:
+        gaps += state is None
+        assert time.monotonic() - killed < 5, "no takeover"
+        time.sleep(0.02)
+    assert time.monotonic() - killed < 1.0 + 0.5  # the route TTL (1 s here), give or take a poll
+    assert gaps == 0  # producers never saw the route state missing
+    assert f"-{standby.proc.pid}-" in state.leader and "leading" in standby.log()
+
+
 def test_prefetched_unacked_jobs_count_in_the_backlog(stack: Stack, start_worker: StartWorker) -> None:
     worker = start_worker("--ranker", "simulated", "--model", "latency_ms=20,token_us=0", queue=stack.gpu,
                           RERANKQ_MAX_CHUNK_JOBS="1", RERANKQ_PREFETCH="1000", **stack.env)

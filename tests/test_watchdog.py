@@ -18,7 +18,7 @@ from tasks.router import PASSTHROUGH, QueueLoad, Router, RouteState, counts_key,
 from tests.conftest import new_queue
 from worker.backlog import measure
 from worker.stats import StatsReporter, WorkerStats
-from worker.watchdog import Watchdog
+from worker.watchdog import Watchdog, recent_changes
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,13 @@ class Setup:
         reporter.report()
 
 
+def lead(watchdog: Watchdog) -> RouteState:
+    """A poll of a watchdog that leads (the only one on its queues)."""
+    state = watchdog.poll()
+    assert state is not None, "this watchdog stood by"
+    return state
+
+
 @pytest.fixture
 def setup(celery_app: Any) -> Iterator[Setup]:
     broker = BrokerRedis(celery_app)
@@ -67,10 +74,10 @@ def test_one_poll_after_the_backlog_passes_the_high_mark_new_jobs_go_to_cpu(setu
     setup.report(setup.cpu, "cpu-worker")
     watchdog = Watchdog(setup.broker, setup.settings)
     setup.enqueue(15, setup.gpu)
-    assert watchdog.poll().route == "gpu"  # 1.5 s of wait: under the 2 s mark
+    assert lead(watchdog).route == "gpu"  # 1.5 s of wait: under the 2 s mark
     assert setup.router.route() == setup.gpu
     setup.enqueue(10, setup.gpu)
-    state = watchdog.poll()
+    state = lead(watchdog)
     assert state.route == "shed" and state.cpu_open
     assert state.loads[setup.gpu].wait_s == pytest.approx(2.5)
     assert setup.router.route() == setup.cpu
@@ -84,7 +91,7 @@ def test_jobs_held_by_workers_count_in_the_backlog(setup: Setup) -> None:
     load = measure(setup.broker, [setup.gpu], POLL_S).loads[setup.gpu]
     assert (load.waiting, load.held, load.backlog, load.workers) == (5, 25, 30, 2)
     assert load.wait_s == pytest.approx(30 * 10 / 200)
-    state = Watchdog(setup.broker, setup.settings).poll()
+    state = lead(Watchdog(setup.broker, setup.settings))
     assert state.route == "gpu"  # 1.5 s: two workers share the backlog
 
 
@@ -115,7 +122,7 @@ def test_a_worker_that_stops_reporting_is_no_longer_live(setup: Setup) -> None:
 def test_both_queues_over_their_marks_means_passthrough_unless_switched_off(setup: Setup) -> None:
     setup.report(setup.gpu, "gpu-worker")
     setup.enqueue(30, setup.gpu)  # no CPU worker is live: the CPU queue is closed
-    state = Watchdog(setup.broker, setup.settings).poll()
+    state = lead(Watchdog(setup.broker, setup.settings))
     assert state.route == "shed" and not state.cpu_open
     assert setup.router.route() == PASSTHROUGH
     off = Router(lambda: setup.broker, setup.gpu, setup.cpu, 0.0, passthrough=False)
@@ -126,23 +133,44 @@ def test_a_restarted_watchdog_carries_on_from_the_route_it_finds(setup: Setup) -
     setup.report(setup.gpu, "gpu-worker")
     setup.report(setup.cpu, "cpu-worker")
     setup.enqueue(30, setup.gpu)
-    assert Watchdog(setup.broker, setup.settings).poll().route == "shed"
+    first = Watchdog(setup.broker, setup.settings)
+    assert lead(first).route == "shed"
+    first.lease.release()  # stopped: a graceful stop hands the lease over at once
     setup.broker.client.delete(*setup.broker.queue_lists(setup.gpu))
     setup.enqueue(10, setup.gpu)  # 1 s: between the marks
-    assert Watchdog(setup.broker, setup.settings).poll().route == "shed"
+    assert lead(Watchdog(setup.broker, setup.settings)).route == "shed"
 
 
 def test_without_a_watchdog_the_route_state_expires_back_to_gpu(setup: Setup) -> None:
     setup.report(setup.gpu, "gpu-worker")
     setup.report(setup.cpu, "cpu-worker")
     setup.enqueue(30, setup.gpu)
-    Watchdog(setup.broker, setup.settings).poll()
+    lead(Watchdog(setup.broker, setup.settings))
     assert setup.router.route() == setup.cpu
     ttl_ms = setup.broker.client.pttl(state_key(setup.broker, setup.gpu))
     assert 0 < ttl_ms <= 1000
     time.sleep(ttl_ms / 1000 + 0.05)
     assert setup.broker.client.get(state_key(setup.broker, setup.gpu)) is None
     assert setup.router.route() == setup.gpu
+
+
+def test_of_two_watchdogs_with_diverged_hysteresis_one_leads_and_the_route_does_not_flap(setup: Setup) -> None:
+    setup.report(setup.gpu, "gpu-worker")
+    setup.report(setup.cpu, "cpu-worker")
+    first, second = Watchdog(setup.broker, setup.settings), Watchdog(setup.broker, setup.settings)
+    setup.enqueue(30, setup.gpu)  # 3 s: over the high mark
+    assert lead(first).route == "shed"
+    setup.broker.client.delete(*setup.broker.queue_lists(setup.gpu))
+    setup.enqueue(10, setup.gpu)  # 1 s: between the marks, where each keeps the route it last decided
+    # The second saw no backlog when it last decided: alone, it would turn the route back to gpu here.
+    second.state = RouteState(route="gpu", cpu_open=True, since=0.0, at=0.0)
+    for _ in range(5):
+        assert second.poll() is None  # standing by
+        state = lead(first)
+    assert state.route == "shed" and state.leader == first.lease.holder
+    assert [c["route"] for c in recent_changes(setup.broker, setup.gpu)] == ["shed"]  # one change, no flapping
+    first.lease.release()
+    assert lead(second).route == "shed"  # takes over from the state the leader left
 
 
 def test_the_route_state_round_trips_through_json() -> None:
@@ -154,7 +182,7 @@ def test_the_route_state_round_trips_through_json() -> None:
 def test_passthrough_is_logged_and_counted(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
     setup.report(setup.gpu, "gpu-worker")
     setup.enqueue(30, setup.gpu)
-    Watchdog(setup.broker, setup.settings).poll()
+    lead(Watchdog(setup.broker, setup.settings))
     with caplog.at_level("WARNING", logger="tasks.router"):
         assert [setup.router.route() for _ in range(3)] == [PASSTHROUGH] * 3
     assert "passthrough" in caplog.text and setup.gpu in caplog.text

@@ -43,6 +43,7 @@ MODEL = Gauge("rerankq_model_info", "The model this worker serves (always 1).", 
 MODEL_LOAD = Gauge("rerankq_model_load_seconds", "How long loading the model took.")
 
 # -- watchdog ---------------------------------------------------------------------------------------
+LEADING = Gauge("rerankq_watchdog_leading", "1 while this watchdog leads (writes the route); 0 standing by.")
 ROUTE_SHED = Gauge("rerankq_route_shed", "1 while new jobs are shed off the GPU queue.")
 CPU_OPEN = Gauge("rerankq_cpu_queue_open", "1 while the CPU queue takes shed jobs; 0 means passthrough.")
 ROUTE_CHANGES = Counter("rerankq_route_changes", "Route changes this watchdog made, by new route.", ["route"])

@@ -23,6 +23,7 @@ from tasks.connections import BrokerRedis
 from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from worker import metrics
 from worker.backlog import measure
+from worker.lease import Lease
 from worker.reclaim import reclaim
 from worker.stats import WorkerStats, grace_for, model_loads_key
 
@@ -81,6 +82,8 @@ class Watchdog:
         self.state: RouteState | None = None
         self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
         self._reclaim_offset = 0
+        self.lease = Lease(broker, self.gpu_queue, settings.route_ttl_s / 2)
+        self.leading: bool | None = None
 
     def _resume(self) -> RouteState:
         """Carry on from the state a previous watchdog left (a restart must not flip the route)."""
@@ -89,8 +92,18 @@ class Watchdog:
             return RouteState.decode(raw)
         return RouteState(route=GPU, cpu_open=True, since=time.time(), at=time.time())
 
-    def poll(self) -> RouteState:
-        """Measure, decide, write the state; log and record a change. Returns the new state."""
+    def poll(self) -> RouteState | None:
+        """Lead: measure, decide, write the state, log and record a change, and return the new state. Stand
+        by while another watchdog leads (the lease): return None."""
+        leading = self.lease.hold()
+        if leading != self.leading:
+            logger.info("leading: this watchdog measures and writes the route" if leading else
+                        "standing by: watchdog %s leads", self.lease.leader())
+            self.leading = leading
+            metrics.LEADING.set(leading)
+        if not leading:
+            self.state = None  # on taking over, carry on from the state the leader left
+            return None
         # Bulk lanes are measured for the record, never judged: a bulk run waits its turn and sheds nothing.
         snapshot = measure(self.broker, self.queues, self.settings.poll_ms / 1000)
         self._reclaim([w for workers in snapshot.workers.values() for w in workers])
@@ -103,7 +116,8 @@ class Watchdog:
         changed = route != previous.route or cpu_open != previous.cpu_open
         reason = self._reason(route, cpu_open, gpu, cpu) if changed else previous.reason
         self.state = RouteState(route=route, cpu_open=cpu_open, since=now if changed else previous.since, at=now,
-                                reason=reason, loads=snapshot.loads, metrics_port=metrics.served_port)
+                                reason=reason, loads=snapshot.loads, metrics_port=metrics.served_port,
+                                leader=self.lease.holder)
         with self.broker.client.pipeline(transaction=False) as pipe:
             pipe.set(state_key(self.broker, self.gpu_queue), self.state.encode(),
                      px=int(self.settings.route_ttl_s * 1000))
@@ -194,6 +208,7 @@ def run_watchdog(loglevel: str, metrics_port: int) -> int:
     logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,
                 settings.cpu_queue, settings.poll_ms, watchdog.marks.describe(), settings.route_ttl_s)
     watchdog.run(stop)
+    watchdog.lease.release()
     broker.close()
     logger.info("stopped; producers fall back to %s within %.1fs", settings.gpu_queue, settings.route_ttl_s)
     return 0
