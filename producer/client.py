@@ -8,13 +8,15 @@ time, and re-raise the job's own error (``BadJob``, ``DeadlineExceeded``, ``Rank
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import EagerResult
 
 from producer.waiting import AsyncWaiter
 from tasks.errors import RerankTimeout
@@ -40,25 +42,35 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
 
 async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
                   timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE) -> Result:
-    """Like ``rerank``, awaited: one async Redis connection per event loop waits for every pending job."""
+    """Like ``rerank``, awaited: one async Redis connection per event loop waits for every pending job.
+
+    Nothing blocks the event loop: the send (a synchronous publish, with its retries, and the route read)
+    runs in the loop's executor, and ``timeout`` covers the whole call, so a hung Redis ends it with
+    ``RerankTimeout`` on time while the loop serves everything else."""
     loop = asyncio.get_running_loop()
     waiter = _waiters.get(loop)
     if waiter is None:
         waiter = _waiters[loop] = AsyncWaiter(rerank_task.backend)
     task_id = str(uuid.uuid4())
-    future = await waiter.expect(task_id)
+    send = functools.partial(_send, task_id, query, docs, top_k, deadline, timeout, queue, lane)
     try:
-        handle = _send(task_id, query, docs, top_k, deadline, timeout, queue, lane)
-        if handle.ready():  # passthrough: answered without queueing
-            return Result.from_dict(handle.get(propagate=True))
-        outcome = await asyncio.wait_for(future, timeout)
+        outcome = await asyncio.wait_for(_sent_and_awaited(loop, waiter, task_id, send), timeout)
     except asyncio.TimeoutError:
         raise _timeout(task_id, timeout, queue) from None
     finally:
-        await waiter.forget(task_id)
+        waiter.forget(task_id)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter, task_id: str,
+                            send: Callable[[], Any]) -> Result | BaseException:
+    future = await waiter.expect(task_id)  # subscribed before the send: no result can slip past
+    handle = await loop.run_in_executor(None, send)
+    if isinstance(handle, EagerResult):  # passthrough: answered without queueing
+        return Result.from_dict(handle.get(propagate=True))
+    return await future
 
 
 def _send(task_id: str, query: str, docs: Sequence[str], top_k: int | None, deadline: float | None,

@@ -158,6 +158,7 @@ class AsyncWaiter:
         self._reader: asyncio.Task[None] | None = None
         # Subscriptions share the one pub/sub connection: the first must open it before others use it.
         self._subscribing = asyncio.Lock()
+        self._unsubscribing: set[asyncio.Task[None]] = set()
 
     async def expect(self, task_id: str) -> asyncio.Future[Outcome]:
         """Subscribe to the job's result and return the future it resolves; call before sending the job.
@@ -174,10 +175,14 @@ class AsyncWaiter:
             self._reader = asyncio.create_task(self._read())
         return future
 
-    async def forget(self, task_id: str) -> None:
+    def forget(self, task_id: str) -> None:
+        """Stop awaiting the job. Its unsubscribe runs on in the background: a hung Redis never holds the
+        caller up."""
         key = result_key(self.backend, task_id)
         if self._futures.pop(key, None) is not None:
-            await self._unsubscribe(key)
+            task = asyncio.create_task(self._unsubscribe(key))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
 
     async def _read(self) -> None:
         """Resolve futures from pub/sub messages and periodic sweeps. Rides out an unreachable Redis: the

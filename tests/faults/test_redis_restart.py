@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +104,80 @@ def test_awaited_results_survive_a_redis_restart(tmp_path: Path) -> None:
             out, err = awaiter.communicate(timeout=120)
             assert awaiter.returncode == 0, err[-3000:] + worker.log()[-3000:]
             assert out.strip() == "done 20 ['simulated']"
+        finally:
+            if awaiter is not None and awaiter.poll() is None:
+                awaiter.kill()
+            worker.stop()
+
+
+def line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line ``proc`` prints, or an AssertionError if none comes within ``timeout``."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no line within {timeout}s"
+    return proc.stdout.readline()
+
+
+HUNG_AWAITER = """
+import asyncio, sys, time
+from producer import arerank
+from tasks import RerankTimeout
+
+async def main():
+    queue = sys.argv[1]
+    print("warm", (await arerank("bread", ["bread"], timeout=30, queue=queue)).ranker, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # Redis is stopped now
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(arerank("bread", ["bread"], timeout=1.0, queue=queue) for _ in range(5)),
+                                    return_exceptions=True)
+    print("hung", sum(isinstance(o, RerankTimeout) for o in outcomes), round(time.monotonic() - started, 1), ticks,
+          flush=True)
+    ticker.cancel()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # Redis runs again
+    print("after", (await arerank("bread", ["bread"], timeout=30, queue=queue)).ranker, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_hung_redis_never_blocks_the_event_loop_and_each_await_times_out_on_time(tmp_path: Path) -> None:
+    queue = new_queue()
+    with RedisServer() as server:
+        env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url}
+        worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=1,token_us=0"], env,
+                               tmp_path / "worker.log", f"hung.{queue}@localhost")
+        awaiter = None
+        assert server.pid is not None
+        try:
+            eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+            awaiter = subprocess.Popen([sys.executable, "-c", HUNG_AWAITER, queue], env={**os.environ, **env},
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+            assert awaiter.stdin is not None and awaiter.stdout is not None
+            assert line(awaiter, 60).split() == ["warm", "simulated"]
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                awaiter.stdin.write("\n")
+                awaiter.stdin.flush()
+                hung = line(awaiter, 20).split()
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert hung[:2] == ["hung", "5"], hung  # every call raised RerankTimeout...
+            assert float(hung[2]) < 2.5  # ...at its 1 s timeout, not when Redis came back
+            assert int(hung[3]) >= 10  # and the loop kept running meanwhile
+            awaiter.stdin.write("\n")
+            awaiter.stdin.flush()
+            out, err = awaiter.communicate(timeout=60)
+            assert out.split() == ["after", "simulated"], err[-3000:]
         finally:
             if awaiter is not None and awaiter.poll() is None:
                 awaiter.kill()
