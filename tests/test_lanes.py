@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
 
+from producer import submit_many
 from tasks import Result, lanes, rerank
 from tasks.connections import BrokerRedis
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
@@ -103,6 +105,28 @@ def test_a_bulk_run_alone_fills_whole_chunks_like_the_same_run_sent_interactive(
     # The first job or two run at once, then whole chunks: bulk is not held back when nothing else waits.
     for sizes in (plain, as_bulk):
         assert sum(size == 4 for size in sizes) >= 3 and len(sizes) <= 5, sizes
+
+
+def test_two_bulk_runs_at_once_both_make_progress(start_worker: StartWorker) -> None:
+    worker = start_worker(*simulated(50), RERANKQ_MAX_CHUNK_JOBS="2")
+    arrivals: list[str] = []
+    lock = threading.Lock()
+
+    def run(name: str) -> None:
+        jobs = [{"id": n, "query": QUERY, "docs": ["bread"]} for n in range(20)]
+        for _id, outcome in submit_many(jobs, max_in_flight=4, queue=worker.queue):
+            assert isinstance(outcome, Result)
+            with lock:
+                arrivals.append(name)
+
+    runs = [threading.Thread(target=run, args=(name,)) for name in ("first", "second")]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join(60)
+    assert sorted(arrivals) == ["first"] * 20 + ["second"] * 20
+    # Neither waited for the other to finish: each had results in the first half of all the results.
+    assert {"first", "second"} <= set(arrivals[:20])
 
 
 def test_a_worker_killed_holding_both_lanes_loses_nothing_and_scores_each_job_once(
