@@ -11,6 +11,10 @@ Three threads share the work so that the GPU never waits on bookkeeping:
 A chunk grows while the previous one runs, and is taken when the budget is full, when no other received
 job is still being prepared (a lone job is never held for chunk-mates that are not in sight), or when its
 oldest job has waited ``max_wait_ms`` for those being prepared.
+
+Lanes (tasks/lanes.py): a chunk is its interactive jobs, scored and settled first, then the bulk jobs that
+fill the rest of its budget; between two forward batches of bulk jobs the runner serves whatever
+interactive jobs are ready (``_preempt``), so bulk work delays an interactive job by one forward batch.
 """
 
 from __future__ import annotations
