@@ -52,6 +52,7 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
     if waiter is None:
         waiter = _waiters[loop] = AsyncWaiter(rerank_task.backend)
     task_id = str(uuid.uuid4())
+    deadline = deadline if deadline is not None else time.time() + timeout  # from the call, not the send
     send = functools.partial(_send, task_id, query, docs, top_k, deadline, timeout, queue, lane)
     try:
         outcome = await asyncio.wait_for(_sent_and_awaited(loop, waiter, task_id, send), timeout)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 
 def rerankq_key(prefix: str, *parts: str) -> str:
@@ -39,10 +41,28 @@ class BrokerRedis:
         qos = self._channel.qos
         return self.prefix + qos.unacked_index_key, self.prefix + qos.unacked_key
 
-    def restore(self, tag: str) -> None:
-        """Put an unacked job back at the head of its queue, atomically: the end workers take next (kombu's
-        ``leftmost=True`` is the other end, behind every job waiting)."""
-        self._channel.qos.restore_by_tag(tag, leftmost=False)
+    def restore(self, tag: str, delivered_before: float) -> bool:
+        """Put an unacked job back at the head of its queue (the end workers take next; kombu's
+        ``leftmost=True`` is the other end, behind every job waiting), atomically, and only if it is still
+        unacked from a delivery before ``delivered_before``: a job another watchdog already put back, and a
+        worker took again, stays where it is. kombu's ``restore_by_tag`` with that check added (its
+        ``_remove_from_indices`` and ``_do_restore_message``). Returns whether it was put back."""
+        qos, restored = self._channel.qos, False
+
+        def transaction(pipe: Any) -> None:
+            nonlocal restored
+            delivered, raw = pipe.zscore(qos.unacked_index_key, tag), pipe.hget(qos.unacked_key, tag)
+            pipe.multi()
+            if delivered is None or delivered >= delivered_before or raw is None:
+                return
+            message, exchange, routing_key = loads(bytes_to_str(raw))
+            qos._remove_from_indices(tag, pipe)
+            self._channel._do_restore_message(message, exchange, routing_key, pipe, False)
+            restored = True
+
+        with self._channel.conn_or_acquire() as client:
+            client.transaction(transaction, qos.unacked_index_key, qos.unacked_key)
+        return restored
 
     def close(self) -> None:
         self._connection.release()

@@ -74,6 +74,25 @@ def test_a_reclaimed_job_goes_to_the_head_of_its_queue_and_each_scan_reads_a_bou
     broker.close()
 
 
+def test_a_job_put_back_and_taken_again_is_not_put_back_a_second_time_by_a_late_watchdog(celery_app: Any) -> None:
+    queue = new_queue()
+    rerank.apply_async(("q", ["d"]), queue=queue)
+    broker = BrokerRedis(celery_app)
+    with Connection(celery_app.conf.broker_url) as connection:
+        channel = connection.channel()
+        first = channel.basic_get(queue, no_ack=False)
+        cutoff = time.time() + 1  # what two watchdogs computed: the delivery is due
+        assert broker.restore(first.delivery_tag, cutoff)  # the first puts it back...
+        again = channel.basic_get(queue, no_ack=False)  # ...a worker takes it again, under the same tag...
+        assert again.delivery_tag == first.delivery_tag
+        broker.client.zadd(broker.unacked_keys()[0], {again.delivery_tag: cutoff + 10})  # ...delivered later
+        assert not broker.restore(first.delivery_tag, cutoff)  # the second, late, leaves it with that worker
+        assert broker.client.llen(queue) == 0
+        assert broker.client.hexists(broker.unacked_keys()[1], again.delivery_tag)
+        again.ack()
+    broker.close()
+
+
 def test_in_flight_jobs_of_workers_gone_quiet_go_back_to_their_queue_and_live_ones_stay(celery_app: Any) -> None:
     broker = BrokerRedis(celery_app)
     prefix = f"{new_queue()}:"  # a registry of its own: the suite's live workers reclaim the shared one

@@ -34,8 +34,9 @@ def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerSta
     ``offset`` in the index (oldest first). Returns their task ids and the offset to scan from next time
     (0 once the end of the due ones is reached)."""
     index_key, hash_key = broker.unacked_keys()
+    cutoff = time.time() - grace_s
     due: list[bytes] = broker.client.zrangebyscore(  # type: ignore[assignment]
-        index_key, "-inf", time.time() - grace_s, start=offset, num=limit)
+        index_key, "-inf", cutoff, start=offset, num=limit)
     candidates = [tag.decode() for tag in due]
     held = {tag for worker in live for tag in worker.tags}
     orphans = [tag for tag in candidates if tag not in held]
@@ -43,10 +44,10 @@ def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerSta
     if orphans:
         jobs = [(tag, _rerank_job(raw, queues)) for tag, raw in zip(orphans, broker.client.hmget(hash_key, orphans),
                                                                    strict=True)]
-        for tag, job in reversed(jobs):  # newest first, so that the oldest ends at the very head
-            if job is not None:
-                broker.restore(tag)
-        reclaimed = [job for _, job in jobs if job is not None]
+        # Newest first, so that the oldest ends at the very head. A job no longer due (another watchdog put it
+        # back and a worker took it again) is left alone.
+        restored = {tag for tag, job in reversed(jobs) if job is not None and broker.restore(tag, cutoff)}
+        reclaimed = [job for tag, job in jobs if tag in restored and job is not None]
     if reclaimed:
         logger.warning("put back %d job(s) no live worker holds, delivered over %.0fs ago: %s", len(reclaimed),
                        grace_s, ", ".join(reclaimed[:5]) + (" ..." if len(reclaimed) > 5 else ""))

@@ -82,7 +82,9 @@ class Watchdog:
         self.state: RouteState | None = None
         self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
         self._reclaim_offset = 0
-        self.lease = Lease(broker, self.gpu_queue, settings.route_ttl_s / 2)
+        # Half the route TTL, so a stand-by leads before the route expires; but never under a poll and a half,
+        # or the lease would lapse between two renewals.
+        self.lease = Lease(broker, self.gpu_queue, max(settings.route_ttl_s / 2, 1.5 * settings.poll_ms / 1000))
         self.leading: bool | None = None
 
     def _resume(self) -> RouteState:
