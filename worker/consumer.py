@@ -265,10 +265,8 @@ class ChunkConsumer:
         for pending in scored:
             pairs[pending.queue] += len(pending.costs)
         self.throughput.add(pairs, Counter(p.queue for p in live), finished - started - preempted_s)
-        _record(live, outcomes, sum(pairs.values()), info.tokens, started, inference_ms / 1000, finished)
-        for pending in live:
-            if pending.lane == INTERACTIVE:
-                self.recent.waited(max(0.0, started - _sent_at(pending)))
+        _record(live, outcomes, sum(pairs.values()), info.tokens, started, inference_ms / 1000, finished,
+                self.recent)
         logger.info("chunk %s (%s): %d jobs, %d pairs, %d tokens, inference %.1f ms, total %.1f ms", info.id,
                     chunk[0].lane, info.jobs, sum(pairs.values()), info.tokens, inference_ms,
                     (finished - started) * 1000)
@@ -356,7 +354,7 @@ def _sent_at(pending: Pending) -> float:
 
 
 def _record(live: list[Pending], outcomes: list[results.Outcome], pairs: int, tokens: int, started: float,
-            inference_s: float, finished: float) -> None:
+            inference_s: float, finished: float, recent: Recent) -> None:
     metrics.CHUNK_JOBS.observe(len(live))
     metrics.CHUNK_PAIRS.observe(pairs)
     metrics.CHUNK_TOKENS.observe(tokens)
@@ -364,8 +362,11 @@ def _record(live: list[Pending], outcomes: list[results.Outcome], pairs: int, to
     for pending, outcome in zip(live, outcomes, strict=True):
         metrics.JOBS.labels("success" if outcome.error is None else type(outcome.error).__name__).inc()
         sent_at = _sent_at(pending)
-        metrics.QUEUE_WAIT.labels(pending.lane).observe(max(0.0, started - sent_at))
+        waited = max(0.0, started - sent_at)
+        metrics.QUEUE_WAIT.labels(pending.lane).observe(waited)
         metrics.LATENCY.labels(pending.lane).observe(max(0.0, finished - sent_at))
+        if pending.lane == INTERACTIVE:
+            recent.waited(waited)
 
 
 def _ack_in_redis(broker: BrokerRedis, messages: list[Any]) -> None:
