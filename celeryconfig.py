@@ -35,15 +35,20 @@ class Settings:
     max_job_bytes: int = _env("RERANKQ_MAX_JOB_BYTES", 16 * 1024 * 1024,
                               "Largest job a producer sends (its JSON arguments); a larger one is refused there.")
     max_chunk_tokens: int = _env("RERANKQ_MAX_CHUNK_TOKENS", 16384,
-                                 "Token budget of one chunk (real tokens, counted with the model's tokenizer).")
+                                 "Tokens (real, counted with the model's tokenizer) of the jobs a worker scores "
+                                 "at once, its window: each forward batch is picked from the window's pairs.")
     max_batch_tokens: int = _env("RERANKQ_MAX_BATCH_TOKENS", 0,
                                  "Padded tokens in one forward batch (bounds activation memory); 0 means 8192 on "
                                  "a GPU and 2048 on a CPU, where larger batches run slower per pair "
                                  "(BENCHMARKS.md).")
-    max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in one chunk.")
+    max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in a worker's window.")
+    target_batch_ms: float = _env("RERANKQ_TARGET_BATCH_MS", 25.0,
+                                  "Forward batches are sized from the measured time per padded token to take "
+                                  "about this long (a job that arrives waits for the batch running), within "
+                                  "max_batch_tokens; a worker with a backlog runs full batches. 0: no target.")
     max_wait_ms: float = _env("RERANKQ_MAX_WAIT_MS", 10.0,
-                              "Longest a received job waits for chunk-mates still being tokenized before its "
-                              "chunk runs; with none in sight it runs at once.")
+                              "Longest an idle worker waits for received jobs still being tokenized before "
+                              "its first forward batch; with none in sight it starts at once.")
     prefetch: int = _env("RERANKQ_PREFETCH", 0,
                          "Jobs a worker holds unacked, both lanes together; bulk jobs take at most this minus "
                          "max_chunk_jobs, so interactive ones always find room. 0 means 3 x max_chunk_jobs; "
@@ -96,7 +101,7 @@ class Settings:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
         if self.prefetch and self.prefetch < 2 * self.max_chunk_jobs:
             raise ConfigError(
-                f"RERANKQ_PREFETCH={self.prefetch} cannot fill two chunks of RERANKQ_MAX_CHUNK_JOBS="
+                f"RERANKQ_PREFETCH={self.prefetch} cannot hold twice the window of RERANKQ_MAX_CHUNK_JOBS="
                 f"{self.max_chunk_jobs}: set it to at least {2 * self.max_chunk_jobs}, or to 0 for that")
         for low, high in (("low_wait_s", "high_wait_s"), ("low_jobs", "high_jobs")):
             low_mark, high_mark = getattr(self, low), getattr(self, high)

@@ -25,6 +25,18 @@ sys.path.insert(0, str(ROOT))
 from bench.workload import Request, workload  # noqa: E402
 
 
+def sorted_batches(costs: list[int], max_tokens: int) -> list[list[int]]:
+    """Pair indices in forward batches, longest first, each batch's padded size within ``max_tokens``: the
+    batches a worker runs over a window of these pairs (worker/batching.py)."""
+    order = sorted(range(len(costs)), key=lambda i: -costs[i])
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, max_tokens // max(1, costs[order[start]]))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="8192,4096,2048,1024")
@@ -36,7 +48,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from tests.tiny_models import build_minilm_cross_encoder
-    from worker.chunker import plan_batches
     from worker.onnx_ranker import OnnxCrossEncoderRanker
     from worker.rankers import CrossEncoderRanker, Ranker
 
@@ -54,7 +65,7 @@ def main() -> None:
     def budget(ranker: Ranker, tokens: int) -> Callable[[], list[float]]:
         def run() -> list[float]:
             scores = [0.0] * len(pairs)
-            for batch in plan_batches(costs, tokens):
+            for batch in sorted_batches(costs, tokens):
                 for i, s in zip(batch, ranker.score([pairs[i] for i in batch]), strict=True):
                     scores[i] = s
             return scores

@@ -146,9 +146,9 @@ def main() -> None:
             time.sleep(3)  # the watchdog's first polls
             interactive("warm-up")  # both workers measure their throughput
 
-            busy_before, start = scrape(port, "rerankq_inference_seconds_sum"), time.perf_counter()
+            busy_before, start = scrape(port, "rerankq_busy_seconds_total"), time.perf_counter()
             runs["interactive alone"] = interactive("interactive alone")
-            busy_share = (scrape(port, "rerankq_inference_seconds_sum") - busy_before) / (time.perf_counter() - start)
+            busy_share = (scrape(port, "rerankq_busy_seconds_total") - busy_before) / (time.perf_counter() - start)
 
             for name, lane in (("beside a bulk run", "bulk"), ("beside a bulk run sent interactive", "interactive"),
                                ("bulk run alone", None)):

@@ -2,7 +2,8 @@
 
 Systems: bare ``CrossEncoder.predict`` over all pairs (the in-process ceiling), naive Celery (one task and
 one ``predict`` per request), celery-batches, infinity-emb's ``/rerank`` server (with ``--infinity``, the
-path of its ``infinity_emb`` command, installed in a venv of its own) and rerankq (one worker, defaults).
+path of its ``infinity_emb`` command, installed in a venv of its own) and rerankq (one worker, defaults;
+with ``--baseline REF`` also a worker of the build of git commit REF, for before/after figures).
 
 Figures: pairs/s at saturation (every request sent at once; median of ``--repeats``, systems alternating),
 latency percentiles of requests sent one at a time (none waits for another: the light-load case) and
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--backend", default="torch", help="rerankq's RERANKQ_BACKEND (the peers run torch)")
     parser.add_argument("--infinity", help="the infinity_emb command (omit to leave infinity-emb out)")
     parser.add_argument("--zero-cost", action="store_true")
+    parser.add_argument("--baseline", default="", help="also run rerankq as of this git commit, side by side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or ROOT / "bench" / "results" / ("overhead.json" if args.zero_cost else "peers.json")
@@ -170,6 +172,9 @@ def main() -> None:
                         prefetch=128),
             rerankq_system(server.url, model, logdir, metrics_port, worker_args, args.backend),
         ]
+        if args.baseline:
+            systems.append(rerankq_system(server.url, model, logdir, free_port(), worker_args, args.backend,
+                                          baseline=args.baseline))
         if args.infinity and not args.zero_cost:
             systems.insert(2, infinity_system(args.infinity, model, args.device, logdir, completions))
         try:

@@ -5,11 +5,15 @@ One worker with the simulated GPU ranker (it sleeps per forward batch, using no 
 of a bge-reranker-v2-m3-sized model on a mid-range GPU: 4 ms per forward batch plus 10 µs per padded
 token), default settings. Its capacity is measured first (every job sent while it is paused); then jobs
 of ``--docs`` docs arrive in open-loop Poisson at each ``--loads`` share of it for ``--seconds``.
-Reported per load: queue wait p50/p95 (the workers' own figure: the producer's send to the job's first
-forward batch), the chunk inference p50, and the busy ratio (seconds in forward batches over wall time,
-from the worker's ``rerankq_busy_seconds_total``).
+Reported per load: queue wait p50/p95 (the worker's own figure: the producer's send to the job's first
+forward batch), latency p50/p95 (the job's scheduled arrival to its result reaching the client), and the
+busy ratio (seconds in forward batches over wall time, from the worker's ``rerankq_busy_seconds_total``).
 
-    python bench/queue_wait.py
+``--baseline REF`` runs a second worker from that git commit (its code extracted to a temporary
+directory) side by side in the same run: same arrivals, loads taken as shares of the baseline's capacity,
+the two builds taking turns at each load.
+
+    python bench/queue_wait.py --baseline e763ad0
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import open_loop, percentile, saturate  # noqa: E402
-from bench.systems import Completions, System, scrape  # noqa: E402
+from bench.systems import Completions, System, checkout, scrape  # noqa: E402
 from bench.workload import Request, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
 
@@ -45,71 +48,101 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=120)
     parser.add_argument("--model", default="latency_ms=4,token_us=10", help="the simulated GPU's costs")
     parser.add_argument("--capacity-requests", type=int, default=1000)
+    parser.add_argument("--baseline", default="", help="a git commit to run side by side with this build")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--label", default="", help="a name for this build in the report")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "queue_wait.json")
     args = parser.parse_args()
 
-    from rerankq.local import WorkerProcess
     from rerankq.redis_server import RedisServer
-    from tasks import app, rerank
+    from tasks import app
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         app.conf.update(broker_url=server.url, result_backend=server.url)
         env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url}
         completions = Completions(server.url)
-        port = free_port()
-        worker = WorkerProcess("rerank.gpu", ["--ranker", "simulated", "--model", args.model, "--device", "cuda:0",
-                                              "--loglevel", "WARNING", "--metrics-port", str(port)],
-                               env, Path(tmp) / "worker.log", f"gpu-{os.getpid()}@bench")
-        ids: list[str] = []
-
-        def send(request: Request) -> str:
-            handle = rerank.apply_async((request.query, request.docs), queue="rerank.gpu")
-            ids.append(handle.id)
-            return str(handle.id)
-
-        system = System("rerankq", send, lambda: [worker.proc.pid], lambda: None)
-        rows = []
+        builds = {"this build": Build("this build", args.model, env, Path(tmp), None)}
+        if args.baseline:
+            source = checkout(args.baseline, Path(tmp) / "baseline")
+            builds = {f"baseline {args.baseline}": Build(f"baseline {args.baseline}", args.model, env, Path(tmp),
+                                                         source), **builds}
+        rows: list[dict[str, Any]] = []
         try:
-            worker.wait_ready(app)
+            for build in builds.values():
+                build.worker.wait_ready(app)
             probe = workload(args.seed + 100, args.capacity_requests, args.docs, args.docs, args.min_words,
                              args.max_words)
-            capacity = len(probe) / saturate(system, probe, completions)
-            for share in (float(x) for x in args.loads.split(",")):
-                rate = share * capacity
-                requests = workload(args.seed, int(rate * args.seconds), args.docs, args.docs, args.min_words,
-                                    args.max_words)
-                ids.clear()
-                busy, start = scrape(port, "rerankq_busy_seconds_total"), time.perf_counter()
-                open_loop(system, requests, rate, args.seed, completions)
-                busy_ratio = (scrape(port, "rerankq_busy_seconds_total") - busy) / (time.perf_counter() - start)
-                results = [app.backend.get_task_meta(task_id)["result"] for task_id in ids]
-                waits = [r["timings"]["queue_ms"] for r in results]
-                rows.append({"load": share, "jobs_per_s": round(rate, 1), "jobs": len(results),
-                             "queue_wait_p50_ms": round(percentile(waits, 50), 1),
-                             "queue_wait_p95_ms": round(percentile(waits, 95), 1),
-                             "inference_p50_ms": round(statistics.median(r["timings"]["inference_ms"]
-                                                                         for r in results), 1),
-                             "busy_ratio": round(busy_ratio, 3)})
+            capacity = {name: len(probe) / saturate(build.system, probe, completions)
+                        for name, build in builds.items()}
+            reference = next(iter(capacity.values()))
+            for n, share in enumerate(float(x) for x in args.loads.split(",")):
+                rate = share * reference
+                requests = workload(args.seed + n, int(rate * args.seconds), args.docs, args.docs,
+                                    args.min_words, args.max_words)
+                order = list(builds.values()) if n % 2 == 0 else list(reversed(builds.values()))
+                for build in order:
+                    rows.append({"build": build.name, "load": share, "jobs_per_s": round(rate, 1),
+                                 **build.run(requests, rate, args.seed + n, completions)})
         finally:
-            worker.stop()
+            for build in builds.values():
+                build.worker.stop()
 
     report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-              "command": "python bench/queue_wait.py " + shlex.join(sys.argv[1:]), "label": args.label,
-              "capacity_jobs_per_s": round(capacity, 1), "rows": rows}
+              "command": "python bench/queue_wait.py " + shlex.join(sys.argv[1:]),
+              "capacity_jobs_per_s": {name: round(c, 1) for name, c in capacity.items()}, "rows": rows}
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report))
 
 
+class Build:
+    """A worker of one build of rerankq (this checkout, or ``source``: another commit's code)."""
+
+    def __init__(self, name: str, model: str, env: dict[str, str], tmp: Path, source: Path | None) -> None:
+        from rerankq.local import WorkerProcess
+        from tasks import rerank
+
+        self.name = name
+        self.port = free_port()
+        queue = f"rerank.gpu.{self.port}"
+        extra = {"PYTHONPATH": str(source)} if source else {}
+        self.worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", model, "--device", "cuda:0",
+                                            "--loglevel", "WARNING", "--metrics-port", str(self.port)],
+                                    {**env, **extra}, tmp / f"worker-{self.port}.log", f"gpu-{self.port}@bench")
+        self.ids: list[str] = []
+
+        def send(request: Request) -> str:
+            handle = rerank.apply_async((request.query, request.docs), queue=queue)
+            self.ids.append(handle.id)
+            return str(handle.id)
+
+        self.system = System(name, send, lambda: [self.worker.proc.pid], lambda: None)
+
+    def run(self, requests: list[Request], rate: float, seed: int, completions: Completions) -> dict[str, Any]:
+        from tasks import app
+
+        self.ids.clear()
+        busy, start = scrape(self.port, "rerankq_busy_seconds_total"), time.perf_counter()
+        latencies = open_loop(self.system, requests, rate, seed, completions)
+        busy_ratio = (scrape(self.port, "rerankq_busy_seconds_total") - busy) / (time.perf_counter() - start)
+        results = [app.backend.get_task_meta(task_id)["result"] for task_id in self.ids]
+        waits = [r["timings"]["queue_ms"] for r in results]
+        return {"jobs": len(results),
+                "queue_wait_p50_ms": round(percentile(waits, 50), 1),
+                "queue_wait_p95_ms": round(percentile(waits, 95), 1),
+                "latency_p50_ms": round(1000 * percentile(latencies, 50), 1),
+                "latency_p95_ms": round(1000 * percentile(latencies, 95), 1),
+                "busy_ratio": round(busy_ratio, 3)}
+
+
 def print_report(report: dict[str, Any]) -> None:
-    print(f"\n{report['label'] or 'this build'}: capacity {report['capacity_jobs_per_s']} jobs/s\n")
-    print("| load | jobs/s | queue wait p50 ms | queue wait p95 ms | chunk inference p50 ms | busy ratio |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\ncapacity (jobs/s): " + ", ".join(f"{k} {v}" for k, v in report["capacity_jobs_per_s"].items()) + "\n")
+    print("| load | jobs/s | build | queue wait p50 ms | queue wait p95 ms | latency p50 ms | latency p95 ms "
+          "| busy ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in report["rows"]:
-        print(f"| {100 * row['load']:.0f}% | {row['jobs_per_s']} | {row['queue_wait_p50_ms']} | "
-              f"{row['queue_wait_p95_ms']} | {row['inference_p50_ms']} | {row['busy_ratio']:.2f} |")
+        print(f"| {100 * row['load']:.0f}% | {row['jobs_per_s']} | {row['build']} | {row['queue_wait_p50_ms']} | "
+              f"{row['queue_wait_p95_ms']} | {row['latency_p50_ms']} | {row['latency_p95_ms']} | "
+              f"{row['busy_ratio']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -112,16 +112,30 @@ class System:
         return sum(rss_mb(pid) for pid in self.pids())
 
 
+def checkout(ref: str, into: Path) -> Path:
+    """The code of git commit ``ref``, extracted into ``into``: a process started with it first on its
+    ``PYTHONPATH`` runs that build of rerankq (for before/after figures side by side in one run)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
 def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
-                   worker_args: tuple[str, ...] = (), backend: str = "torch") -> System:
+                   worker_args: tuple[str, ...] = (), backend: str = "torch", baseline: str = "") -> System:
+    """One rerankq worker; with ``baseline``, of that git commit's build, named ``rerankq @<commit>``."""
     from rerankq.local import WorkerProcess
     from tasks import app, rerank
 
     app.conf.update(broker_url=url, result_backend=url)
     env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_METRICS_PORT": str(metrics_port),
            "RERANKQ_BACKEND": backend}
-    worker = WorkerProcess("bench.rerankq", ["--model", model, "--loglevel", "WARNING", *worker_args], env,
-                           logdir / "rerankq.log", f"bench-rerankq-{os.getpid()}@localhost")
+    name = f"rerankq @{baseline}" if baseline else "rerankq"
+    if baseline:
+        env["PYTHONPATH"] = str(checkout(baseline, logdir / f"rerankq-{baseline}"))
+    worker = WorkerProcess(f"bench.rerankq.{metrics_port}", ["--model", model, "--loglevel", "WARNING",
+                                                             *worker_args], env,
+                           logdir / f"rerankq-{metrics_port}.log", f"bench-rerankq-{metrics_port}@localhost")
     worker.wait_ready(app)
 
     def send(request: Request) -> str:
@@ -130,7 +144,7 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
     def stop() -> None:
         worker.stop()
 
-    return System("rerankq", send, lambda: [worker.proc.pid], stop)
+    return System(name, send, lambda: [worker.proc.pid], stop)
 
 
 def celery_peer(name: str, task: str, url: str, model: str, device: str, logdir: Path,

@@ -70,5 +70,5 @@ def run_demo(model: str = "", redis_url: str = "") -> int:
                 print(f"  {rank}. {result.scores[i]:+.4f}  {sample['docs'][i]}")
         first = results[0]
         print(f"\nserved by: {first.ranker} ({first.model}); {len(results)} jobs in "
-              f"{len({r.chunk.id for r in results if r.chunk})} chunk(s)")
+              f"{len({b.id for r in results for b in r.batches})} forward batch(es)")
     return 0

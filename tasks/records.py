@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tasks.errors import BadJob
@@ -89,17 +89,23 @@ def _deadline(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Timings:
-    #: From the producer sending the job (or the worker receiving it) to its chunk starting.
+    #: From the producer sending the job (or the worker receiving it) to its first forward batch starting.
     queue_ms: float
-    #: Wall time of the batched inference of the chunk this job rode in.
+    #: From its first forward batch starting to its last pair scored.
     inference_ms: float
 
 
 @dataclass(frozen=True)
-class ChunkInfo:
+class BatchInfo:
+    """One forward batch (one call of the model) that scored pairs of this job."""
+
+    #: ``<worker>#<n>``: the same id in every job the batch scored.
     id: str
+    #: Jobs with pairs in it, and all its pairs.
     jobs: int
-    tokens: int
+    pairs: int
+    #: Pairs x its longest pair: what the model ran.
+    padded_tokens: int
 
 
 @dataclass(frozen=True)
@@ -111,21 +117,21 @@ class Result:
     timings: Timings
     #: With ``top_k``: indices of the ``top_k`` best docs, best first.
     top: list[int] | None = None
-    chunk: ChunkInfo | None = None
+    #: The forward batches that scored its pairs, in the order they ran.
+    batches: list[BatchInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Result:
-        chunk = data.get("chunk")
         return cls(
             scores=list(data["scores"]),
             ranker=data["ranker"],
             model=data["model"],
             timings=Timings(**data["timings"]),
             top=data.get("top"),
-            chunk=ChunkInfo(**chunk) if chunk else None,
+            batches=[BatchInfo(**batch) for batch in data.get("batches") or []],
         )
 
 

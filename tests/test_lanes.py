@@ -55,27 +55,28 @@ def test_a_call_goes_to_the_interactive_lane_unless_it_asks_for_bulk(broker: Bro
     broker.client.delete(*broker.queue_lists(queue), *broker.queue_lists(f"{queue}.bulk"))
 
 
-def test_an_interactive_job_sent_while_a_bulk_run_saturates_a_worker_is_served_before_the_running_bulk_chunk_ends(
+def test_an_interactive_job_sent_while_a_bulk_run_saturates_a_worker_joins_the_next_forward_batch(
         start_worker: StartWorker, broker: BrokerRedis) -> None:
-    # Chunks of 4 bulk jobs x 8 forward batches x 100 ms: 3.2 s each; the worker holds two chunks of bulk.
+    # A window of 4 bulk jobs x 8 forward batches x 100 ms: 3.2 s of work; the worker holds 8 bulk jobs.
     worker = start_worker(*simulated(100), RERANKQ_MAX_CHUNK_JOBS="4", RERANKQ_MAX_BATCH_TOKENS="1")
     runs = bulk(worker.queue, 16)
     bulk_lane = lanes.queue_for(worker.queue, lanes.BULK)
     eventually(lambda: waiting(broker, bulk_lane) == 16 - 8, 10, "the worker holds its bulk limit")
-    time.sleep(0.5)  # the first bulk chunk is in its forward batches
+    time.sleep(0.5)  # the first bulk jobs are in their forward batches
 
     interactive = rerank.apply_async((QUERY, ["bread and flour"]), queue=worker.queue)
     result = Result.from_dict(interactive.get(timeout=30))
 
     assert result.ranker == "simulated"
-    assert not any(handle.ready() for handle in runs)  # it went in between the running chunk's forward batches
+    assert not any(handle.ready() for handle in runs)  # it went in between the bulk jobs' forward batches
+    assert result.timings.queue_ms < 500  # the batch running when it came, not the 3.2 s of bulk work
     assert waiting(broker, bulk_lane) == 16 - 8  # and ahead of every bulk job still queued
     assert all(Result.from_dict(h.get(timeout=60)).ranker == "simulated" for h in runs)
 
 
 def test_a_worker_full_of_bulk_jobs_receives_interactive_ones_and_runs_them_first(
         start_worker: StartWorker, broker: BrokerRedis) -> None:
-    # One bulk job per chunk, 300 ms each; the worker holds 2 bulk jobs and keeps room for 1 interactive.
+    # One bulk job in the window, 300 ms a batch; the worker holds 2 bulk jobs and keeps room for 1 interactive.
     worker = start_worker(*simulated(300), RERANKQ_MAX_CHUNK_JOBS="1")
     runs = bulk(worker.queue, 10, docs=["bread"])
     eventually(lambda: waiting(broker, lanes.queue_for(worker.queue, lanes.BULK)) == 8, 10, "two bulk jobs held")
@@ -83,26 +84,26 @@ def test_a_worker_full_of_bulk_jobs_receives_interactive_ones_and_runs_them_firs
     for handle in interactive:
         handle.get(timeout=30)
     # Each interactive job waited for at most the bulk job running when it came: the three took at most
-    # three bulk chunks' time together, so at most three bulk jobs finished meanwhile, of ten.
+    # three bulk batches' time together, so at most three bulk jobs finished meanwhile, of ten.
     assert sum(handle.ready() for handle in runs) <= 4
     assert all(Result.from_dict(h.get(timeout=60)).ranker == "simulated" for h in runs)
 
 
-def test_a_bulk_run_alone_fills_whole_chunks_like_the_same_run_sent_interactive(
+def test_a_bulk_run_alone_fills_whole_forward_batches_like_the_same_run_sent_interactive(
         start_worker: StartWorker) -> None:
     worker = start_worker(*simulated(200), RERANKQ_MAX_CHUNK_JOBS="4")
 
-    def chunk_sizes(handles: list[Any]) -> list[int]:
-        chunks = {}
+    def batch_sizes(handles: list[Any]) -> list[int]:
+        batches = {}
         for handle in handles:
-            result = Result.from_dict(handle.get(timeout=60))
-            assert result.chunk is not None
-            chunks[result.chunk.id] = result.chunk.jobs
-        return sorted(chunks.values())
+            for batch in Result.from_dict(handle.get(timeout=60)).batches:
+                batches[batch.id] = batch.jobs
+        return sorted(batches.values())
 
-    plain = chunk_sizes([rerank.apply_async((QUERY, DOCS), queue=worker.queue) for _ in range(17)])
-    as_bulk = chunk_sizes(bulk(worker.queue, 17))
-    # The first job or two run at once, then whole chunks: bulk is not held back when nothing else waits.
+    plain = batch_sizes([rerank.apply_async((QUERY, DOCS), queue=worker.queue) for _ in range(17)])
+    as_bulk = batch_sizes(bulk(worker.queue, 17))
+    # The first job or two run at once, then a full window per batch: bulk is not held back when nothing
+    # else waits.
     for sizes in (plain, as_bulk):
         assert sum(size == 4 for size in sizes) >= 3 and len(sizes) <= 5, sizes
 
@@ -139,7 +140,7 @@ def test_a_worker_killed_holding_both_lanes_loses_nothing_and_scores_each_job_on
     eventually(lambda: waiting(broker, lanes.queue_for(queue, lanes.BULK)) == 0, 10, "the worker took the bulk jobs")
     interactive = [rerank.apply_async((QUERY, DOCS), queue=queue) for _ in range(3)]
     eventually(lambda: waiting(broker, queue) == 0, 10, "the worker took the interactive jobs")
-    time.sleep(0.5)  # a chunk is in its 5 s inference, the others held
+    time.sleep(0.5)  # a forward batch is in its 5 s, the other jobs held
     doomed.kill()
     rescuer = start_worker(*simulated(1), queue=queue, **env)
     handles = runs + interactive

@@ -52,18 +52,20 @@ def test_a_workers_metrics_move_when_its_jobs_run(start_worker: StartWorker, tin
     assert before[f'rerankq_model_info{{device="cpu",model="{tiny_model}",ranker="cross-encoder"}}'] == 1
     assert before["rerankq_model_load_seconds"] > 0
 
+    began = time.perf_counter()
     handles = [rerank.apply_async((QUERY, DOCS), queue=worker.queue) for _ in range(20)]
     handles.append(rerank.apply_async(("", DOCS), queue=worker.queue))  # an empty query: BadJob
     for handle in handles:
         handle.get(timeout=60, propagate=False)
-    after = scrape(port)
+    after, wall_s = scrape(port), time.perf_counter() - began
 
     assert moved(before, after, 'rerankq_jobs_total{outcome="success"}') == 20
     assert moved(before, after, 'rerankq_jobs_total{outcome="BadJob"}') == 1
-    assert moved(before, after, "rerankq_chunk_jobs_sum") == 21
-    assert moved(before, after, "rerankq_chunk_pairs_sum") == 20 * len(DOCS)
-    assert 1 <= moved(before, after, "rerankq_chunk_jobs_count") <= 21
-    assert moved(before, after, "rerankq_inference_seconds_count") == moved(before, after, "rerankq_chunk_jobs_count")
+    batches = moved(before, after, "rerankq_forward_batch_pairs_count")
+    assert batches >= 1 and moved(before, after, "rerankq_forward_batch_jobs_count") == batches
+    riders = moved(before, after, "rerankq_forward_batch_jobs_sum")  # each scored job, in each batch it rode
+    assert riders >= 20 and riders > batches  # jobs shared forward batches
+    assert moved(before, after, "rerankq_inference_seconds_count") == 20  # the bad job was never scored
     for histogram in ("rerankq_queue_wait_seconds", "rerankq_job_latency_seconds"):
         assert moved(before, after, f'{histogram}_count{{lane="interactive"}}') == 21
         assert moved(before, after, f'{histogram}_count{{lane="bulk"}}') == 0
@@ -71,10 +73,7 @@ def test_a_workers_metrics_move_when_its_jobs_run(start_worker: StartWorker, tin
     padded = moved(before, after, "rerankq_padded_tokens_total")
     assert moved(before, after, "rerankq_forward_batch_pairs_sum") == 20 * len(DOCS)
     assert moved(before, after, "rerankq_forward_batch_padded_tokens_sum") == padded
-    assert moved(before, after, "rerankq_forward_batch_pairs_count") >= 1
-    assert 0 < moved(before, after, "rerankq_busy_seconds_total") <= moved(before, after,
-                                                                          "rerankq_inference_seconds_sum")
-    assert real == moved(before, after, "rerankq_chunk_tokens_sum")
+    assert 0 < moved(before, after, "rerankq_busy_seconds_total") < wall_s
     assert 0 < real < padded  # one long doc among short ones: some padding
     assert after["rerankq_jobs_held"] == 0
 

@@ -22,6 +22,7 @@ from tests.conftest import StartWorker
 pytestmark = pytest.mark.integration
 
 BUDGET = 8192
+BATCH_TOKENS = 2048
 #: Long, so that a job held for chunk-mates shows in its queue time.
 MAX_WAIT_MS = 1000
 MAX_DOCS = 100
@@ -37,7 +38,7 @@ def text(rng: random.Random, low: int, high: int) -> str:
 @pytest.fixture(scope="module")
 def worker(start_worker: StartWorker, tiny_model: Path) -> WorkerProcess:
     return start_worker("--model", str(tiny_model), RERANKQ_MAX_CHUNK_TOKENS=str(BUDGET),
-                        RERANKQ_MAX_BATCH_TOKENS="2048", RERANKQ_MAX_WAIT_MS=str(MAX_WAIT_MS),
+                        RERANKQ_MAX_BATCH_TOKENS=str(BATCH_TOKENS), RERANKQ_MAX_WAIT_MS=str(MAX_WAIT_MS),
                         RERANKQ_MAX_DOCS=str(MAX_DOCS))
 
 
@@ -85,13 +86,14 @@ def test_every_job_gets_exactly_its_own_scores_in_input_order(burst: Any, refere
     assert np.std(all_expected) > 0.05
 
 
-def test_jobs_are_chunked_under_the_token_budget(burst: Any) -> None:
-    chunks = {r.chunk.id: r.chunk for _, _, r in burst if r.chunk}
-    riders = Counter(r.chunk.id for _, _, r in burst if r.chunk)
-    assert len(chunks) <= len(burst) // 4, f"{len(chunks)} inferences for {len(burst)} jobs"
-    for chunk_id, info in chunks.items():
-        assert riders[chunk_id] == info.jobs
-        assert info.tokens <= BUDGET or info.jobs == 1
+def test_jobs_share_forward_batches_each_within_the_padded_token_budget(burst: Any) -> None:
+    batches = {b.id: b for _, _, r in burst for b in r.batches}
+    riders = Counter(b.id for _, _, r in burst for b in r.batches)
+    shared = sum(info.jobs for info in batches.values()) / len(batches)
+    assert shared >= 4, f"{shared:.1f} jobs per forward batch"
+    for batch_id, info in batches.items():
+        assert riders[batch_id] == info.jobs
+        assert info.padded_tokens <= BATCH_TOKENS or info.pairs == 1
 
 
 def test_each_bad_input_fails_only_its_own_job_with_its_message(worker: WorkerProcess,
@@ -126,14 +128,14 @@ def test_each_bad_input_fails_only_its_own_job_with_its_message(worker: WorkerPr
             np.testing.assert_allclose(result.scores, expected(reference, *want), rtol=0, atol=1e-5)
 
 
-def test_a_job_larger_than_the_budget_runs_alone_in_sub_batches(worker: WorkerProcess,
-                                                               reference: CrossEncoder) -> None:
+def test_a_job_larger_than_the_window_runs_alone_in_forward_batches_within_the_budget(
+        worker: WorkerProcess, reference: CrossEncoder) -> None:
     rng = random.Random(3)
     docs = [text(rng, 80, 120) for _ in range(MAX_DOCS)]
     result = Result.from_dict(send(worker, "what about the river bank", docs).get(timeout=120))
-    assert result.chunk is not None
-    assert result.chunk.tokens > BUDGET
-    assert result.chunk.jobs == 1
+    assert sum(b.padded_tokens for b in result.batches) > BUDGET
+    assert all(b.jobs == 1 and b.padded_tokens <= BATCH_TOKENS for b in result.batches)
+    assert sum(b.pairs for b in result.batches) == MAX_DOCS
     np.testing.assert_allclose(result.scores, expected(reference, "what about the river bank", docs),
                                rtol=0, atol=1e-5)
 
@@ -141,7 +143,7 @@ def test_a_job_larger_than_the_budget_runs_alone_in_sub_batches(worker: WorkerPr
 def test_a_lone_job_is_served_without_waiting_for_chunk_mates(worker: WorkerProcess) -> None:
     time.sleep(0.5)  # let the worker go idle
     result = Result.from_dict(send(worker, "a lone query", ["one doc", "two docs"]).get(timeout=30))
-    assert result.chunk is not None and result.chunk.jobs == 1
+    assert [b.jobs for b in result.batches] == [1]
     # Nothing else in sight: not held for chunk-mates at all (scheduling slack only).
     assert result.timings.queue_ms < MAX_WAIT_MS / 2
 
@@ -214,3 +216,4 @@ def test_each_job_has_its_own_task_events(celery_app: Any, worker: WorkerProcess
     for h in handles:
         assert seen[h.id] == ["task-received", "task-started", "task-succeeded"]
     assert seen[failing.id] == ["task-received", "task-started", "task-failed"]
+

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tasks.errors import BadJob
-from tasks.records import ChunkInfo, Job, Result, Timings, top_indices
+from tasks.records import BatchInfo, Job, Result, Timings, top_indices
 
 
 def test_a_valid_call_becomes_a_job() -> None:
@@ -46,5 +46,5 @@ def test_top_indices_are_best_first_and_ties_keep_input_order() -> None:
 
 
 def test_a_result_round_trips_through_its_dict() -> None:
-    result = Result([0.5, 0.1], "cross-encoder", "m", Timings(1.0, 2.0), top=[0], chunk=ChunkInfo("c#1", 2, 30))
+    result = Result([0.5, 0.1], "cross-encoder", "m", Timings(1.0, 2.0), top=[0], batches=[BatchInfo("w#1", 2, 3, 30)])
     assert Result.from_dict(result.to_dict()) == result

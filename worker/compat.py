@@ -65,3 +65,35 @@ def survive_redis_outage() -> None:
     patches = {"restore_unacked": restore_unacked, "ack": ack, "reject": reject, "append": append}
     for name, patched in patches.items():
         setattr(kombu_redis.QoS, name, patched)
+
+
+def thread_safe_task_events(dispatcher: Any) -> None:
+    """celery 5.x ``EventDispatcher``: a buffered event sent from another thread while the event loop
+    flushes can be lost.
+
+    ``flush`` publishes a group's buffer and then empties it (``events[:] = []``) under the dispatcher's
+    mutex, but ``send`` appends to that buffer without it: an event appended in between is cleared unsent.
+    The chunk consumer sends ``task-started`` and ``task-succeeded`` from its runner and settler threads,
+    so Flower saw a job stuck at "started" now and then. Append under the mutex, and leave every flush to
+    the event loop (``on_send_buffered``) rather than publish on the calling thread when the buffer is full.
+    """
+    from celery.events.event import Event, group_from
+    from celery.utils.time import utcoffset
+
+    original_send = dispatcher.send
+
+    def send(type: str, **fields: Any) -> Any:
+        group = group_from(type)
+        if not (dispatcher.enabled and group in dispatcher.buffer_group
+                and (not dispatcher.groups or group in dispatcher.groups)):
+            return original_send(type, **fields)
+        with dispatcher.mutex:
+            event = Event(type, hostname=dispatcher.hostname, utcoffset=utcoffset(), pid=dispatcher.pid,
+                          clock=dispatcher.clock.forward(), **fields)
+            dispatcher._group_buffer[group].append(event)
+        if dispatcher.on_send_buffered:
+            dispatcher.on_send_buffered()
+        return None
+
+    dispatcher.send = send
+

@@ -1,6 +1,6 @@
 """Prometheus metrics: what a worker and the watchdog export, each on its own port (``RERANKQ_METRICS_PORT``).
 
-A worker records its chunks and jobs as they are served; the watchdog sets the route and queue figures it
+A worker records its forward batches and jobs as they are served; the watchdog sets the route and queue figures it
 measures every poll, and re-exports the counters that producers and workers keep in Redis (jobs routed
 per destination, model loads per outcome), so that one scrape target covers the whole fleet. The names
 and their meaning are in the README's *Metrics* table.
@@ -20,9 +20,7 @@ _POW2 = [float(2**i) for i in range(0, 17)]
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # -- worker -----------------------------------------------------------------------------------------
-CHUNK_JOBS = Histogram("rerankq_chunk_jobs", "Jobs per chunk (one batched inference).", buckets=_POW2[:10])
-CHUNK_PAIRS = Histogram("rerankq_chunk_pairs", "(query, doc) pairs per chunk.", buckets=_POW2[:14])
-CHUNK_TOKENS = Histogram("rerankq_chunk_tokens", "Real tokens per chunk.", buckets=_POW2[4:])
+BATCH_JOBS = Histogram("rerankq_forward_batch_jobs", "Jobs with pairs in a forward batch.", buckets=_POW2[:10])
 BATCH_PAIRS = Histogram("rerankq_forward_batch_pairs", "Pairs per forward batch (one call of the model).",
                         buckets=_POW2[:13])
 BATCH_PADDED = Histogram("rerankq_forward_batch_padded_tokens", "Padded tokens per forward batch.",
@@ -32,8 +30,9 @@ BUSY = Counter("rerankq_busy_seconds", "Seconds the model spent in forward batch
 REAL_TOKENS = Counter("rerankq_real_tokens", "Tokens of the pairs scored (before padding).")
 PADDED_TOKENS = Counter("rerankq_padded_tokens",
                         "Tokens the forward batches ran, padding included: real / padded is padding efficiency.")
-INFERENCE = Histogram("rerankq_inference_seconds", "Wall time of a chunk's batched inference.", buckets=_SECONDS)
-QUEUE_WAIT = Histogram("rerankq_queue_wait_seconds", "From the producer's send to the job's chunk starting, "
+INFERENCE = Histogram("rerankq_inference_seconds", "From a job's first forward batch starting to its last pair "
+                      "scored.", buckets=_SECONDS)
+QUEUE_WAIT = Histogram("rerankq_queue_wait_seconds", "From the producer's send to the job's first forward batch, "
                        "by lane (interactive, bulk).", ["lane"], buckets=_SECONDS)
 LATENCY = Histogram("rerankq_job_latency_seconds", "From the producer's send to the job's result being written, "
                     "by lane.", ["lane"], buckets=_SECONDS)

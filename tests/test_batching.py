@@ -1,0 +1,221 @@
+"""Scheduling policy (worker/batching.py): which jobs join the window, which pairs form the next forward
+batch, how large it may be. Pure logic."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+
+from tasks.lanes import BULK, INTERACTIVE
+from worker.batching import AGE_EVERY, BULK_EVERY, QUIET_S, Pace, Turns, admit, batch_limit, next_batch, saturated
+
+
+@dataclass(eq=False)
+class W:
+    costs: list[int]
+    lane: str = INTERACTIVE
+    left: list[int] = field(default_factory=list)
+    left_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.left = sorted(range(len(self.costs)), key=lambda i: -self.costs[i])
+        self.left_tokens = sum(self.costs)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.costs)
+
+    def take(self, indices: list[int]) -> None:
+        self.left = [i for i in self.left if i not in indices]
+        self.left_tokens -= sum(self.costs[i] for i in indices)
+
+
+def padded(batch: list[tuple[W, int]]) -> int:
+    return len(batch) * max(w.costs[i] for w, i in batch)
+
+
+def drain(window: list[W], limit: int, sweep: bool = False) -> list[list[tuple[W, int]]]:
+    """Run batches until every pair is scored, as the runner does (a turn counter included)."""
+    batches, count = [], 0
+    while any(w.left for w in window):
+        batch = next_batch(window, limit, Turns.after(count, 0), sweep)
+        assert batch
+        for work in {id(w): w for w, _ in batch}.values():
+            work.take([i for w, i in batch if w is work])
+        batches.append(batch)
+        count += 1
+    return batches
+
+
+# -- admission ------------------------------------------------------------------------------------
+
+
+def test_the_window_admits_jobs_in_arrival_order_until_its_token_budget_is_full() -> None:
+    interactive = deque([W([40]), W([30]), W([50]), W([10])])
+    assert [w.tokens for w in admit(interactive, deque(), [], max_tokens=100, max_jobs=10)] == [40, 30]
+    assert [w.tokens for w in interactive] == [50, 10]
+
+
+def test_a_job_larger_than_the_window_is_admitted_alone_rather_than_never() -> None:
+    interactive = deque([W([500]), W([10])])
+    assert [w.tokens for w in admit(interactive, deque(), [], 100, 10)] == [500]
+    assert admit(interactive, deque(), [W([500])], 100, 10) == []
+
+
+def test_scored_pairs_make_room_in_the_window() -> None:
+    running = W([60, 30])
+    interactive = deque([W([50])])
+    assert admit(interactive, deque(), [running], 100, 10) == []
+    running.take([0])
+    assert [w.tokens for w in admit(interactive, deque(), [running], 100, 10)] == [50]
+
+
+def test_bulk_jobs_fill_what_the_window_leaves_and_never_keep_interactive_ones_out() -> None:
+    bulk_running = W([90], BULK)
+    interactive, bulk = deque([W([60]), W([30])]), deque([W([5])])
+    taken = admit(interactive, bulk, [bulk_running], max_tokens=100, max_jobs=10)
+    assert [(w.lane, w.tokens) for w in taken] == [(INTERACTIVE, 60), (INTERACTIVE, 30)]
+    assert list(bulk) and [w.tokens for w in admit(deque(), bulk, [], 100, 10)] == [5]
+
+
+def test_each_lane_gets_a_job_into_a_window_that_has_none_of_its_own() -> None:
+    interactive, bulk = deque([W([150]), W([10])]), deque([W([30], BULK), W([1], BULK)])
+    taken = admit(interactive, bulk, [], max_tokens=100, max_jobs=10)
+    assert [(w.lane, w.tokens) for w in taken] == [(INTERACTIVE, 150), (BULK, 30)]
+
+
+def test_the_window_holds_at_most_max_jobs_per_lane_and_bulk_counts_both() -> None:
+    interactive, bulk = deque(W([1]) for _ in range(7)), deque(W([1], BULK) for _ in range(7))
+    taken = admit(interactive, bulk, [], max_tokens=100, max_jobs=3)
+    assert [w.lane for w in taken] == [INTERACTIVE] * 3 + [BULK]
+
+
+# -- forward batches ------------------------------------------------------------------------------
+
+
+def test_every_pair_is_scored_once_in_batches_within_the_padded_budget() -> None:
+    rng = random.Random(5)
+    window = [W([rng.randint(1, 90) for _ in range(rng.randint(1, 12))], rng.choice([INTERACTIVE, BULK]))
+              for _ in range(20)]
+    window.append(W([300, 4]))  # a pair over the budget gets a batch of its own
+    for sweep in (False, True):
+        fresh = [W(list(w.costs), w.lane) for w in window]
+        batches = drain(fresh, 200, sweep)
+        seen = [(id(w), i) for batch in batches for w, i in batch]
+        assert sorted(seen) == sorted((id(w), i) for w in fresh for i in range(len(w.costs)))
+        for batch in batches:
+            assert padded(batch) <= 200 or len(batch) == 1
+
+
+def test_a_saturated_worker_sweeps_by_length_wasting_as_little_padding_as_a_sorted_chunk() -> None:
+    rng = random.Random(1)
+    costs = [[rng.randint(25, 135) for _ in range(10)] for _ in range(16)]
+    sorted_chunk = sorted((c for job in costs for c in job), reverse=True)  # batches of 2048 padded tokens
+    chunk_padded, start = 0, 0
+    while start < len(sorted_chunk):
+        size = 2048 // sorted_chunk[start]
+        chunk_padded += size * sorted_chunk[start] if start + size <= len(sorted_chunk) else (
+            (len(sorted_chunk) - start) * sorted_chunk[start])
+        start += size
+    sweep = sum(padded(b) for b in drain([W(job) for job in costs], 2048, sweep=True))
+    least_left_first = sum(padded(b) for b in drain([W(job) for job in costs], 2048))
+    assert sweep <= 1.03 * chunk_padded < least_left_first
+
+
+def test_the_job_with_the_least_work_left_is_finished_first() -> None:
+    big, small = W([50] * 20), W([50, 50])
+    batch = next_batch([big, small], limit=200)
+    assert [w for w, _ in batch[:2]] == [small, small]
+
+
+def test_a_job_that_arrives_joins_the_next_batch_ahead_of_a_large_job_in_progress() -> None:
+    long_job = W([40] * 100)
+    long_job.take(long_job.left[:30])
+    newcomer = W([40] * 3)
+    batch = next_batch([long_job, newcomer], limit=400)
+    assert {i for w, i in batch if w is newcomer} == {0, 1, 2}
+    assert padded(batch) <= 400
+
+
+def test_every_fourth_batch_anchors_the_oldest_job_so_a_large_one_is_never_starved() -> None:
+    old, small = W([100] * 10), W([10] * 2)
+    assert next_batch([old, small], limit=100)[0][0] is small
+    turns = Turns.after(AGE_EVERY - 1, 0)
+    assert turns.oldest and next_batch([old, small], limit=100, turns=turns)[0][0] is old
+
+
+def test_interactive_pairs_go_ahead_of_bulk_pairs_and_bulk_fills_the_room_left() -> None:
+    bulk, web = W([30] * 10, BULK), W([30] * 2)
+    batch = next_batch([bulk, web], limit=150)
+    assert [w.lane for w, _ in batch] == [INTERACTIVE] * 2 + [BULK] * 3
+
+
+def test_bulk_work_gets_a_batch_of_its_own_every_so_often_under_a_stream_of_interactive_work() -> None:
+    bulk, web = W([30] * 10, BULK), W([30] * 10)
+    assert all(w is web for w, _ in next_batch([bulk, web], limit=150))
+    turns = Turns.after(0, BULK_EVERY - 1)
+    assert turns.bulk and all(w is bulk for w, _ in next_batch([bulk, web], limit=150, turns=turns))
+
+
+def test_shorter_pairs_ride_along_and_room_left_takes_the_shortest_longer_ones() -> None:
+    anchor, shorter, longer = W([20, 10]), W([15, 5, 18]), W([50, 70, 200])
+    batch = next_batch([longer, shorter, anchor], limit=300)
+    assert [(w.costs[i]) for w, i in batch] == [20, 10, 18, 15, 5, 50]  # 6 x 50; 7 x 70 would not fit
+
+
+def test_an_empty_window_gives_no_batch() -> None:
+    assert next_batch([], 100) == []
+    done = W([5])
+    done.take([0])
+    assert next_batch([done], 100) == []
+
+
+# -- batch size -----------------------------------------------------------------------------------
+
+
+def test_batches_keep_to_the_time_target_unless_saturated() -> None:
+    assert batch_limit(8192, 1500, saturated=False) == 1500
+    assert batch_limit(8192, 1500, saturated=True) == 8192
+    assert batch_limit(8192, 20000, saturated=False) == 8192
+    assert batch_limit(8192, None, saturated=False) == 8192
+
+
+def test_a_worker_is_saturated_by_an_interactive_backlog_or_a_bulk_one_with_no_web_traffic_around() -> None:
+    assert saturated(interactive_backlog=True, bulk_backlog=False, quiet_s=0)
+    assert not saturated(interactive_backlog=False, bulk_backlog=False, quiet_s=QUIET_S)
+    assert not saturated(interactive_backlog=False, bulk_backlog=True, quiet_s=1.0)
+    assert saturated(interactive_backlog=False, bulk_backlog=True, quiet_s=QUIET_S)
+
+
+def test_the_pace_sizes_a_batch_that_takes_the_target_including_its_fixed_cost() -> None:
+    pace = Pace()
+    assert pace.tokens_for(0.025) is None
+    fixed_s, per_token_s = 0.004, 10e-6
+    rng = random.Random(2)
+    tokens = 8192
+    for _ in range(200):  # the runner's loop: batches of what the window holds, at most the target's size
+        pace.add(fixed_s + per_token_s * tokens, tokens)
+        tokens = min(pace.tokens_for(0.025) or 8192, rng.randint(200, 8192))
+    fit = pace.fit()
+    assert fit is not None and abs(fit[0] - fixed_s) < 1e-4 and abs(fit[1] - per_token_s) < 1e-7
+    assert pace.tokens_for(0.025) == pytest.approx(2100, abs=20)
+    assert pace.tokens_for(0) is None
+
+
+def test_a_fixed_cost_over_half_the_target_keeps_batches_at_the_full_budget() -> None:
+    pace = Pace()
+    pace.add(0.1, 224)  # 100 ms per call, whatever its size: the first shrinks the next...
+    assert pace.tokens_for(0.025) == 56
+    for tokens in (56, 14, 224) * 10:
+        pace.add(0.1, tokens)
+    assert pace.tokens_for(0.025) is None  # ...until the fit sees it is all fixed cost
+
+
+def test_with_one_batch_size_seen_the_pace_counts_all_of_its_time_per_token() -> None:
+    pace = Pace()
+    pace.add(0.05, 1000)
+    assert pace.fit() == pytest.approx((0.0, 0.05 / 1000))
+    assert pace.tokens_for(0.025) == 500

@@ -1,0 +1,83 @@
+"""Forward-batch scheduling with real Redis and a real worker process (the simulated GPU: each forward batch
+sleeps, so what runs when is plain to see). With ``RERANKQ_MAX_BATCH_TOKENS=1`` every forward batch holds
+one pair, so a job of N docs is N forward batches."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tasks import RankerFailed, Result, rerank
+from tests.conftest import StartWorker, eventually
+
+pytestmark = pytest.mark.integration
+
+BATCH_MS = 100
+
+
+def simulated(latency_ms: float = BATCH_MS, **faults: str) -> tuple[str, ...]:
+    spec = ",".join([f"latency_ms={latency_ms}", "token_us=0", *(f"{k}={v}" for k, v in faults.items())])
+    return ("--ranker", "simulated", "--model", spec)
+
+
+def docs(n: int, word: str = "bread") -> list[str]:
+    return [f"{word} number {i}" for i in range(n)]
+
+
+def result(handle: Any) -> Result:
+    return Result.from_dict(handle.get(timeout=60))
+
+
+@pytest.fixture(scope="module")
+def worker(start_worker: StartWorker) -> Any:
+    return start_worker(*simulated(), RERANKQ_MAX_BATCH_TOKENS="1")
+
+
+def test_a_job_sent_while_a_long_job_runs_starts_and_finishes_before_the_long_one_ends(worker: Any) -> None:
+    long_job = rerank.apply_async(("bread", docs(20)), queue=worker.queue)  # 20 batches: 2 s
+    time.sleep(5 * BATCH_MS / 1000)
+    short = rerank.apply_async(("bread", docs(2)), queue=worker.queue)
+    short_result = result(short)
+    assert not long_job.ready()  # it did not wait for the long job's remaining batches
+    assert short_result.timings.queue_ms < 3 * BATCH_MS  # the batch running when it came, and some slack
+    assert short_result.scores == [1.0, 1.0]
+    long_result = result(long_job)
+    assert len(long_result.batches) == 20 and long_result.scores == [1.0] * 20
+    # The long job's batches ran on while the short one's came in between.
+    assert {b.id for b in short_result.batches}.isdisjoint({b.id for b in long_result.batches})
+
+
+def test_a_jobs_result_arrives_before_its_batch_mates_when_its_pairs_finish_first(worker: Any) -> None:
+    # Sent together, these arrive in one window; the small one's two pairs are done first.
+    big, small = (rerank.apply_async(("bread", docs(n)), queue=worker.queue) for n in (12, 2))
+    eventually(small.ready, 10, "the small job's result")
+    assert not big.ready()
+    assert len(result(big).scores) == 12 and len(result(small).scores) == 2
+
+
+def test_a_job_that_fails_mid_run_fails_alone_and_the_jobs_in_progress_go_on(start_worker: StartWorker) -> None:
+    worker = start_worker(*simulated(50, fail_on="POISON"), RERANKQ_MAX_BATCH_TOKENS="64")
+    running = [rerank.apply_async(("bread", docs(30)), queue=worker.queue) for _ in range(3)]
+    time.sleep(0.2)  # their forward batches are under way
+    poisoned = rerank.apply_async(("bread", [*docs(3), "flour and POISON"]), queue=worker.queue)
+    late = rerank.apply_async(("bread", docs(4)), queue=worker.queue)
+    with pytest.raises(RankerFailed, match="the simulated model failed on this job"):
+        poisoned.get(timeout=60)
+    for handle in [*running, late]:
+        assert set(result(handle).scores) == {1.0}
+
+
+def test_out_of_memory_mid_run_splits_the_batch_and_fails_only_a_pair_that_never_fits(
+        start_worker: StartWorker) -> None:
+    # Any forward batch over 100 padded tokens runs out of memory: the 200-token budget is too large.
+    worker = start_worker(*simulated(20, oom_above="100"), RERANKQ_MAX_BATCH_TOKENS="200")
+    running = [rerank.apply_async(("bread", docs(20)), queue=worker.queue) for _ in range(2)]
+    time.sleep(0.1)
+    doomed = rerank.apply_async(("bread", ["word " * 120]), queue=worker.queue)
+    joined = rerank.apply_async(("bread", docs(6)), queue=worker.queue)
+    with pytest.raises(RankerFailed, match="out of memory"):
+        doomed.get(timeout=60)
+    for handle in [*running, joined]:
+        assert set(result(handle).scores) == {1.0}

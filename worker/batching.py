@@ -1,0 +1,187 @@
+"""Pure scheduling policy: which received jobs the runner works on, and which of their pairs form the next
+forward batch.
+
+The runner schedules pairs, not chunks. Its *window* holds the jobs in progress (bounded in unscored
+tokens and jobs); each forward batch is chosen afresh from the window, so a job that arrives while others
+are being scored joins the next forward batch, and a job's result is written as soon as its own pairs are
+done. A batch is built around an *anchor* job:
+
+* the anchor is the interactive job with the least work left (it finishes soonest: what minimises the
+  mean wait), except every ``AGE_EVERY``-th batch, which anchors the oldest, so a large job is never
+  starved by a stream of small ones; bulk jobs anchor only when no interactive job is in the window, or
+  on a *bulk turn* (see ``Turns``), so bulk work slows down but never stops under web traffic;
+* the batch is padded to the anchor's longest unscored pair ``L``: the anchor's pairs go first, then the
+  longest pairs of at most ``L`` tokens from the other jobs, interactive before bulk (they cost no extra
+  padding, and taking the longest leaves the short ones to pack together later); if room is left, the
+  shortest longer pairs widen the batch while it stays in budget.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from tasks.lanes import BULK, INTERACTIVE
+
+#: Every this many batches the anchor is the oldest job rather than the one with the least work left.
+AGE_EVERY = 4
+#: With bulk jobs in the window, at least one batch in this many holds bulk pairs.
+BULK_EVERY = 8
+#: A bulk backlog runs forward batches at the full padded-token budget only after this many seconds with
+#: no interactive job received: web traffic keeps them at the time target.
+QUIET_S = 5.0
+
+
+class Work(Protocol):
+    """A job in the window, as the policy sees it."""
+
+    @property
+    def lane(self) -> str: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+    #: Tokens of each (query, doc) pair.
+    costs: list[int]
+    #: Indices of the pairs not scored yet, longest first.
+    left: list[int]
+    #: Tokens of those pairs.
+    left_tokens: int
+
+
+W = TypeVar("W", bound=Work)
+
+
+def admit(interactive: deque[W], bulk: deque[W], window: Sequence[W], max_tokens: int, max_jobs: int) -> list[W]:
+    """Pop the ready jobs that join the window, in arrival order per lane.
+
+    Interactive jobs count only against each other, so a window full of bulk work never keeps one out;
+    bulk jobs fill what the window's unscored tokens and job count leave. Each lane admits one job into an
+    empty window of its own even when over the budget, so a job larger than the budget runs rather than
+    never.
+    """
+    tokens = {INTERACTIVE: 0, BULK: 0}
+    jobs = {INTERACTIVE: 0, BULK: 0}
+    for work in window:
+        tokens[work.lane] += work.left_tokens
+        jobs[work.lane] += 1
+    taken: list[W] = []
+    while interactive and (not jobs[INTERACTIVE] or (
+            jobs[INTERACTIVE] < max_jobs and tokens[INTERACTIVE] + interactive[0].tokens <= max_tokens)):
+        tokens[INTERACTIVE] += interactive[0].tokens
+        jobs[INTERACTIVE] += 1
+        taken.append(interactive.popleft())
+    while bulk and (not jobs[BULK] or (sum(jobs.values()) < max_jobs
+                                       and sum(tokens.values()) + bulk[0].tokens <= max_tokens)):
+        tokens[BULK] += bulk[0].tokens
+        jobs[BULK] += 1
+        taken.append(bulk.popleft())
+    return taken
+
+
+@dataclass(frozen=True)
+class Turns:
+    """Whose turn the next batch is, from the runner's batch count."""
+
+    #: Anchor the oldest job of the lane rather than the one with the least work left.
+    oldest: bool = False
+    #: Anchor a bulk job even though interactive jobs are in the window.
+    bulk: bool = False
+
+    @classmethod
+    def after(cls, batches: int, batches_without_bulk: int) -> Turns:
+        return cls(oldest=batches % AGE_EVERY == AGE_EVERY - 1, bulk=batches_without_bulk >= BULK_EVERY - 1)
+
+
+def next_batch(window: Sequence[W], limit: int, turns: Turns = Turns(), sweep: bool = False) -> list[tuple[W, int]]:
+    """The next forward batch as (job, pair index) pairs, its padded tokens (pairs x longest pair) within
+    ``limit``; ``window`` in arrival order. A single pair over the limit gets a batch of its own.
+
+    ``sweep`` (a saturated worker): the batch is the lane's longest pairs, for the least padding, as a whole
+    chunk sorted by length would be; the oldest job's pairs still lead every ``AGE_EVERY``-th batch.
+    """
+    interactive = [w for w in window if w.left and w.lane == INTERACTIVE]
+    bulk = [w for w in window if w.left and w.lane == BULK]
+    lane_jobs = bulk if bulk and (turns.bulk or not interactive) else interactive
+    if not lane_jobs:
+        return []
+    if turns.oldest:
+        anchor = lane_jobs[0]
+    elif sweep:
+        anchor = max(lane_jobs, key=lambda w: w.costs[w.left[0]])
+    else:
+        anchor = min(lane_jobs, key=lambda w: w.left_tokens)
+    longest = anchor.costs[anchor.left[0]]
+    lead = anchor.left[:1] if sweep and not turns.oldest else anchor.left
+    batch = [(anchor, index) for index in lead[:max(1, limit // longest)]]
+    taken = set(batch)
+    others = [(w.costs[i], w, i) for w in interactive + bulk for i in w.left if (w, i) not in taken]
+    # Pairs no longer than the anchor's cost no extra padding: interactive first, then bulk, longest first.
+    within = sorted((c for c in others if c[0] <= longest), key=lambda c: (c[1].lane == BULK, -c[0]))
+    room = max(0, limit // longest - len(batch))
+    batch.extend((work, index) for _, work, index in within[:room])
+    if len(within) > room:
+        return batch
+    # Room left: widen the batch with the shortest longer pairs while it stays within the limit.
+    for cost, work, index in sorted((c for c in others if c[0] > longest), key=lambda c: c[0]):
+        if (len(batch) + 1) * cost > limit:
+            break
+        batch.append((work, index))
+    return batch
+
+
+def saturated(interactive_backlog: bool, bulk_backlog: bool, quiet_s: float) -> bool:
+    """Jobs wait that the window cannot take: smaller or less tightly packed batches would only add cost and
+    slow the backlog down. A bulk backlog counts only once no interactive job has come for ``QUIET_S``:
+    web traffic keeps forward batches at the time target."""
+    return interactive_backlog or (bulk_backlog and quiet_s >= QUIET_S)
+
+
+def batch_limit(max_tokens: int, target_tokens: int | None, saturated: bool) -> int:
+    """Padded tokens the next forward batch may take: what keeps it to the time target (``target_tokens``,
+    from the measured pace), so that a job that arrives waits at most about one target for the batch
+    running to end; the full budget when saturated."""
+    if target_tokens is None or saturated:
+        return max_tokens
+    return max(1, min(max_tokens, target_tokens))
+
+
+class Pace:
+    """The model's cost of a forward batch as ``fixed + per_token x padded tokens``, fitted to recent batches
+    (exponentially weighted least squares), to size a batch that takes ``target_s``.
+
+    Where the fixed cost alone is over half the target, no batch size meets it at a sensible cost (most of
+    each call would be overhead): the batch then takes the full budget rather than shrink to nothing.
+    """
+
+    def __init__(self, weight: float = 0.05) -> None:
+        self._weight = weight
+        self._sums = [0.0] * 5  # weight, tokens, seconds, tokens^2, tokens x seconds
+
+    def add(self, seconds: float, padded_tokens: int) -> None:
+        keep, x = 1 - self._weight, float(padded_tokens)
+        for i, value in enumerate((1.0, x, seconds, x * x, x * seconds)):
+            self._sums[i] = keep * self._sums[i] + self._weight * value
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per padded token), or None before any batch was measured."""
+        n, x, y, xx, xy = self._sums
+        if n <= 0 or x <= 0:
+            return None
+        mean_x, mean_y = x / n, y / n
+        variance = xx / n - mean_x ** 2
+        if variance > (0.05 * mean_x) ** 2:  # batches of different sizes: fit the line
+            per_token = max(0.0, (xy / n - mean_x * mean_y) / variance)
+            return max(0.0, mean_y - per_token * mean_x), per_token
+        return 0.0, mean_y / mean_x  # one size seen so far: all of it per token
+
+    def tokens_for(self, target_s: float) -> int | None:
+        """Padded tokens a batch of ``target_s`` holds; None with no target, no measurement yet, or a fixed
+        cost over half the target."""
+        fit = self.fit()
+        if target_s <= 0 or fit is None or fit[0] > target_s / 2 or fit[1] <= 0:
+            return None
+        fixed, per_token = fit
+        return round((target_s - fixed) / per_token)

@@ -1,0 +1,75 @@
+"""Calling the model on one forward batch: its figures recorded, its scores handed back to their jobs, and a
+batch it raises on retried by halves of its jobs until the culprit is alone (out of memory splits a lone
+job's pairs down to one per call), so a bad job never fails its batch-mates."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from tasks.errors import RankerFailed
+from worker import metrics
+from worker.batching import Pace
+from worker.pending import Pending
+from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
+from worker.stats import Recent
+
+logger = logging.getLogger(__name__)
+
+Batch = Sequence[tuple[Pending, int]]
+
+
+class Model:
+    def __init__(self, ranker: Ranker, recent: Recent) -> None:
+        self.ranker = ranker
+        self.recent = recent
+        #: The measured cost of a forward batch, to size the next one for the time target.
+        self.pace = Pace()
+
+    def forward(self, batch: Batch) -> None:
+        """One call of the model; if it raises, retry by halves so only the culprit fails."""
+        batch = [(p, i) for p, i in batch if p.error is None]
+        if not batch:
+            return
+        assert all(p.job is not None for p, _ in batch)
+        pairs = [(p.job.query, p.job.docs[i]) for p, i in batch]  # type: ignore[union-attr]
+        began = time.perf_counter()
+        try:
+            scores = self.ranker.score(pairs)
+        except Exception as exc:
+            self._isolate(batch, exc)
+            return
+        busy_s = time.perf_counter() - began
+        lengths = [p.costs[i] for p, i in batch]
+        padded = len(lengths) * max(lengths)  # a batch is padded to its longest pair
+        self.pace.add(busy_s, padded)
+        self.recent.busy(busy_s)
+        metrics.BUSY.inc(busy_s)
+        metrics.BATCH_PAIRS.observe(len(batch))
+        metrics.BATCH_PADDED.observe(padded)
+        metrics.BATCH_JOBS.observe(len({id(p) for p, _ in batch}))
+        metrics.REAL_TOKENS.inc(sum(lengths))
+        metrics.PADDED_TOKENS.inc(padded)
+        by_job: dict[Pending, tuple[list[int], list[float]]] = {}
+        for (pending, index), score in zip(batch, scores, strict=True):
+            indices, values = by_job.setdefault(pending, ([], []))
+            indices.append(index)
+            values.append(score)
+        for pending, (indices, values) in by_job.items():
+            pending.scored(indices, values)
+
+    def _isolate(self, batch: Batch, exc: Exception) -> None:
+        jobs = list(dict.fromkeys(p for p, _ in batch))
+        if len(jobs) > 1:
+            logger.warning("model raised on a batch of %d jobs (%r); retrying by halves", len(jobs), exc)
+            first = set(jobs[:len(jobs) // 2])
+            self.forward([(p, i) for p, i in batch if p in first])
+            self.forward([(p, i) for p, i in batch if p not in first])
+        elif is_out_of_memory(exc) and len(batch) > 1:
+            release_cached_memory()
+            half = len(batch) // 2
+            self.forward(batch[:half])
+            self.forward(batch[half:])
+        else:
+            jobs[0].fail(RankerFailed(f"the {self.ranker.kind} model failed on this job: {exc!r}"))

@@ -1,0 +1,200 @@
+"""The runner: one thread that keeps the model busy, one forward batch at a time.
+
+Prepared jobs wait in ``Ready``, per lane. Between two forward batches the runner admits ready jobs into
+its window (worker/batching.py ``admit``), picks the next batch's pairs from the whole window
+(``next_batch``: interactive ahead of bulk, length-sorted, under the padded-token budget and the batch-time
+target), runs it, and settles the jobs whose last pair it scored (worker/settle.py). So a job that arrives
+while others are being scored joins the next forward batch, and its result goes out as soon as its own
+pairs are done, not when its batch-mates' are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+
+from celery.worker import state as worker_state
+
+from celeryconfig import Settings
+from tasks.connections import BrokerRedis
+from tasks.errors import DeadlineExceeded
+from tasks.lanes import BULK, INTERACTIVE, LANES
+from tasks.records import BatchInfo
+from worker import metrics
+from worker.batching import Turns, admit, batch_limit, next_batch, saturated
+from worker.model import Model
+from worker.pending import Pending
+from worker.rankers import Ranker
+from worker.settle import Settler, requeue
+from worker.stats import Recent, Throughput
+
+logger = logging.getLogger(__name__)
+
+class Ready:
+    """Prepared jobs per lane, in arrival order, on their way into the runner's window (the preparer adds,
+    the runner takes; everything under ``cond``)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.lanes: dict[str, deque[Pending]] = {lane: deque() for lane in LANES}
+        #: Jobs received and not prepared yet: window-mates on their way.
+        self.unprepared = 0
+        self.stopping = False
+        #: When the last interactive job was prepared (monotonic clock).
+        self.last_interactive = float("-inf")
+
+    def add(self, pending: Pending) -> None:
+        with self.cond:
+            self.lanes[pending.lane].append(pending)
+            self.unprepared -= 1
+            if pending.lane == INTERACTIVE:
+                self.last_interactive = time.monotonic()
+            self.cond.notify()
+
+    def waiting(self) -> int:
+        return sum(len(jobs) for jobs in self.lanes.values())
+
+
+class Runner:
+    def __init__(self, ranker: Ranker, settings: Settings, device: str, backend: object, broker: BrokerRedis,
+                 ready: Ready, hostname: str, on_settled: Callable[[Sequence[Pending]], None]) -> None:
+        self.ranker = ranker
+        self.settings = settings
+        self.ready = ready
+        self.throughput = Throughput()
+        self.recent = Recent()
+        self.window: list[Pending] = []
+        self._on_settled = on_settled
+        self._settler = Settler(ranker, backend, broker, on_settled)
+        self._max_batch = settings.batch_tokens(device)
+        self._model = Model(ranker, self.recent)
+        self._batch_ids = (f"{hostname}#{n}" for n in itertools.count(1))
+        self._batches = 0
+        self._without_bulk = 0
+        #: Jobs wait in Ready that the window could not take: (interactive, bulk).
+        self._backlog = (False, False)
+
+    def run(self) -> None:
+        """The runner thread: until stopped and the jobs started are done and settled."""
+        try:
+            while self._admit():
+                if self.window:
+                    self._step()
+        finally:
+            self._settler.stop()
+
+    # -- the window -------------------------------------------------------------------------------
+
+    def _admit(self) -> bool:
+        """Let ready jobs into the window; wait while there is nothing to do. False once stopped and done."""
+        ready = self.ready
+        with ready.cond:
+            while not self.window and not ready.waiting() and not ready.stopping:
+                ready.cond.wait()
+            if not self.window:
+                self._gather()
+            if ready.stopping:
+                # Finish what has started; the rest stays unacked and goes back to the queue.
+                self.window = [p for p in self.window if p.started is not None]
+                return bool(self.window)
+            admitted = admit(ready.lanes[INTERACTIVE], ready.lanes[BULK], self.window,
+                             self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
+            self._backlog = (bool(ready.lanes[INTERACTIVE]), bool(ready.lanes[BULK]))
+        revoked = [p for p in admitted if p.request.revoked()]  # expired or revoked: Celery settles them
+        if revoked:
+            self._on_settled(revoked)
+        now = time.time()
+        done = []
+        for pending in admitted:
+            if pending in revoked:
+                continue
+            if pending.error is None and pending.costs:
+                pending.begin()
+                self.window.append(pending)
+            else:  # bad input, or no docs: an outcome at once
+                self._start([pending], now)
+                done.append(pending)
+        self._finish(done)
+        return True
+
+    def _gather(self) -> None:
+        """Idle: wait up to ``max_wait_ms`` for the jobs still being prepared, so that a burst that arrives
+        together is scored together; never for jobs not in sight."""
+        ready, max_wait = self.ready, self.settings.max_wait_ms / 1000
+        while not ready.stopping and ready.unprepared:
+            waiting = [p for jobs in ready.lanes.values() for p in jobs]
+            if (sum(p.tokens for p in waiting) >= self.settings.max_chunk_tokens
+                    or len(waiting) >= self.settings.max_chunk_jobs):
+                return
+            remaining = min(p.received for p in waiting) + max_wait - time.time()
+            if remaining <= 0:
+                return
+            ready.cond.wait(remaining)
+
+    def _start(self, jobs: Sequence[Pending], now: float) -> None:
+        for pending in jobs:
+            pending.started = now
+            worker_state.task_accepted(pending.request)
+            pending.request.send_event("task-started")
+            waited = max(0.0, now - pending.sent_at)
+            metrics.QUEUE_WAIT.labels(pending.lane).observe(waited)
+            if pending.lane == INTERACTIVE:
+                self.recent.waited(waited)
+
+    def _finish(self, jobs: Sequence[Pending]) -> None:
+        """Hand jobs that have their outcome to the settler."""
+        if not jobs:
+            return
+        gone = set(jobs)
+        self.window = [p for p in self.window if p not in gone]
+        self._settler.submit(jobs)
+
+    # -- one forward batch ------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        began = time.time()
+        self._expire(began)
+        full = saturated(*self._backlog, quiet_s=time.monotonic() - self.ready.last_interactive)
+        limit = batch_limit(self._max_batch, self._model.pace.tokens_for(self.settings.target_batch_ms / 1000), full)
+        bulk_waits = any(p.lane == BULK for p in self.window)
+        batch = next_batch(self.window, limit, Turns.after(self._batches, self._without_bulk), sweep=full)
+        if not batch:
+            return
+        jobs = list(dict.fromkeys(p for p, _ in batch))
+        try:
+            self._start([p for p in jobs if p.started is None], began)
+            info = BatchInfo(id=next(self._batch_ids), jobs=len(jobs), pairs=len(batch),
+                             padded_tokens=len(batch) * max(p.costs[i] for p, i in batch))
+            for pending in jobs:
+                pending.batches.append(info)
+            self._model.forward(batch)
+        except Exception:
+            logger.exception("forward batch failed outside the model; requeueing its %d jobs", len(jobs))
+            gone = set(jobs)
+            self.window = [p for p in self.window if p not in gone]
+            requeue(jobs)
+            self._on_settled(jobs)
+            return
+        finished = [p for p in jobs if not p.left]
+        self._finish(finished)
+        pairs = Counter(p.queue for p, _ in batch)
+        self.throughput.add(pairs, Counter(p.queue for p in finished if p.error is None), time.time() - began)
+        self._batches += 1
+        has_bulk = any(p.lane == BULK for p, _ in batch)
+        self._without_bulk = self._without_bulk + 1 if bulk_waits and not has_bulk else 0
+
+    def _expire(self, now: float) -> None:
+        """Jobs whose deadline passed before their first forward batch fail without being scored."""
+        expired = []
+        for pending in self.window:
+            deadline = pending.job.deadline if pending.job else None
+            if pending.started is None and deadline is not None and deadline < now:
+                pending.fail(DeadlineExceeded(
+                    f"the deadline passed {now - deadline:.3f}s before a worker could score this job"))
+                expired.append(pending)
+        self._start(expired, now)
+        self._finish(expired)

@@ -1,0 +1,121 @@
+"""Settling finished jobs: their results written in one pipelined round trip, then acked in Redis in one
+more, then their task events and Celery's bookkeeping, and last the results published to their waiters
+(a waiter never sees a result whose job is still unacked in Redis).
+
+A thread of its own does it (``Settler``), so the round trips to Redis overlap the next forward batch
+instead of delaying it."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery.worker import state as worker_state
+
+from tasks.connections import BrokerRedis
+from tasks.records import Result, Timings, top_indices
+from worker import metrics, results, transport
+from worker.pending import Pending
+from worker.rankers import Ranker
+
+logger = logging.getLogger(__name__)
+
+
+class Settler:
+    """Settles jobs in the order they were handed over, on its own thread; on a failure outside the model
+    (Redis away past its retries) it puts them back on their queue. ``on_settled`` is called either way."""
+
+    def __init__(self, ranker: Ranker, backend: Any, broker: BrokerRedis,
+                 on_settled: Callable[[Sequence[Pending]], None]) -> None:
+        self._ranker, self._backend, self._broker = ranker, backend, broker
+        self._on_settled = on_settled
+        self._inbox: queue.SimpleQueue[Sequence[Pending] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="rerankq-settler", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: Sequence[Pending]) -> None:
+        if jobs:
+            self._inbox.put(jobs)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Settle everything handed over so far, then end the thread."""
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while (jobs := self._inbox.get()) is not None:
+            try:
+                settle(jobs, self._ranker, self._backend, self._broker)
+            except Exception:
+                logger.exception("could not settle %d jobs; requeueing them", len(jobs))
+                requeue(jobs)
+            finally:
+                self._on_settled(jobs)
+
+
+def settle(jobs: Sequence[Pending], ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
+    """Write, ack, announce. Raises only on a failure outside the model (Redis away past its retries): the
+    caller then puts the jobs back (``requeue``)."""
+    if not jobs:
+        return
+    done = time.time()
+    outcomes = [_outcome(pending, ranker, done) for pending in jobs]
+    written = results.store(backend, outcomes)
+    _ack_in_redis(broker, [outcome.request.message for outcome in outcomes])
+    for pending, outcome in zip(jobs, outcomes, strict=True):
+        request = outcome.request
+        if outcome.result is not None:
+            request.send_event("task-succeeded", result=f"{len(outcome.result['scores'])} scores",
+                               runtime=done - (pending.started or done))
+        else:
+            logger.warning("job %s failed: %s", request.id, outcome.error)
+            request.send_event("task-failed", exception=repr(outcome.error), traceback="")
+        request.acknowledge()
+        worker_state.task_ready(request, successful=outcome.error is None)
+        metrics.JOBS.labels("success" if outcome.error is None else type(outcome.error).__name__).inc()
+        metrics.LATENCY.labels(pending.lane).observe(max(0.0, done - pending.sent_at))
+        if pending.batches and pending.started is not None:
+            metrics.INFERENCE.observe(done - pending.started)
+    results.announce(backend, written)
+
+
+def requeue(jobs: Sequence[Pending]) -> None:
+    """Put jobs back on their queue to be served again (a failure outside the model)."""
+    for pending in jobs:
+        try:
+            pending.request.reject(requeue=True)
+        except Exception:
+            logger.exception("could not requeue job %s; it returns after the visibility timeout",
+                             pending.request.id)
+        worker_state.task_ready(pending.request)
+
+
+def _outcome(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
+    if pending.error is not None:
+        return results.Outcome(pending.request, error=pending.error)
+    assert pending.job is not None
+    started = pending.started or done
+    result = Result(
+        scores=pending.scores,
+        ranker=ranker.kind,
+        model=ranker.model,
+        timings=Timings(queue_ms=round(max(0.0, started - pending.sent_at) * 1000, 3),
+                        inference_ms=round((done - started) * 1000, 3)),
+        top=top_indices(pending.scores, pending.job.top_k) if pending.job.top_k else None,
+        batches=pending.batches,
+    )
+    return results.Outcome(pending.request, result=result.to_dict())
+
+
+def _ack_in_redis(broker: BrokerRedis, messages: list[Any]) -> None:
+    """Ack the jobs in Redis in one round trip, before their results are published; each job's own
+    ``acknowledge()`` on the event loop then only does kombu's bookkeeping."""
+    try:
+        transport.ack_in_redis(broker.client, broker.unacked_keys(), messages)
+    except Exception:
+        logger.warning("could not ack %d jobs in one round trip; the event loop acks each", len(messages),
+                       exc_info=True)
