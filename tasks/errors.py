@@ -24,7 +24,7 @@ class ModelLoadError(RerankError):
 
 
 class RankerFailed(RerankError):
-    """The model raised while scoring this job (after isolating it from its chunk-mates)."""
+    """The model raised while scoring this job (after isolating it from its batch-mates)."""
 
 
 class RerankTimeout(RerankError):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Any
 
 import pytest
 
-from worker.compat import thread_safe_task_events
+from worker.compat import flush_task_events, route_task_events
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +17,8 @@ SENDERS, EVENTS = 2, 3000
 
 def published_by_threads(celery_app: Any, patched: bool) -> int:
     """Events two threads send into a buffered dispatcher while a third flushes it without pause, as the
-    runner, the settler and the event loop do: how many of them were published."""
+    runner, the settler and the event loop do: how many of them were published. Patched, the threads send
+    into an outbox that the flushing thread alone hands to the dispatcher."""
     published = 0
     with celery_app.connection_for_write() as conn:
         dispatcher = celery_app.events.Dispatcher(conn, buffer_group=["task"], buffer_limit=10**9)
@@ -28,8 +30,9 @@ def published_by_threads(celery_app: Any, patched: bool) -> int:
             return publish(event, producer, routing_key, **kwargs)
 
         dispatcher._publish = count
+        outbox: deque[Any] = deque()
         if patched:
-            thread_safe_task_events(dispatcher)
+            route_task_events(dispatcher, outbox, lambda: None)
         sending = threading.Barrier(SENDERS + 1)
         done = threading.Event()
 
@@ -41,7 +44,7 @@ def published_by_threads(celery_app: Any, patched: bool) -> int:
         def flush() -> None:
             sending.wait()
             while not done.is_set():
-                dispatcher.flush()
+                flush_task_events(dispatcher, outbox) if patched else dispatcher.flush()
 
         threads = [threading.Thread(target=send) for _ in range(SENDERS)]
         flusher = threading.Thread(target=flush)
@@ -51,6 +54,7 @@ def published_by_threads(celery_app: Any, patched: bool) -> int:
             thread.join()
         done.set()
         flusher.join()
+        flush_task_events(dispatcher, outbox)
         dispatcher.flush()
         dispatcher.close()
     return published

@@ -81,3 +81,16 @@ def test_out_of_memory_mid_run_splits_the_batch_and_fails_only_a_pair_that_never
         doomed.get(timeout=60)
     for handle in [*running, joined]:
         assert set(result(handle).scores) == {1.0}
+
+
+def test_a_warm_shutdown_ends_after_the_running_batch_and_a_large_job_in_progress_goes_back(
+        start_worker: StartWorker) -> None:
+    stopping = start_worker(*simulated(), RERANKQ_MAX_BATCH_TOKENS="1")
+    large = rerank.apply_async(("bread", docs(50)), queue=stopping.queue)  # 50 batches: 5 s
+    time.sleep(5 * BATCH_MS / 1000)
+    asked = time.monotonic()
+    assert stopping.stop() == 0
+    assert time.monotonic() - asked < 2.5  # one batch and the shutdown, not the 4.5 s of work left
+    assert not large.ready()
+    start_worker(*simulated(1), queue=stopping.queue)
+    assert result(large).scores == [1.0] * 50

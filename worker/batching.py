@@ -113,7 +113,7 @@ def next_batch(window: Sequence[W], limit: int, turns: Turns = Turns(), sweep: b
         anchor = max(lane_jobs, key=lambda w: w.costs[w.left[0]])
     else:
         anchor = min(lane_jobs, key=lambda w: w.left_tokens)
-    longest = anchor.costs[anchor.left[0]]
+    longest = max(1, anchor.costs[anchor.left[0]])
     lead = anchor.left[:1] if sweep and not turns.oldest else anchor.left
     batch = [(anchor, index) for index in lead[:max(1, limit // longest)]]
     taken = set(batch)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -67,33 +69,40 @@ def survive_redis_outage() -> None:
         setattr(kombu_redis.QoS, name, patched)
 
 
-def thread_safe_task_events(dispatcher: Any) -> None:
+def route_task_events(dispatcher: Any, outbox: deque[Any], on_sent: Callable[[], None]) -> None:
     """celery 5.x ``EventDispatcher``: a buffered event sent from another thread while the event loop
     flushes can be lost.
 
     ``flush`` publishes a group's buffer and then empties it (``events[:] = []``) under the dispatcher's
-    mutex, but ``send`` appends to that buffer without it: an event appended in between is cleared unsent.
-    The chunk consumer sends ``task-started`` and ``task-succeeded`` from its runner and settler threads,
-    so Flower saw a job stuck at "started" now and then. Append under the mutex, and leave every flush to
-    the event loop (``on_send_buffered``) rather than publish on the calling thread when the buffer is full.
-    """
+    mutex, but ``send`` appends to that buffer without it: an event appended in between is cleared unsent
+    (thousands of 6,000 in ``tests/test_compat.py``). The chunk consumer sends ``task-started`` and
+    ``task-succeeded`` from its runner and settler threads, so Flower saw jobs stuck at "started". The
+    dispatcher's ``task`` events go to ``outbox`` instead (a deque: appends are thread-safe), and the event
+    loop alone hands them to the dispatcher and flushes (``flush_task_events``). Taking the mutex to append
+    instead would block the runner whenever a flush waits on Redis, and ``close()`` releases that mutex
+    under whoever holds it. Sharing one ``outbox`` across reconnects also publishes the events of jobs
+    received on the old connection, which celery's new dispatcher does not carry over."""
     from celery.events.event import Event, group_from
     from celery.utils.time import utcoffset
 
     original_send = dispatcher.send
 
     def send(type: str, **fields: Any) -> Any:
-        group = group_from(type)
-        if not (dispatcher.enabled and group in dispatcher.buffer_group
-                and (not dispatcher.groups or group in dispatcher.groups)):
+        if not (dispatcher.enabled and group_from(type) == "task" and "task" in dispatcher.buffer_group):
             return original_send(type, **fields)
-        with dispatcher.mutex:
-            event = Event(type, hostname=dispatcher.hostname, utcoffset=utcoffset(), pid=dispatcher.pid,
-                          clock=dispatcher.clock.forward(), **fields)
-            dispatcher._group_buffer[group].append(event)
-        if dispatcher.on_send_buffered:
-            dispatcher.on_send_buffered()
+        outbox.append(Event(type, hostname=dispatcher.hostname, utcoffset=utcoffset(), pid=dispatcher.pid,
+                            clock=dispatcher.clock.forward(), **fields))
+        on_sent()
         return None
 
     dispatcher.send = send
 
+
+def flush_task_events(dispatcher: Any, outbox: deque[Any]) -> None:
+    """On the event loop: publish every task event in ``outbox`` with ``dispatcher``, in one message."""
+    events = []
+    while outbox:
+        events.append(outbox.popleft())
+    if events:
+        dispatcher._group_buffer["task"].extend(events)
+        dispatcher.flush(errors=False, groups=True)

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +31,7 @@ from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError
 from tasks.records import Job
 from worker import metrics
-from worker.compat import thread_safe_task_events
+from worker.compat import flush_task_events, route_task_events
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.runner import Ready, Runner
@@ -167,27 +167,31 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 
 
 def _batch_events(consumer: Any) -> None:
-    """Publish task events every ``EVENTS_FLUSH_S``, many in one message.
+    """Publish task events every ``EVENTS_FLUSH_S``, many in one message, from the event loop.
 
     Celery buffers task events and publishes them on the event loop's next turn; with the runner thread
     sending them, that is a few per message, and at a few hundred jobs/s a quarter of the worker's time
-    (BENCHMARKS.md). Flower sees each event up to ``EVENTS_FLUSH_S`` later instead."""
+    (BENCHMARKS.md). Flower sees each event up to ``EVENTS_FLUSH_S`` later instead. Called again after a
+    reconnect: the events wait in one outbox kept on the consumer (worker/compat.py)."""
     dispatcher, hub = consumer.event_dispatcher, consumer.hub
-    if dispatcher is None or hub is None:
+    if dispatcher is None or hub is None or not dispatcher.enabled:
         return
-    thread_safe_task_events(dispatcher)
+    outbox = getattr(consumer, "rerankq_events", None)
+    if outbox is None:
+        outbox = consumer.rerankq_events = deque()
     pending = threading.Event()
 
     def flush() -> None:
         pending.clear()
-        consumer._flush_events()
+        if consumer.event_dispatcher is not None:
+            flush_task_events(consumer.event_dispatcher, outbox)
 
-    def on_buffered() -> None:  # any thread
+    def on_sent() -> None:  # any thread
         if not pending.is_set():
             pending.set()
             hub.call_soon(lambda: hub.call_later(EVENTS_FLUSH_S, flush))
 
-    dispatcher.on_send_buffered = on_buffered
+    route_task_events(dispatcher, outbox, on_sent)
 
 
 def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: float) -> StatsReporter:
@@ -228,9 +232,10 @@ class ChunkStep(bootsteps.StartStopStep):
         chunks: ChunkConsumer | None = getattr(parent, "rerankq_chunks", None)
         if chunks is not None:
             chunks.stop()
-        if parent.event_dispatcher is not None:  # the last chunk's events, still in their 50 ms wait
+        outbox = getattr(parent, "rerankq_events", None)
+        if parent.event_dispatcher is not None and outbox:  # the last jobs' events, still in their 50 ms wait
             try:
-                parent.event_dispatcher.flush()
+                flush_task_events(parent.event_dispatcher, outbox)
             except Exception:
                 logger.warning("could not publish the last task events", exc_info=True)
         reporter: StatsReporter | None = getattr(parent, "rerankq_stats", None)

@@ -4,6 +4,7 @@ job's pairs down to one per call), so a bad job never fails its batch-mates."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ class Model:
         began = time.perf_counter()
         try:
             scores = self.ranker.score(pairs)
+            if len(scores) != len(pairs):
+                raise RankerFailed(f"the model gave {len(scores)} scores for {len(pairs)} pairs")
         except Exception as exc:
             self._isolate(batch, exc)
             return
@@ -67,7 +70,8 @@ class Model:
             self.forward([(p, i) for p, i in batch if p in first])
             self.forward([(p, i) for p, i in batch if p not in first])
         elif is_out_of_memory(exc) and len(batch) > 1:
-            release_cached_memory()
+            with contextlib.suppress(Exception):
+                release_cached_memory()
             half = len(batch) // 2
             self.forward(batch[:half])
             self.forward(batch[half:])

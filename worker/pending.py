@@ -41,7 +41,10 @@ class Pending:
     @property
     def sent_at(self) -> float:
         """When the producer sent the job (its header), or when this worker received it."""
-        return float(self.request.request_dict.get(SENT_AT_HEADER) or self.received)
+        try:
+            return float(self.request.request_dict.get(SENT_AT_HEADER) or self.received)
+        except (TypeError, ValueError):
+            return self.received
 
     def begin(self) -> None:
         """Ready to be scheduled: every pair left, longest first."""

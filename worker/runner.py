@@ -21,7 +21,7 @@ from celery.worker import state as worker_state
 
 from celeryconfig import Settings
 from tasks.connections import BrokerRedis
-from tasks.errors import DeadlineExceeded
+from tasks.errors import DeadlineExceeded, RankerFailed
 from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import BatchInfo
 from worker import metrics
@@ -79,11 +79,22 @@ class Runner:
         self._backlog = (False, False)
 
     def run(self) -> None:
-        """The runner thread: until stopped and the jobs started are done and settled."""
+        """The runner thread: until stopped, then the jobs it finished settled. It never dies of one job:
+        on a failure outside the model (Redis away while a revoked job is announced, ...) the jobs in its
+        window go back to their queue and it goes on."""
         try:
-            while self._admit():
-                if self.window:
-                    self._step()
+            while True:
+                try:
+                    if not self._admit():
+                        return
+                    if self.window:
+                        self._step()
+                except Exception:
+                    logger.exception("the runner failed outside the model; requeueing its %d jobs in progress",
+                                     len(self.window))
+                    jobs, self.window = self.window, []
+                    self._on_settled(jobs)
+                    requeue(jobs)
         finally:
             self._settler.stop()
 
@@ -98,26 +109,25 @@ class Runner:
             if not self.window:
                 self._gather()
             if ready.stopping:
-                # Finish what has started; the rest stays unacked and goes back to the queue.
-                self.window = [p for p in self.window if p.started is not None]
-                return bool(self.window)
+                # After the batch that ran last: every job not finished stays unacked and goes back to the
+                # queue when the connection closes (its scores so far are dropped), so a warm shutdown
+                # takes one forward batch, not the rest of a large job.
+                self.window = []
+                return False
             admitted = admit(ready.lanes[INTERACTIVE], ready.lanes[BULK], self.window,
                              self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
             self._backlog = (bool(ready.lanes[INTERACTIVE]), bool(ready.lanes[BULK]))
-        revoked = [p for p in admitted if p.request.revoked()]  # expired or revoked: Celery settles them
-        if revoked:
-            self._on_settled(revoked)
-        now = time.time()
+        self.window.extend(admitted)  # from here on, a failure puts them back with the rest
         done = []
         for pending in admitted:
-            if pending in revoked:
-                continue
-            if pending.error is None and pending.costs:
+            if pending.request.revoked():  # expired or revoked: Celery settles them
+                self.window.remove(pending)
+                self._on_settled([pending])
+            elif pending.error is None and pending.costs:
                 pending.begin()
-                self.window.append(pending)
             else:  # bad input, or no docs: an outcome at once
-                self._start([pending], now)
                 done.append(pending)
+        self._start(done, time.time())
         self._finish(done)
         return True
 
@@ -172,13 +182,10 @@ class Runner:
             for pending in jobs:
                 pending.batches.append(info)
             self._model.forward(batch)
-        except Exception:
-            logger.exception("forward batch failed outside the model; requeueing its %d jobs", len(jobs))
-            gone = set(jobs)
-            self.window = [p for p in self.window if p not in gone]
-            requeue(jobs)
-            self._on_settled(jobs)
-            return
+        except Exception as exc:  # a bug, not the model (worker/model.py catches that): an outcome, not a loop
+            logger.exception("forward batch failed outside the model; failing its %d jobs", len(jobs))
+            for pending in jobs:
+                pending.fail(RankerFailed(f"the worker failed while scoring this job: {exc!r}"))
         finished = [p for p in jobs if not p.left]
         self._finish(finished)
         pairs = Counter(p.queue for p, _ in batch)

@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery.worker import state as worker_state
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 class Settler:
-    """Settles jobs in the order they were handed over, on its own thread; on a failure outside the model
-    (Redis away past its retries) it puts them back on their queue. ``on_settled`` is called either way."""
+    """Settles jobs in the order they were handed over, on its own thread. Jobs whose results could not be
+    written (Redis away past its retries) go back to their queue; written ones are never put back (an ack
+    lost with Redis leaves the job to be reclaimed and scored again, writing the same result twice).
+    ``on_settled`` is called either way, before a job is put back."""
 
     def __init__(self, ranker: Ranker, backend: Any, broker: BrokerRedis,
                  on_settled: Callable[[Sequence[Pending]], None]) -> None:
@@ -49,22 +52,40 @@ class Settler:
     def _loop(self) -> None:
         while (jobs := self._inbox.get()) is not None:
             try:
-                settle(jobs, self._ranker, self._backend, self._broker)
+                written = store(jobs, self._ranker, self._backend)
             except Exception:
-                logger.exception("could not settle %d jobs; requeueing them", len(jobs))
+                # Not held any more before the reject: received again at once, it must count as held.
+                logger.exception("could not write the results of %d jobs; requeueing them", len(jobs))
+                self._on_settled(jobs)
                 requeue(jobs)
+                continue
+            try:
+                finish(jobs, written, self._backend, self._broker)
+            except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
+                logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
+                                 len(jobs))
             finally:
                 self._on_settled(jobs)
 
 
-def settle(jobs: Sequence[Pending], ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
-    """Write, ack, announce. Raises only on a failure outside the model (Redis away past its retries): the
-    caller then puts the jobs back (``requeue``)."""
-    if not jobs:
-        return
+@dataclass(frozen=True)
+class Written:
+    outcomes: list[results.Outcome]
+    entries: list[tuple[str, bytes]]
+    done: float
+
+
+def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
+    """Write every job's outcome in one pipelined round trip; raises if Redis stays away past the backend's
+    retries (the jobs are then put back)."""
     done = time.time()
     outcomes = [_outcome(pending, ranker, done) for pending in jobs]
-    written = results.store(backend, outcomes)
+    return Written(outcomes, results.store(backend, outcomes), done)
+
+
+def finish(jobs: Sequence[Pending], written: Written, backend: Any, broker: BrokerRedis) -> None:
+    """Ack the written jobs in Redis, send their events, do Celery's bookkeeping, announce the results."""
+    outcomes, done = written.outcomes, written.done
     _ack_in_redis(broker, [outcome.request.message for outcome in outcomes])
     for pending, outcome in zip(jobs, outcomes, strict=True):
         request = outcome.request
@@ -80,7 +101,7 @@ def settle(jobs: Sequence[Pending], ranker: Ranker, backend: Any, broker: Broker
         metrics.LATENCY.labels(pending.lane).observe(max(0.0, done - pending.sent_at))
         if pending.batches and pending.started is not None:
             metrics.INFERENCE.observe(done - pending.started)
-    results.announce(backend, written)
+    results.announce(backend, written.entries)
 
 
 def requeue(jobs: Sequence[Pending]) -> None:
