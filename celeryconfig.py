@@ -45,7 +45,7 @@ class Settings:
     target_batch_ms: float = _env("RERANKQ_TARGET_BATCH_MS", 25.0,
                                   "Forward batches are sized from the measured time per padded token to take "
                                   "about this long (a job that arrives waits for the batch running), within "
-                                  "max_batch_tokens; a worker with a backlog runs full batches. 0: no target.")
+                                  "max_batch_tokens; a lane with a backlog runs full batches. 0: no target.")
     max_wait_ms: float = _env("RERANKQ_MAX_WAIT_MS", 10.0,
                               "Longest an idle worker waits for received jobs still being tokenized before "
                               "its first forward batch; with none in sight it starts at once.")

@@ -11,9 +11,11 @@ busy ratio (seconds in forward batches over wall time, from the worker's ``reran
 
 ``--baseline REF`` runs a second worker from that git commit (its code extracted to a temporary
 directory) side by side in the same run: same arrivals, loads taken as shares of the baseline's capacity,
-the two builds taking turns at each load.
+the builds taking turns at each load; ``--variant NAME=VALUE`` adds a worker of this build with that
+setting. With ``--repeats``, each figure is the median over the repeats.
 
-    python bench/queue_wait.py --baseline e763ad0
+    python bench/queue_wait.py --baseline e763ad0 --variant RERANKQ_TARGET_BATCH_MS=0 --repeats 3
+    python bench/queue_wait.py --real bge-reranker-v2-m3 --device cuda:0 --baseline e763ad0   # on a GPU
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import open_loop, percentile, saturate  # noqa: E402
+from bench.peers import MODELS, build_model, open_loop, percentile, saturate  # noqa: E402
 from bench.systems import Completions, System, checkout, scrape  # noqa: E402
 from bench.workload import Request, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
@@ -47,8 +50,13 @@ def main() -> None:
     parser.add_argument("--min-words", type=int, default=20)
     parser.add_argument("--max-words", type=int, default=120)
     parser.add_argument("--model", default="latency_ms=4,token_us=10", help="the simulated GPU's costs")
+    parser.add_argument("--real", choices=MODELS, help="a real cross-encoder of this shape (bench/peers.py) "
+                        "on --device instead of the simulated GPU")
+    parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--capacity-requests", type=int, default=1000)
     parser.add_argument("--baseline", default="", help="a git commit to run side by side with this build")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=VALUE: this build with a setting")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "queue_wait.json")
     args = parser.parse_args()
@@ -60,10 +68,16 @@ def main() -> None:
         app.conf.update(broker_url=server.url, result_backend=server.url)
         env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url}
         completions = Completions(server.url)
-        builds = {"this build": Build("this build", args.model, env, Path(tmp), None)}
+        worker_args = ["--ranker", "simulated", "--model", args.model, "--device", args.device]
+        if args.real:
+            worker_args = ["--model", str(build_model(args.real, Path(tmp) / args.real)), "--device", args.device]
+        builds = {"this build": Build("this build", worker_args, env, Path(tmp), None)}
+        for variant in args.variant:
+            name, _, value = variant.partition("=")
+            builds[variant] = Build(variant, worker_args, {**env, name: value}, Path(tmp), None)
         if args.baseline:
             source = checkout(args.baseline, Path(tmp) / "baseline")
-            builds = {f"baseline {args.baseline}": Build(f"baseline {args.baseline}", args.model, env, Path(tmp),
+            builds = {f"baseline {args.baseline}": Build(f"baseline {args.baseline}", worker_args, env, Path(tmp),
                                                          source), **builds}
         rows: list[dict[str, Any]] = []
         try:
@@ -78,10 +92,16 @@ def main() -> None:
                 rate = share * reference
                 requests = workload(args.seed + n, int(rate * args.seconds), args.docs, args.docs,
                                     args.min_words, args.max_words)
-                order = list(builds.values()) if n % 2 == 0 else list(reversed(builds.values()))
-                for build in order:
-                    rows.append({"build": build.name, "load": share, "jobs_per_s": round(rate, 1),
-                                 **build.run(requests, rate, args.seed + n, completions)})
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in builds}
+                for repeat in range(args.repeats):
+                    order = list(builds.values())
+                    if (n + repeat) % 2:
+                        order.reverse()
+                    for build in order:
+                        runs[build.name].append(build.run(requests, rate, args.seed + n, completions))
+                for name, figures in runs.items():
+                    rows.append({"build": name, "load": share, "jobs_per_s": round(rate, 1),
+                                 **{k: round(statistics.median(f[k] for f in figures), 3) for k in figures[0]}})
         finally:
             for build in builds.values():
                 build.worker.stop()
@@ -97,7 +117,8 @@ def main() -> None:
 class Build:
     """A worker of one build of rerankq (this checkout, or ``source``: another commit's code)."""
 
-    def __init__(self, name: str, model: str, env: dict[str, str], tmp: Path, source: Path | None) -> None:
+    def __init__(self, name: str, worker_args: list[str], env: dict[str, str], tmp: Path, source: Path | None
+                 ) -> None:
         from rerankq.local import WorkerProcess
         from tasks import rerank
 
@@ -105,8 +126,7 @@ class Build:
         self.port = free_port()
         queue = f"rerank.gpu.{self.port}"
         extra = {"PYTHONPATH": str(source)} if source else {}
-        self.worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", model, "--device", "cuda:0",
-                                            "--loglevel", "WARNING", "--metrics-port", str(self.port)],
+        self.worker = WorkerProcess(queue, [*worker_args, "--loglevel", "WARNING", "--metrics-port", str(self.port)],
                                     {**env, **extra}, tmp / f"worker-{self.port}.log", f"gpu-{self.port}@bench")
         self.ids: list[str] = []
 
@@ -140,8 +160,8 @@ def print_report(report: dict[str, Any]) -> None:
           "| busy ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in report["rows"]:
-        print(f"| {100 * row['load']:.0f}% | {row['jobs_per_s']} | {row['build']} | {row['queue_wait_p50_ms']} | "
-              f"{row['queue_wait_p95_ms']} | {row['latency_p50_ms']} | {row['latency_p95_ms']} | "
+        print(f"| {100 * row['load']:.0f}% | {row['jobs_per_s']} | {row['build']} | {row['queue_wait_p50_ms']:.1f} | "
+              f"{row['queue_wait_p95_ms']:.1f} | {row['latency_p50_ms']:.0f} | {row['latency_p95_ms']:.0f} | "
               f"{row['busy_ratio']:.2f} |")
 
 

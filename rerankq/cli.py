@@ -50,7 +50,7 @@ def cli() -> None:
                    "consecutive ports from --metrics-port.")
 def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
            hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
-    """Serve rerank jobs: load the model once, then score chunks of jobs in batched inferences."""
+    """Serve rerank jobs: load the model once, then score many jobs' pairs together in forward batches."""
     from celeryconfig import settings
 
     if gpus is not None:

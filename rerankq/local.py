@@ -36,7 +36,7 @@ class RerankqProcess:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``. A worker shuts down warm: the running chunk finishes,
+        """SIGTERM, then SIGKILL after ``timeout``. A worker shuts down warm: the running forward batch finishes,
         unstarted jobs go back to the queue."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

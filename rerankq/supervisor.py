@@ -76,7 +76,8 @@ class Supervisor:
                 self.say(f"{child.name} exited with {code}{where}; restarting in {pause:.0f}s")
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM to every child at once (workers finish their chunk), SIGKILL to any still up after ``timeout``."""
+        """SIGTERM to every child at once (workers finish their forward batch), SIGKILL to any still up after
+        ``timeout``."""
         running = [c.process for c in self.children if c.process is not None and c.process.proc.poll() is None]
         for process in running:
             process.proc.send_signal(signal.SIGTERM)
@@ -135,6 +136,6 @@ def run_per_gpu(gpus_spec: str, args: Sequence[str], metrics_port: int, hostname
         assert child.process is not None
         supervisor.say(f"{child.name}: pid {child.process.proc.pid}")
     supervisor.run(stop)
-    supervisor.say("stopping the workers (each finishes its chunk)")
+    supervisor.say("stopping the workers (each finishes its forward batch)")
     supervisor.stop()
     return 0

@@ -2,7 +2,7 @@
 
 A Redis (embedded unless ``--redis-url``), one pinned cross-encoder worker per visible GPU (or one on the
 CPU), a fast-ranker worker, the watchdog and Flower, each restarted if it dies. Ctrl-C stops the workers
-(each finishing its chunk), then the rest, then the embedded Redis.
+(each finishing its forward batch), then the rest, then the embedded Redis.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port
         try:
             supervisor.run(stop)
         finally:
-            print("rerankq up: stopping (workers finish their chunk)", flush=True)
+            print("rerankq up: stopping (workers finish their forward batch)", flush=True)
             supervisor.stop()
     return 0
 

@@ -24,7 +24,7 @@ _DESTINATION_OPTIONS = ("queue", "routing_key", "exchange")
 
 
 class RerankTask(Task):
-    """A Celery task whose messages are consumed in chunks instead of run one by one.
+    """A Celery task whose messages are consumed many at a time instead of run one by one.
 
     The worker-side ``Strategy`` buffers each received job into the chunk consumer, which scores many
     jobs in one batched inference and then stores, announces and acks each job on its own: every job
@@ -95,5 +95,5 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
 def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None) -> Any:
     """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order)."""
     raise RerankError(
-        "rerank jobs are scored in chunks by `rerankq worker`; they cannot run eagerly or in a "
+        "rerank jobs are scored together in forward batches by `rerankq worker`; they cannot run eagerly or in a "
         "worker started without rerankq's chunk consumer")

@@ -41,7 +41,7 @@ class QueueLoad:
     #: Jobs live workers hold prefetched and not yet acked.
     held: int
     workers: int
-    #: Throughput the queue's live workers reported (sum over workers), or None before any chunk ran.
+    #: Throughput the queue's live workers reported (sum over workers), or None before any forward batch ran.
     pairs_per_s: float | None
     pairs_per_job: float | None
 

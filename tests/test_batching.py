@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tasks.lanes import BULK, INTERACTIVE
-from worker.batching import AGE_EVERY, BULK_EVERY, QUIET_S, Pace, Turns, admit, batch_limit, next_batch, saturated
+from worker.batching import AGE_EVERY, BULK_EVERY, Budget, Pace, Turns, admit, budgets, next_batch
 
 
 @dataclass(eq=False)
@@ -37,11 +37,16 @@ def padded(batch: list[tuple[W, int]]) -> int:
     return len(batch) * max(w.costs[i] for w, i in batch)
 
 
-def drain(window: list[W], limit: int, sweep: bool = False) -> list[list[tuple[W, int]]]:
+def limit(tokens: int, sweep: bool = False) -> dict[str, Budget]:
+    """The same budget for both lanes."""
+    return {INTERACTIVE: Budget(tokens, sweep), BULK: Budget(tokens, sweep)}
+
+
+def drain(window: list[W], tokens: int, sweep: bool = False) -> list[list[tuple[W, int]]]:
     """Run batches until every pair is scored, as the runner does (a turn counter included)."""
     batches, count = [], 0
     while any(w.left for w in window):
-        batch = next_batch(window, limit, Turns.after(count, 0), sweep)
+        batch = next_batch(window, limit(tokens, sweep), Turns.after(count, 0))
         assert batch
         for work in {id(w): w for w, _ in batch}.values():
             work.take([i for w, i in batch if w is work])
@@ -127,7 +132,7 @@ def test_a_saturated_worker_sweeps_by_length_wasting_as_little_padding_as_a_sort
 
 def test_the_job_with_the_least_work_left_is_finished_first() -> None:
     big, small = W([50] * 20), W([50, 50])
-    batch = next_batch([big, small], limit=200)
+    batch = next_batch([big, small], limit(200))
     assert [w for w, _ in batch[:2]] == [small, small]
 
 
@@ -135,59 +140,76 @@ def test_a_job_that_arrives_joins_the_next_batch_ahead_of_a_large_job_in_progres
     long_job = W([40] * 100)
     long_job.take(long_job.left[:30])
     newcomer = W([40] * 3)
-    batch = next_batch([long_job, newcomer], limit=400)
+    batch = next_batch([long_job, newcomer], limit(400))
     assert {i for w, i in batch if w is newcomer} == {0, 1, 2}
     assert padded(batch) <= 400
 
 
 def test_every_fourth_batch_anchors_the_oldest_job_so_a_large_one_is_never_starved() -> None:
     old, small = W([100] * 10), W([10] * 2)
-    assert next_batch([old, small], limit=100)[0][0] is small
+    assert next_batch([old, small], limit(100))[0][0] is small
     turns = Turns.after(AGE_EVERY - 1, 0)
-    assert turns.oldest and next_batch([old, small], limit=100, turns=turns)[0][0] is old
+    assert turns.oldest and next_batch([old, small], limit(100), turns=turns)[0][0] is old
 
 
 def test_interactive_pairs_go_ahead_of_bulk_pairs_and_bulk_fills_the_room_left() -> None:
     bulk, web = W([30] * 10, BULK), W([30] * 2)
-    batch = next_batch([bulk, web], limit=150)
+    batch = next_batch([bulk, web], limit(150))
     assert [w.lane for w, _ in batch] == [INTERACTIVE] * 2 + [BULK] * 3
 
 
 def test_bulk_work_gets_a_batch_of_its_own_every_so_often_under_a_stream_of_interactive_work() -> None:
     bulk, web = W([30] * 10, BULK), W([30] * 10)
-    assert all(w is web for w, _ in next_batch([bulk, web], limit=150))
+    assert all(w is web for w, _ in next_batch([bulk, web], limit(150)))
     turns = Turns.after(0, BULK_EVERY - 1)
-    assert turns.bulk and all(w is bulk for w, _ in next_batch([bulk, web], limit=150, turns=turns))
+    assert turns.bulk and all(w is bulk for w, _ in next_batch([bulk, web], limit(150), turns=turns))
 
 
 def test_shorter_pairs_ride_along_and_room_left_takes_the_shortest_longer_ones() -> None:
     anchor, shorter, longer = W([20, 10]), W([15, 5, 18]), W([50, 70, 200])
-    batch = next_batch([longer, shorter, anchor], limit=300)
+    batch = next_batch([longer, shorter, anchor], limit(300))
     assert [(w.costs[i]) for w, i in batch] == [20, 10, 18, 15, 5, 50]  # 6 x 50; 7 x 70 would not fit
 
 
 def test_an_empty_window_gives_no_batch() -> None:
-    assert next_batch([], 100) == []
+    assert next_batch([], limit(100)) == []
     done = W([5])
     done.take([0])
-    assert next_batch([done], 100) == []
+    assert next_batch([done], limit(100)) == []
 
 
 # -- batch size -----------------------------------------------------------------------------------
 
 
-def test_batches_keep_to_the_time_target_unless_saturated() -> None:
-    assert batch_limit(8192, 1500, saturated=False) == 1500
-    assert batch_limit(8192, 1500, saturated=True) == 8192
-    assert batch_limit(8192, 20000, saturated=False) == 8192
-    assert batch_limit(8192, None, saturated=False) == 8192
+def test_batches_keep_to_the_time_target_unless_their_lane_has_a_backlog() -> None:
+    calm = budgets(8192, 1500, {INTERACTIVE: False, BULK: False})
+    assert calm == {INTERACTIVE: Budget(1500), BULK: Budget(1500)}
+    assert budgets(8192, 1500, {INTERACTIVE: True, BULK: False})[INTERACTIVE] == Budget(8192, sweep=True)
+    assert budgets(8192, 20000, {})[INTERACTIVE] == Budget(8192)
+    assert budgets(8192, None, {})[BULK] == Budget(8192)
 
 
-def test_a_worker_is_saturated_by_an_interactive_backlog_or_a_bulk_one_with_no_web_traffic_around() -> None:
-    assert saturated(interactive_backlog=True, bulk_backlog=False, quiet_s=0)
-    assert not saturated(interactive_backlog=False, bulk_backlog=False, quiet_s=QUIET_S)
-    assert not saturated(interactive_backlog=False, bulk_backlog=True, quiet_s=1.0)
-    assert saturated(interactive_backlog=False, bulk_backlog=True, quiet_s=QUIET_S)
+def test_a_bulk_backlog_runs_full_batches_while_interactive_batches_keep_to_the_target() -> None:
+    budget = budgets(8192, 1500, {INTERACTIVE: False, BULK: True})
+    assert budget == {INTERACTIVE: Budget(1500), BULK: Budget(8192, sweep=True)}
+    web, bulk = W([30] * 2), W([30] * 300, BULK)
+    assert padded(next_batch([bulk, web], budget)) <= 1500  # bulk pairs fill the interactive batch to 1500
+    assert padded(next_batch([bulk], budget)) == 8190  # then full bulk batches
+
+
+def test_beside_web_traffic_a_bulk_backlog_runs_the_smallest_batches_that_keep_most_of_its_throughput() -> None:
+    pace = Pace()
+    for tokens in (8192, 2000, 5000) * 20:
+        pace.add(0.004 + 10e-6 * tokens, tokens)
+    keeping = pace.keeping(0.95, 8192)
+    assert keeping is not None
+
+    def efficiency(tokens: int) -> float:
+        return 10e-6 * tokens / (0.004 + 10e-6 * tokens)
+
+    assert efficiency(keeping) >= 0.95 * efficiency(8192) > efficiency(keeping - 10)
+    budget = budgets(8192, 1500, {BULK: True}, bulk_beside_web=keeping)
+    assert budget[BULK] == Budget(keeping, sweep=True) and budget[INTERACTIVE] == Budget(1500)
 
 
 def test_the_pace_sizes_a_batch_that_takes_the_target_including_its_fixed_cost() -> None:

@@ -18,20 +18,22 @@ done. A batch is built around an *anchor* job:
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from tasks.lanes import BULK, INTERACTIVE
 
+#: A bulk backlog beside web traffic (an interactive job received within this many seconds) runs batches
+#: of ``BULK_KEEP`` of a full batch's throughput, not full ones, so web jobs wait less behind them.
+QUIET_S = 5.0
+BULK_KEEP = 0.95
 #: Every this many batches the anchor is the oldest job rather than the one with the least work left.
 AGE_EVERY = 4
 #: With bulk jobs in the window, at least one batch in this many holds bulk pairs.
 BULK_EVERY = 8
-#: A bulk backlog runs forward batches at the full padded-token budget only after this many seconds with
-#: no interactive job received: web traffic keeps them at the time target.
-QUIET_S = 5.0
 
 
 class Work(Protocol):
@@ -95,18 +97,41 @@ class Turns:
         return cls(oldest=batches % AGE_EVERY == AGE_EVERY - 1, bulk=batches_without_bulk >= BULK_EVERY - 1)
 
 
-def next_batch(window: Sequence[W], limit: int, turns: Turns = Turns(), sweep: bool = False) -> list[tuple[W, int]]:
-    """The next forward batch as (job, pair index) pairs, its padded tokens (pairs x longest pair) within
-    ``limit``; ``window`` in arrival order. A single pair over the limit gets a batch of its own.
+@dataclass(frozen=True)
+class Budget:
+    """How large a forward batch anchored in a lane may be: its padded tokens (pairs x longest pair) at
+    most ``tokens``; ``sweep`` (the lane has a backlog): the lane's longest pairs, for the least padding,
+    as a whole chunk sorted by length would be."""
 
-    ``sweep`` (a saturated worker): the batch is the lane's longest pairs, for the least padding, as a whole
-    chunk sorted by length would be; the oldest job's pairs still lead every ``AGE_EVERY``-th batch.
-    """
+    tokens: int
+    sweep: bool = False
+
+
+def budgets(max_tokens: int, target_tokens: int | None, backlog: Mapping[str, bool],
+            bulk_beside_web: int | None = None) -> dict[str, Budget]:
+    """Each lane's budget. A batch keeps to the time target (``target_tokens``, from the measured pace), so
+    that a job that arrives waits at most about one target for the batch running to end. A lane with jobs
+    waiting that the window cannot take is saturated: smaller or less tightly packed batches would only add
+    per-batch cost and slow its backlog down, so its batches take the full budget, except a bulk backlog
+    beside web traffic, which takes ``bulk_beside_web`` (``Pace.keeping``: most of a full batch's
+    throughput at a fraction of its time). Interactive batches, bulk pairs filling them included, keep to
+    the target."""
+    calm = max_tokens if target_tokens is None else max(1, min(max_tokens, target_tokens))
+    full = {INTERACTIVE: max_tokens, BULK: max(calm, min(max_tokens, bulk_beside_web or max_tokens))}
+    return {lane: Budget(full[lane] if backlog.get(lane) else calm, bool(backlog.get(lane)))
+            for lane in (INTERACTIVE, BULK)}
+
+
+def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns = Turns()) -> list[tuple[W, int]]:
+    """The next forward batch as (job, pair index) pairs, within the budget of its anchor's lane; ``window``
+    in arrival order. A single pair over the budget gets a batch of its own; the oldest job's pairs lead
+    every ``AGE_EVERY``-th batch, sweeping or not."""
     interactive = [w for w in window if w.left and w.lane == INTERACTIVE]
     bulk = [w for w in window if w.left and w.lane == BULK]
     lane_jobs = bulk if bulk and (turns.bulk or not interactive) else interactive
     if not lane_jobs:
         return []
+    limit, sweep = budget[lane_jobs[0].lane].tokens, budget[lane_jobs[0].lane].sweep
     if turns.oldest:
         anchor = lane_jobs[0]
     elif sweep:
@@ -130,22 +155,6 @@ def next_batch(window: Sequence[W], limit: int, turns: Turns = Turns(), sweep: b
             break
         batch.append((work, index))
     return batch
-
-
-def saturated(interactive_backlog: bool, bulk_backlog: bool, quiet_s: float) -> bool:
-    """Jobs wait that the window cannot take: smaller or less tightly packed batches would only add cost and
-    slow the backlog down. A bulk backlog counts only once no interactive job has come for ``QUIET_S``:
-    web traffic keeps forward batches at the time target."""
-    return interactive_backlog or (bulk_backlog and quiet_s >= QUIET_S)
-
-
-def batch_limit(max_tokens: int, target_tokens: int | None, saturated: bool) -> int:
-    """Padded tokens the next forward batch may take: what keeps it to the time target (``target_tokens``,
-    from the measured pace), so that a job that arrives waits at most about one target for the batch
-    running to end; the full budget when saturated."""
-    if target_tokens is None or saturated:
-        return max_tokens
-    return max(1, min(max_tokens, target_tokens))
 
 
 class Pace:
@@ -176,6 +185,17 @@ class Pace:
             per_token = max(0.0, (xy / n - mean_x * mean_y) / variance)
             return max(0.0, mean_y - per_token * mean_x), per_token
         return 0.0, mean_y / mean_x  # one size seen so far: all of it per token
+
+    def keeping(self, share: float, max_tokens: int) -> int | None:
+        """The smallest batch that runs at ``share`` of the throughput of a ``max_tokens`` one (fixed cost
+        amortised: efficiency ``per_token x T / (fixed + per_token x T)``); None before a fit."""
+        fit = self.fit()
+        if fit is None or fit[1] <= 0:
+            return None
+        fixed, per_token = fit
+        full = per_token * max_tokens / (fixed + per_token * max_tokens)
+        wanted = share * full
+        return min(max_tokens, max(1, math.ceil(wanted * fixed / (per_token * (1 - wanted)))))
 
     def tokens_for(self, target_s: float) -> int | None:
         """Padded tokens a batch of ``target_s`` holds; None with no target, no measurement yet, or a fixed

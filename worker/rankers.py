@@ -28,7 +28,7 @@ class Ranker(ABC):
 
     @abstractmethod
     def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
-        """Tokens each doc costs the model (after truncation): what the chunk budget counts."""
+        """Tokens each doc costs the model (after truncation): what the window's token budget counts."""
 
     @abstractmethod
     def score(self, pairs: Sequence[Pair]) -> list[float]:

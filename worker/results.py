@@ -1,9 +1,9 @@
-"""Result writing: a whole chunk's outcomes in one pipelined round trip to the result backend, and their
+"""Result writing: the outcomes of jobs settled together in one pipelined round trip to the result backend, and their
 announcement in another once the jobs are acked.
 
 Each job's key and value are exactly what Celery's Redis backend writes (``SETEX`` then ``PUBLISH`` on the
 task's meta key), so ``AsyncResult.get()`` and Flower read them as usual. Celery's own ``store_result``
-costs a read and a write per job; a chunk of 60 jobs would pay 120 round trips instead of one.
+costs a read and a write per job; 60 jobs settled together would pay 120 round trips instead of one.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from tasks.errors import DeadlineExceeded, RankerFailed
 from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import BatchInfo
 from worker import metrics
-from worker.batching import Turns, admit, batch_limit, next_batch, saturated
+from worker.batching import BULK_KEEP, QUIET_S, Turns, admit, budgets, next_batch
 from worker.model import Model
 from worker.pending import Pending
 from worker.rankers import Ranker
@@ -75,8 +75,8 @@ class Runner:
         self._batch_ids = (f"{hostname}#{n}" for n in itertools.count(1))
         self._batches = 0
         self._without_bulk = 0
-        #: Jobs wait in Ready that the window could not take: (interactive, bulk).
-        self._backlog = (False, False)
+        #: Per lane: jobs wait in Ready that the window could not take.
+        self._backlog: dict[str, bool] = {}
 
     def run(self) -> None:
         """The runner thread: until stopped, then the jobs it finished settled. It never dies of one job:
@@ -116,7 +116,7 @@ class Runner:
                 return False
             admitted = admit(ready.lanes[INTERACTIVE], ready.lanes[BULK], self.window,
                              self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
-            self._backlog = (bool(ready.lanes[INTERACTIVE]), bool(ready.lanes[BULK]))
+            self._backlog = {lane: bool(jobs) for lane, jobs in ready.lanes.items()}
         self.window.extend(admitted)  # from here on, a failure puts them back with the rest
         done = []
         for pending in admitted:
@@ -168,10 +168,12 @@ class Runner:
     def _step(self) -> None:
         began = time.time()
         self._expire(began)
-        full = saturated(*self._backlog, quiet_s=time.monotonic() - self.ready.last_interactive)
-        limit = batch_limit(self._max_batch, self._model.pace.tokens_for(self.settings.target_batch_ms / 1000), full)
+        pace = self._model.pace
+        web = time.monotonic() - self.ready.last_interactive < QUIET_S
+        budget = budgets(self._max_batch, pace.tokens_for(self.settings.target_batch_ms / 1000), self._backlog,
+                         pace.keeping(BULK_KEEP, self._max_batch) if web else None)
         bulk_waits = any(p.lane == BULK for p in self.window)
-        batch = next_batch(self.window, limit, Turns.after(self._batches, self._without_bulk), sweep=full)
+        batch = next_batch(self.window, budget, Turns.after(self._batches, self._without_bulk))
         if not batch:
             return
         jobs = list(dict.fromkeys(p for p, _ in batch))

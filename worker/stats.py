@@ -20,8 +20,8 @@ from worker import inflight
 
 logger = logging.getLogger(__name__)
 
-#: Chunks the throughput is averaged over. Idle time does not count: the rate is what a busy worker does.
-WINDOW_CHUNKS = 64
+#: Forward batches the throughput is averaged over. Idle time does not count: the rate is what a busy worker does.
+WINDOW_BATCHES = 64
 #: Seconds the busy ratio and the queue-wait p95 a worker reports are measured over.
 RECENT_S = 30.0
 
@@ -53,32 +53,32 @@ def count_model_load(broker: BrokerRedis, queues: list[str], outcome: str) -> No
 
 
 class Throughput:
-    """Pairs and jobs served over busy seconds, over the last ``WINDOW_CHUNKS`` chunks (thread-safe), in all
+    """Pairs and jobs served over busy seconds, over the last ``WINDOW_BATCHES`` forward batches (thread-safe), in all
     and per queue (each lane is a queue: its jobs' size is what turns its backlog into a wait)."""
 
     def __init__(self) -> None:
-        self._chunks: deque[tuple[Mapping[str, int], Mapping[str, int], float]] = deque(maxlen=WINDOW_CHUNKS)
+        self._batches: deque[tuple[Mapping[str, int], Mapping[str, int], float]] = deque(maxlen=WINDOW_BATCHES)
         self._lock = threading.Lock()
         self.served = 0
 
     def add(self, pairs: Mapping[str, int], jobs: Mapping[str, int], busy_s: float) -> None:
-        """One chunk: its pairs and jobs per queue, and the seconds it kept the model busy."""
+        """One forward batch: its pairs and the jobs it finished per queue, and the seconds it took."""
         with self._lock:
-            self._chunks.append((pairs, jobs, busy_s))
+            self._batches.append((pairs, jobs, busy_s))
             self.served += sum(jobs.values())
 
     def window(self) -> tuple[int, int, float, dict[str, list[int]]]:
         """Pairs, jobs and busy seconds over the window, and ``{queue: [pairs, jobs]}``."""
         with self._lock:
-            chunks = list(self._chunks)
+            batches = list(self._batches)
         per_queue: dict[str, list[int]] = {}
-        for pairs, jobs, _ in chunks:
+        for pairs, jobs, _ in batches:
             for queue in jobs:
                 counts = per_queue.setdefault(queue, [0, 0])
                 counts[0] += pairs.get(queue, 0)
                 counts[1] += jobs[queue]
-        return (sum(sum(c[0].values()) for c in chunks), sum(sum(c[1].values()) for c in chunks),
-                sum(c[2] for c in chunks), per_queue)
+        return (sum(sum(c[0].values()) for c in batches), sum(sum(c[1].values()) for c in batches),
+                sum(c[2] for c in batches), per_queue)
 
 
 class Recent:

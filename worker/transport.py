@@ -7,7 +7,7 @@ the two, with the reply in its socket, loses that job (the soak in RELIABILITY.m
 else is kombu's: acks, the visibility timeout, restoring unacked jobs.
 
 It is also faster: one receive takes every job waiting, up to what prefetch allows (one script moves
-them), and records them all in one ``MULTI``; a chunk's acks are one round trip (``ack_in_redis``) where
+them), and records them all in one ``MULTI``; a batch of settled jobs' acks are one round trip (``ack_in_redis``) where
 kombu makes one per job.
 
 A worker serves the two lanes of its queue (tasks/lanes.py), each with its own in-flight list. A receive

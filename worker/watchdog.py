@@ -37,8 +37,8 @@ CHANGES_KEPT = 1000
 class Marks:
     high_wait_s: float
     low_wait_s: float
-    #: Backlog per live worker a queue may take while its wait is unknown (no chunk measured yet): one
-    #: chunk, which its first chunk serves. Without it a cold queue (the fast ranker's, when shedding
+    #: Backlog per live worker a queue may take while its wait is unknown (no batch measured yet): one
+    #: window's worth, which its first batches serve. Without it a cold queue (the fast ranker's, when shedding
     #: starts) takes every shed job until its workers first report, and they wait for seconds.
     cold_jobs: int
     high_jobs: int = 0
