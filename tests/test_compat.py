@@ -65,8 +65,42 @@ def test_task_events_sent_from_other_threads_are_all_published_while_the_event_l
     assert published_by_threads(celery_app, patched=True) == SENDERS * EVENTS
 
 
-def test_celerys_dispatcher_still_appends_outside_its_flush_lock_so_the_patch_is_still_needed(
+def published_with_a_send_inside_the_flush(celery_app: Any, patched: bool) -> int:
+    """The race, made to happen: a task event sent (as by another thread) after a flush has published the
+    buffer and before it empties it. Two events sent in all; how many were published."""
+    published = 0
+    with celery_app.connection_for_write() as conn:
+        dispatcher = celery_app.events.Dispatcher(conn, buffer_group=["task"], buffer_limit=10**9)
+        outbox: deque[Any] = deque()
+        if patched:
+            route_task_events(dispatcher, outbox, lambda: None)
+        publish, sent_late = dispatcher._publish, False
+
+        def publish_then_send(event: Any, producer: Any, routing_key: str, **kwargs: Any) -> Any:
+            nonlocal published, sent_late
+            published += len(event) if isinstance(event, list) else 1
+            result = publish(event, producer, routing_key, **kwargs)
+            if not sent_late:
+                sent_late = True
+                dispatcher.send("task-succeeded", uuid="late")
+            return result
+
+        dispatcher._publish = publish_then_send
+        dispatcher.send("task-started", uuid="first")
+        for _ in range(2):
+            if patched:
+                flush_task_events(dispatcher, outbox)
+            else:
+                dispatcher.flush()
+        dispatcher.close()
+    return published
+
+
+def test_an_event_sent_while_the_event_loop_flushes_is_published_with_the_patch(celery_app: Any) -> None:
+    assert published_with_a_send_inside_the_flush(celery_app, patched=True) == 2
+
+
+def test_celerys_dispatcher_still_drops_an_event_sent_during_its_flush_so_the_patch_is_still_needed(
         celery_app: Any) -> None:
-    # If this starts passing with every event published, celery fixed the race: drop the patch.
-    losses = [SENDERS * EVENTS - published_by_threads(celery_app, patched=False) for _ in range(5)]
-    assert any(lost > 0 for lost in losses), "celery's EventDispatcher no longer loses events"
+    # If this fails with both events published, celery fixed the race: drop the patch (worker/compat.py).
+    assert published_with_a_send_inside_the_flush(celery_app, patched=False) == 1

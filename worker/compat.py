@@ -75,7 +75,7 @@ def route_task_events(dispatcher: Any, outbox: deque[Any], on_sent: Callable[[],
 
     ``flush`` publishes a group's buffer and then empties it (``events[:] = []``) under the dispatcher's
     mutex, but ``send`` appends to that buffer without it: an event appended in between is cleared unsent
-    (thousands of 6,000 in ``tests/test_compat.py``). The chunk consumer sends ``task-started`` and
+    (``tests/test_compat.py`` makes it happen). The chunk consumer sends ``task-started`` and
     ``task-succeeded`` from its runner and settler threads, so Flower saw jobs stuck at "started". The
     dispatcher's ``task`` events go to ``outbox`` instead (a deque: appends are thread-safe), and the event
     loop alone hands them to the dispatcher and flushes (``flush_task_events``). Taking the mutex to append
