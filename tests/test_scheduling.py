@@ -41,7 +41,7 @@ def test_a_job_sent_while_a_long_job_runs_starts_and_finishes_before_the_long_on
     short = rerank.apply_async(("bread", docs(2)), queue=worker.queue)
     short_result = result(short)
     assert not long_job.ready()  # it did not wait for the long job's remaining batches
-    assert short_result.timings.queue_ms < 3 * BATCH_MS  # the batch running when it came, and some slack
+    assert short_result.timings.queue_ms < 5 * BATCH_MS  # a batch or two, not the 1.5 s of the long job left
     assert short_result.scores == [1.0, 1.0]
     long_result = result(long_job)
     assert len(long_result.batches) == 20 and long_result.scores == [1.0] * 20
@@ -90,7 +90,7 @@ def test_a_warm_shutdown_ends_after_the_running_batch_and_a_large_job_in_progres
     time.sleep(5 * BATCH_MS / 1000)
     asked = time.monotonic()
     assert stopping.stop() == 0
-    assert time.monotonic() - asked < 2.5  # one batch and the shutdown, not the 4.5 s of work left
+    assert time.monotonic() - asked < 3.5  # one batch and the shutdown, not the 4.5 s of work left
     assert not large.ready()
     start_worker(*simulated(1), queue=stopping.queue)
     assert result(large).scores == [1.0] * 50
