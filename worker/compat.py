@@ -70,8 +70,9 @@ def survive_redis_outage() -> None:
 
 
 def route_task_events(dispatcher: Any, outbox: deque[Any], on_sent: Callable[[], None]) -> None:
-    """celery 5.x ``EventDispatcher``: a buffered event sent from another thread while the event loop
-    flushes can be lost.
+    """celery 5.4-5.6 ``EventDispatcher``: a buffered event sent from another thread while the event loop
+    flushes can be lost (5.7.0 clears only what it published; the outbox stays for the older versions the
+    project allows, and for the events of jobs received before a reconnect, which no version carries over).
 
     ``flush`` publishes a group's buffer and then empties it (``events[:] = []``) under the dispatcher's
     mutex, but ``send`` appends to that buffer without it: an event appended in between is cleared unsent
