@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 Batch = Sequence[tuple[Pending, int]]
 
 
+def padded_tokens(batch: Batch) -> int:
+    """What the model runs for a batch: every pair padded to its longest."""
+    return len(batch) * max(p.costs[i] for p, i in batch)
+
+
 class Model:
     def __init__(self, ranker: Ranker, recent: Recent) -> None:
         self.ranker = ranker
@@ -45,7 +50,7 @@ class Model:
             return
         busy_s = time.perf_counter() - began
         lengths = [p.costs[i] for p, i in batch]
-        padded = len(lengths) * max(lengths)  # a batch is padded to its longest pair
+        padded = padded_tokens(batch)
         self.pace.add(busy_s, padded)
         self.recent.busy(busy_s)
         metrics.BUSY.inc(busy_s)

@@ -26,13 +26,14 @@ from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import BatchInfo
 from worker import metrics
 from worker.batching import BULK_KEEP, QUIET_S, Turns, admit, budgets, next_batch
-from worker.model import Model
+from worker.model import Model, padded_tokens
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.settle import Settler, requeue
 from worker.stats import Recent, Throughput
 
 logger = logging.getLogger(__name__)
+
 
 class Ready:
     """Prepared jobs per lane, in arrival order, on their way into the runner's window (the preparer adds,
@@ -180,7 +181,7 @@ class Runner:
         try:
             self._start([p for p in jobs if p.started is None], began)
             info = BatchInfo(id=next(self._batch_ids), jobs=len(jobs), pairs=len(batch),
-                             padded_tokens=len(batch) * max(p.costs[i] for p, i in batch))
+                             padded_tokens=padded_tokens(batch))
             for pending in jobs:
                 pending.batches.append(info)
             self._model.forward(batch)
