@@ -42,10 +42,12 @@ class Settings:
                                  "a GPU and 2048 on a CPU, where larger batches run slower per pair "
                                  "(BENCHMARKS.md).")
     max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in a worker's window.")
-    target_batch_ms: float = _env("RERANKQ_TARGET_BATCH_MS", 25.0,
-                                  "Forward batches are sized from the measured time per padded token to take "
-                                  "about this long (a job that arrives waits for the batch running), within "
-                                  "max_batch_tokens; a lane with a backlog runs full batches. 0: no target.")
+    target_batch_ms: float = _env("RERANKQ_TARGET_BATCH_MS", 15.0,
+                                  "Forward batches are sized from the measured cost per batch to take about "
+                                  "this long (a job that arrives joins the next batch, so it waits for the one "
+                                  "running), within max_batch_tokens; twice this while the device is over 90% "
+                                  "busy, and full batches for a lane with a backlog. Larger means fewer batches "
+                                  "per job (lower latency at light load), longer queue waits. 0: no target.")
     max_wait_ms: float = _env("RERANKQ_MAX_WAIT_MS", 10.0,
                               "Longest an idle worker waits for received jobs still being tokenized before "
                               "its first forward batch; with none in sight it starts at once.")

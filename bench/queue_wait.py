@@ -71,14 +71,14 @@ def main() -> None:
         worker_args = ["--ranker", "simulated", "--model", args.model, "--device", args.device]
         if args.real:
             worker_args = ["--model", str(build_model(args.real, Path(tmp) / args.real)), "--device", args.device]
-        builds = {"this build": Build("this build", worker_args, env, Path(tmp), None)}
+        builds = {"this build": Build("this build", worker_args, env, Path(tmp))}
         for variant in args.variant:
             name, _, value = variant.partition("=")
-            builds[variant] = Build(variant, worker_args, {**env, name: value}, Path(tmp), None)
+            builds[variant] = Build(variant, worker_args, {**env, name: value}, Path(tmp))
         if args.baseline:
             source = checkout(args.baseline, Path(tmp) / "baseline")
-            builds = {f"baseline {args.baseline}": Build(f"baseline {args.baseline}", worker_args, env, Path(tmp),
-                                                         source), **builds}
+            builds = {f"baseline {args.baseline}": Build(f"baseline {args.baseline}", worker_args,
+                                                         {**env, **source}, Path(tmp)), **builds}
         rows: list[dict[str, Any]] = []
         try:
             for build in builds.values():
@@ -115,19 +115,17 @@ def main() -> None:
 
 
 class Build:
-    """A worker of one build of rerankq (this checkout, or ``source``: another commit's code)."""
+    """A worker of one build of rerankq: this checkout, or another commit's code (``env`` from ``checkout``)."""
 
-    def __init__(self, name: str, worker_args: list[str], env: dict[str, str], tmp: Path, source: Path | None
-                 ) -> None:
+    def __init__(self, name: str, worker_args: list[str], env: dict[str, str], tmp: Path) -> None:
         from rerankq.local import WorkerProcess
         from tasks import rerank
 
         self.name = name
         self.port = free_port()
         queue = f"rerank.gpu.{self.port}"
-        extra = {"PYTHONPATH": str(source)} if source else {}
         self.worker = WorkerProcess(queue, [*worker_args, "--loglevel", "WARNING", "--metrics-port", str(self.port)],
-                                    {**env, **extra}, tmp / f"worker-{self.port}.log", f"gpu-{self.port}@bench")
+                                    env, tmp / f"worker-{self.port}.log", f"gpu-{self.port}@bench")
         self.ids: list[str] = []
 
         def send(request: Request) -> str:

@@ -112,13 +112,15 @@ class System:
         return sum(rss_mb(pid) for pid in self.pids())
 
 
-def checkout(ref: str, into: Path) -> Path:
-    """The code of git commit ``ref``, extracted into ``into``: a process started with it first on its
-    ``PYTHONPATH`` runs that build of rerankq (for before/after figures side by side in one run)."""
+def checkout(ref: str, into: Path) -> dict[str, str]:
+    """The code of git commit ``ref``, extracted into ``into``; returns the environment in which a process
+    runs that build of rerankq (for before/after figures side by side in one run). ``PYTHONSAFEPATH``
+    (Python 3.11+): ``python -m rerankq`` would otherwise put its working directory, this checkout, first
+    on ``sys.path``, ahead of ``PYTHONPATH``, and run this build under the baseline's name."""
     into.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
+    return {"PYTHONPATH": str(into), "PYTHONSAFEPATH": "1"}
 
 
 def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
@@ -132,7 +134,7 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
            "RERANKQ_BACKEND": backend}
     name = f"rerankq @{baseline}" if baseline else "rerankq"
     if baseline:
-        env["PYTHONPATH"] = str(checkout(baseline, logdir / f"rerankq-{baseline}"))
+        env.update(checkout(baseline, logdir / f"rerankq-{baseline}"))
     worker = WorkerProcess(f"bench.rerankq.{metrics_port}", ["--model", model, "--loglevel", "WARNING",
                                                              *worker_args], env,
                            logdir / f"rerankq-{metrics_port}.log", f"bench-rerankq-{metrics_port}@localhost")

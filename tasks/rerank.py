@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task, states
 from celery.result import EagerResult
+from celery.signals import before_task_publish
 
 from tasks import lanes
 from tasks.app import app
@@ -17,7 +18,7 @@ from tasks.errors import BadJob, RerankError
 from tasks.router import PASSTHROUGH, Router, passthrough_result
 
 TASK_NAME = "rerankq.rerank"
-#: Message header with the producer's send time, for the result's queue wait.
+#: Message header with the time the job was published, for the result's queue wait.
 SENT_AT_HEADER = "rerankq_sent_at"
 #: Options by which a caller picks the destination itself; the router then stays out of the way.
 _DESTINATION_OPTIONS = ("queue", "routing_key", "exchange")
@@ -54,9 +55,7 @@ class RerankTask(Task):
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))
             options["queue"] = destination
-        headers = dict(options.pop("headers", None) or {})
-        headers.setdefault(SENT_AT_HEADER, time.time())
-        return super().apply_async(args, kwargs, headers=headers, **options)
+        return super().apply_async(args, kwargs, **options)
 
     def get_router(self) -> Router:
         if self.router is None:
@@ -75,6 +74,14 @@ class RerankTask(Task):
         except BadJob as exc:
             return EagerResult(task_id, exc, states.FAILURE, name=self.name)
         return EagerResult(task_id, result.to_dict(), states.SUCCESS, name=self.name)
+
+
+@before_task_publish.connect(weak=False)
+def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamp a job's send time as it is published, after Celery has built its message and subscribed to its
+    result: what the queue wait counts from (the caller's whole wait is the job's latency)."""
+    if sender == TASK_NAME and headers is not None:
+        headers[SENT_AT_HEADER] = time.time()
 
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:

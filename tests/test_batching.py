@@ -10,7 +10,19 @@ from dataclasses import dataclass, field
 import pytest
 
 from tasks.lanes import BULK, INTERACTIVE
-from worker.batching import AGE_EVERY, BULK_EVERY, Budget, Pace, Turns, admit, budgets, next_batch
+from worker.batching import (
+    AGE_EVERY,
+    BULK_EVERY,
+    MAX_BUSY,
+    Budget,
+    Busy,
+    Pace,
+    Turns,
+    admit,
+    budgets,
+    next_batch,
+    target_tokens,
+)
 
 
 @dataclass(eq=False)
@@ -145,6 +157,37 @@ def test_a_job_that_arrives_joins_the_next_batch_ahead_of_a_large_job_in_progres
     assert padded(batch) <= 400
 
 
+def test_jobs_not_started_join_the_next_batch_even_when_the_job_in_progress_could_fill_it() -> None:
+    running = W([40] * 10)
+    running.take(running.left[:1])
+    first, second = W([40] * 20), W([50, 30] * 8)
+    batch = next_batch([running, first, second], limit(400))
+    assert [w for w, _ in batch] == [running] * 8 + [first, second]
+    assert second.costs[batch[-1][1]] == 30  # its longest pair that costs the batch no extra padding
+    assert padded(batch) <= 400
+
+
+def test_a_job_not_started_whose_pairs_are_all_longer_widens_the_batch_within_its_limit() -> None:
+    running, newcomer = W([10] * 6), W([100, 80])
+    running.take(running.left[:1])
+    batch = next_batch([running, newcomer], limit(350))
+    assert [w.costs[i] for w, i in batch] == [10, 10, 10, 80]  # its shortest pair; 4 x 80 fits, 5 would not
+    assert next_batch([running, W([500])], limit(350)) == [(running, i) for i in running.left]  # never over
+
+
+def test_interactive_jobs_not_started_join_a_bulk_batch_too() -> None:
+    bulk, started, newcomer = W([30] * 10, BULK), W([30] * 10), W([30] * 3)
+    started.take(started.left[:1])
+    batch = next_batch([bulk, started, newcomer], limit(150), turns=Turns.after(0, BULK_EVERY - 1))
+    assert [w for w, _ in batch] == [bulk] * 4 + [newcomer]
+
+
+def test_a_saturated_worker_sweeps_without_a_pair_for_each_job_not_started() -> None:
+    jobs = [W([100, 20]), W([90, 10]), W([80, 5])]
+    batch = next_batch(jobs, limit(200, sweep=True))
+    assert [w.costs[i] for w, i in batch] == [100, 90]
+
+
 def test_every_fourth_batch_anchors_the_oldest_job_so_a_large_one_is_never_starved() -> None:
     old, small = W([100] * 10), W([10] * 2)
     assert next_batch([old, small], limit(100))[0][0] is small
@@ -160,13 +203,16 @@ def test_interactive_pairs_go_ahead_of_bulk_pairs_and_bulk_fills_the_room_left()
 
 def test_bulk_work_gets_a_batch_of_its_own_every_so_often_under_a_stream_of_interactive_work() -> None:
     bulk, web = W([30] * 10, BULK), W([30] * 10)
+    web.take(web.left[:1])  # started: a job that is not would join the bulk batch (below)
     assert all(w is web for w, _ in next_batch([bulk, web], limit(150)))
     turns = Turns.after(0, BULK_EVERY - 1)
     assert turns.bulk and all(w is bulk for w, _ in next_batch([bulk, web], limit(150), turns=turns))
 
 
 def test_shorter_pairs_ride_along_and_room_left_takes_the_shortest_longer_ones() -> None:
-    anchor, shorter, longer = W([20, 10]), W([15, 5, 18]), W([50, 70, 200])
+    anchor, shorter, longer = W([20, 10]), W([15, 5, 18, 1]), W([50, 70, 200, 1])
+    shorter.take([3])
+    longer.take([3])  # both started, so neither joins as a job not started yet does
     batch = next_batch([longer, shorter, anchor], limit(300))
     assert [(w.costs[i]) for w, i in batch] == [20, 10, 18, 15, 5, 50]  # 6 x 50; 7 x 70 would not fit
 
@@ -225,6 +271,21 @@ def test_the_pace_sizes_a_batch_that_takes_the_target_including_its_fixed_cost()
     assert fit is not None and abs(fit[0] - fixed_s) < 1e-4 and abs(fit[1] - per_token_s) < 1e-7
     assert pace.tokens_for(0.025) == pytest.approx(2100, abs=20)
     assert pace.tokens_for(0) is None
+
+
+def test_a_device_near_saturation_runs_batches_of_twice_the_target() -> None:
+    assert target_tokens(1100, busy=0.5) == target_tokens(1100, busy=MAX_BUSY) == 1100
+    assert target_tokens(1100, busy=MAX_BUSY + 0.01) == 2200
+    assert target_tokens(None, busy=1.0) is None  # no target: the full budget already
+
+
+def test_the_busy_ratio_is_the_share_of_the_last_seconds_spent_in_forward_batches() -> None:
+    busy = Busy(window_s=2.0)
+    assert busy.ratio(0.0) == 0
+    for t in range(10):
+        busy.add(t * 0.5, 0.25)
+    assert busy.ratio(4.5) == pytest.approx(5 * 0.25 / 2.0)  # the batches that ended at 2.5 ... 4.5 s
+    assert busy.ratio(100.0) == 0
 
 
 def test_a_fixed_cost_over_half_the_target_keeps_batches_at_the_full_budget() -> None:

@@ -75,6 +75,23 @@ def test_rerank_with_no_worker_times_out_and_says_what_to_check(celery_app: Any)
     _purge(celery_app, nobody)
 
 
+def test_every_job_is_stamped_as_it_is_published_however_it_is_sent(celery_app: Any) -> None:
+    """Queue wait counts from the publish, so Celery's own send_task (no RerankTask.apply_async) is stamped
+    too, and after the call began building the message."""
+    from tasks.rerank import SENT_AT_HEADER, TASK_NAME
+
+    nobody = new_queue()
+    before = time.time()
+    celery_app.send_task(TASK_NAME, ("q", ["d"]), queue=nobody)
+    rerank_task_message = celery_app.tasks[TASK_NAME].apply_async(("q", ["d"]), queue=nobody)
+    after = time.time()
+    raw = BrokerRedis(celery_app).client.lrange(nobody, 0, -1)
+    stamps = [json.loads(item)["headers"][SENT_AT_HEADER] for item in raw]
+    assert len(stamps) == 2 and all(before <= stamp <= after for stamp in stamps)
+    rerank_task_message.forget()
+    _purge(celery_app, nobody)
+
+
 def test_arerank_serves_200_concurrent_awaits_without_a_thread_each(queue: str, reference: CrossEncoder) -> None:
     jobs = make_jobs(200, seed=11)
     threads_seen: list[int] = []

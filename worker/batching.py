@@ -10,10 +10,16 @@ done. A batch is built around an *anchor* job:
   mean wait), except every ``AGE_EVERY``-th batch, which anchors the oldest, so a large job is never
   starved by a stream of small ones; bulk jobs anchor only when no interactive job is in the window, or
   on a *bulk turn* (see ``Turns``), so bulk work slows down but never stops under web traffic;
-* the batch is padded to the anchor's longest unscored pair ``L``: the anchor's pairs go first, then the
-  longest pairs of at most ``L`` tokens from the other jobs, interactive before bulk (they cost no extra
-  padding, and taking the longest leaves the short ones to pack together later); if room is left, the
-  shortest longer pairs widen the batch while it stays in budget.
+* every interactive job not started yet joins the batch with one pair (its longest of at most the
+  anchor's longest, else its shortest), so a job that arrives waits for the batch running when it came
+  and no more: the anchor's pairs decide when a job *finishes*, these when it *starts*;
+* the batch is padded to its longest pair ``L``: the anchor's pairs and those of the jobs joining, then
+  the longest pairs of at most ``L`` tokens from the other jobs, interactive before bulk (they cost no
+  extra padding, and taking the longest leaves the short ones to pack together later); if room is left,
+  the shortest longer pairs widen the batch while it stays in budget.
+
+A saturated lane (jobs waiting that the window cannot take) sweeps instead: full batches of its longest
+pairs, with no pair per job not started (which would only add padding where the wait is the backlog's).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from tasks.lanes import BULK, INTERACTIVE
 #: of ``BULK_KEEP`` of a full batch's throughput, not full ones, so web jobs wait less behind them.
 QUIET_S = 5.0
 BULK_KEEP = 0.95
+#: A device busier than this over the last ``BUSY_S`` seconds runs batches of twice the time target: near
+#: saturation, short batches' fixed costs would make the backlog the target is there to avoid.
+MAX_BUSY = 0.9
+BUSY_S = 2.0
 #: Every this many batches the anchor is the oldest job rather than the one with the least work left.
 AGE_EVERY = 4
 #: With bulk jobs in the window, at least one batch in this many holds bulk pairs.
@@ -122,10 +132,19 @@ def budgets(max_tokens: int, target_tokens: int | None, backlog: Mapping[str, bo
             for lane in (INTERACTIVE, BULK)}
 
 
+def target_tokens(tokens: int | None, busy: float) -> int | None:
+    """The padded tokens of a batch that keeps to the time target (``Pace.tokens_for``), or twice that while
+    the device has been busier than ``MAX_BUSY``: at a target of 15 ms on the simulated GPU, a 10-doc job
+    arrives every 15 ms at 80% load, and batches of one job each leave a quarter of the device to fixed
+    costs (BENCHMARKS.md, "Queue wait against load")."""
+    return tokens if tokens is None or busy <= MAX_BUSY else 2 * tokens
+
+
 def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns = Turns()) -> list[tuple[W, int]]:
     """The next forward batch as (job, pair index) pairs, within the budget of its anchor's lane; ``window``
     in arrival order. A single pair over the budget gets a batch of its own; the oldest job's pairs lead
-    every ``AGE_EVERY``-th batch, sweeping or not."""
+    every ``AGE_EVERY``-th batch, sweeping or not; interactive jobs not started yet join every batch while
+    it has room, unless the interactive lane is saturated."""
     interactive = [w for w in window if w.left and w.lane == INTERACTIVE]
     bulk = [w for w in window if w.left and w.lane == BULK]
     lane_jobs = bulk if bulk and (turns.bulk or not interactive) else interactive
@@ -140,7 +159,17 @@ def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns =
         anchor = min(lane_jobs, key=lambda w: w.left_tokens)
     longest = max(1, anchor.costs[anchor.left[0]])
     lead = anchor.left[:1] if sweep and not turns.oldest else anchor.left
-    batch = [(anchor, index) for index in lead[:max(1, limit // longest)]]
+    openers: list[tuple[W, int]] = []
+    if not budget[INTERACTIVE].sweep:  # a saturated lane's wait is its backlog's: no padding spent on it
+        for work in interactive:
+            if work is anchor or len(work.left) < len(work.costs):
+                continue
+            index = next((i for i in work.left if work.costs[i] <= longest), work.left[-1])
+            width = max(longest, work.costs[index])
+            if (len(openers) + 2) * width <= limit:
+                openers.append((work, index))
+                longest = width
+    batch = [(anchor, index) for index in lead[:max(1, limit // longest - len(openers))]] + openers
     taken = set(batch)
     others = [(w.costs[i], w, i) for w in interactive + bulk for i in w.left if (w, i) not in taken]
     # Pairs no longer than the anchor's cost no extra padding: interactive first, then bulk, longest first.
@@ -205,3 +234,22 @@ class Pace:
             return None
         fixed, per_token = fit
         return round((target_s - fixed) / per_token)
+
+
+class Busy:
+    """The share of the last ``window_s`` seconds the runner spent on forward batches (``now`` from a
+    monotonic clock)."""
+
+    def __init__(self, window_s: float = BUSY_S) -> None:
+        self.window_s = window_s
+        self._batches: deque[tuple[float, float]] = deque()
+        self._seconds = 0.0
+
+    def add(self, now: float, seconds: float) -> None:
+        self._batches.append((now, seconds))
+        self._seconds += seconds
+
+    def ratio(self, now: float) -> float:
+        while self._batches and self._batches[0][0] < now - self.window_s:
+            self._seconds -= self._batches.popleft()[1]
+        return self._seconds / self.window_s

@@ -25,7 +25,7 @@ from tasks.errors import DeadlineExceeded, RankerFailed
 from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import BatchInfo
 from worker import metrics
-from worker.batching import BULK_KEEP, QUIET_S, Turns, admit, budgets, next_batch
+from worker.batching import BULK_KEEP, QUIET_S, Busy, Turns, admit, budgets, next_batch, target_tokens
 from worker.model import Model, padded_tokens
 from worker.pending import Pending
 from worker.rankers import Ranker
@@ -73,6 +73,7 @@ class Runner:
         self._settler = Settler(ranker, backend, broker, on_settled)
         self._max_batch = settings.batch_tokens(device)
         self._model = Model(ranker, self.recent)
+        self._busy = Busy()
         self._batch_ids = (f"{hostname}#{n}" for n in itertools.count(1))
         self._batches = 0
         self._without_bulk = 0
@@ -169,9 +170,10 @@ class Runner:
     def _step(self) -> None:
         began = time.time()
         self._expire(began)
-        pace = self._model.pace
-        web = time.monotonic() - self.ready.last_interactive < QUIET_S
-        budget = budgets(self._max_batch, pace.tokens_for(self.settings.target_batch_ms / 1000), self._backlog,
+        pace, now = self._model.pace, time.monotonic()
+        web = now - self.ready.last_interactive < QUIET_S
+        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000), self._busy.ratio(now))
+        budget = budgets(self._max_batch, target, self._backlog,
                          pace.keeping(BULK_KEEP, self._max_batch) if web else None)
         bulk_waits = any(p.lane == BULK for p in self.window)
         batch = next_batch(self.window, budget, Turns.after(self._batches, self._without_bulk))
@@ -189,6 +191,7 @@ class Runner:
             logger.exception("forward batch failed outside the model; failing its %d jobs", len(jobs))
             for pending in jobs:
                 pending.fail(RankerFailed(f"the worker failed while scoring this job: {exc!r}"))
+        self._busy.add(time.monotonic(), time.time() - began)
         finished = [p for p in jobs if not p.left]
         self._finish(finished)
         pairs = Counter(p.queue for p, _ in batch)
