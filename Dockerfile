@@ -20,7 +20,11 @@ COPY tasks tasks
 COPY worker worker
 COPY producer producer
 COPY rerankq rerankq
-RUN pip install --no-cache-dir ".${EXTRAS}" && useradd --create-home rerankq
+# The celery and kombu that CI tests, within pyproject.toml's bounds (tests/test_compose.py checks they agree).
+ARG CELERY_VERSION=5.7.0
+ARG KOMBU_VERSION=5.7.0
+RUN pip install --no-cache-dir ".${EXTRAS}" "celery==${CELERY_VERSION}" "kombu==${KOMBU_VERSION}" \
+    && useradd --create-home rerankq
 USER rerankq
 # Models downloaded from the hub are kept here (a volume in docker-compose.yml).
 ENV HF_HOME=/home/rerankq/.cache/huggingface

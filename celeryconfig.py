@@ -204,7 +204,7 @@ broker_transport_options = {
     # worker's jobs come back soon after the timeout. The scan is one indexed ZRANGE under a mutex.
     "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 10)),
     "unacked_restore_throttle": 1,
-    # One Redis list per queue: workers receive with BLMOVE, which takes one source (worker/transport.py).
+    # One Redis list per queue: workers receive with BLMOVE, which takes one source (worker/upstream/transport.py).
     # rerankq sends no priorities.
     "priority_steps": [0],
 }

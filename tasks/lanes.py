@@ -5,7 +5,7 @@ A queue's interactive lane is the queue itself (``rerank.gpu``), its bulk lane t
 goes to the interactive lane, offline runs (``rerankq submit``, ``submit_many``) to the bulk lane. A worker
 serves both lanes of its queue: it receives interactive jobs first, holds bulk jobs only up to a cap so
 that there is always room to receive interactive ones, and scores interactive pairs ahead of bulk ones
-(worker/transport.py, worker/consumer.py). The watchdog judges the interactive lane only: bulk jobs wait
+(worker/upstream/transport.py, worker/consumer.py). The watchdog judges the interactive lane only: bulk jobs wait
 their turn, and are never shed or passed through.
 """
 

@@ -1,19 +1,53 @@
-"""The library behaviour rerankq patches (worker/compat.py), against a real Redis."""
+"""The kombu and Celery rerankq bends (worker/upstream/): every internal it relies on is there, the code it
+copies is the code it was written against, and the library behaviour it patches is still as the patches
+say, against a real Redis."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import celery
+import kombu
 import pytest
+from kombu.transport import redis as kombu_redis
 
-from worker.compat import flush_task_events, route_task_events
-
-pytestmark = pytest.mark.integration
+from tasks.errors import ConfigError
+from worker.upstream import surface
+from worker.upstream.patches import flush_task_events, route_task_events
 
 SENDERS, EVENTS = 2, 3000
+ROOT = Path(__file__).parent.parent
+
+
+def test_every_kombu_and_celery_internal_rerankq_relies_on_is_the_one_it_was_written_against() -> None:
+    found = surface.problems()
+    assert not found, f"celery {celery.__version__}, kombu {kombu.__version__}:\n" + "\n".join(found)
+
+
+def test_a_library_that_moved_fails_the_check_naming_what_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(kombu_redis.Channel, "_flush_brpop_reauth")
+    monkeypatch.setattr(kombu_redis.QoS, "append", lambda self, message, delivery_tag: None)
+    monkeypatch.setattr(kombu, "__version__", "5.8.0")
+    found = "\n".join(surface.problems())
+    assert "kombu 5.8.0 is not a version rerankq supports (>=5.7,<5.8)" in found
+    assert "kombu.transport.redis:Channel._flush_brpop_reauth is gone" in found
+    assert "kombu.transport.redis:QoS.append in kombu 5.8.0 is not the code worker/upstream/transport.py" in found
+    with pytest.raises(ConfigError, match="_flush_brpop_reauth is gone"):
+        surface.check()
+
+
+def test_pyproject_and_the_dockerfile_pin_the_versions_the_check_supports() -> None:
+    pyproject, dockerfile = (ROOT / "pyproject.toml").read_text(), (ROOT / "Dockerfile").read_text()
+    for package, (low, high) in surface.SUPPORTED.items():
+        bounds = re.search(rf'"{package}(\[redis\])?>=([\d.]+),<([\d.]+)"', pyproject)
+        assert bounds, f"pyproject.toml does not bound {package} on both sides"
+        assert (bounds[2], bounds[3]) == (f"{low[0]}.{low[1]}", f"{high[0]}.{high[1]}")
+        pinned = re.search(rf"ARG {package.upper()}_VERSION=(\d+)\.(\d+)\.\d+", dockerfile)
+        assert pinned and low <= (int(pinned[1]), int(pinned[2])) < high, f"the Dockerfile's {package}"
 
 
 def published_by_threads(celery_app: Any, patched: bool) -> int:
@@ -61,6 +95,7 @@ def published_by_threads(celery_app: Any, patched: bool) -> int:
     return published
 
 
+@pytest.mark.integration
 def test_task_events_sent_from_other_threads_are_all_published_while_the_event_loop_flushes(
         celery_app: Any) -> None:
     assert published_by_threads(celery_app, patched=True) == SENDERS * EVENTS
@@ -97,13 +132,15 @@ def published_with_a_send_inside_the_flush(celery_app: Any, patched: bool) -> in
     return published
 
 
+@pytest.mark.integration
 def test_an_event_sent_while_the_event_loop_flushes_is_published_with_the_patch(celery_app: Any) -> None:
     assert published_with_a_send_inside_the_flush(celery_app, patched=True) == 2
 
 
+@pytest.mark.integration
 def test_celery_drops_an_event_sent_during_its_flush_exactly_in_the_versions_the_patch_says(
         celery_app: Any) -> None:
-    # celery 5.7.0 clears only what it published. If this fails, the versions in worker/compat.py's note
+    # celery 5.7.0 clears only what it published. If this fails, the versions in worker/upstream/patches.py's note
     # are wrong: the race is back, or gone from a version said to have it.
     dropped = published_with_a_send_inside_the_flush(celery_app, patched=False) == 1
     assert dropped == (tuple(celery.VERSION[:2]) < (5, 7)), f"celery {celery.__version__}"

@@ -13,7 +13,8 @@ import celeryconfig
 from tasks import lanes, rerank
 from tasks.connections import BrokerRedis
 from tests.conftest import eventually, new_queue
-from worker import inflight, transport
+from worker import inflight
+from worker.upstream import transport
 
 pytestmark = pytest.mark.integration
 

@@ -20,10 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import bootsteps
-from celery.utils.imports import symbol_by_name
-from celery.worker import state as worker_state
-from celery.worker.request import create_request_cls
-from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from celeryconfig import Settings
 from tasks import lanes
@@ -31,11 +27,12 @@ from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError
 from tasks.records import Job
 from worker import metrics
-from worker.compat import flush_task_events, route_task_events
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.runner import Ready, Runner
 from worker.stats import StatsReporter, WorkerStats
+from worker.upstream.patches import flush_task_events, route_task_events
+from worker.upstream.strategy import receiver
 
 logger = logging.getLogger(__name__)
 
@@ -139,31 +136,7 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         metrics.HELD.set_function(lambda: sum(chunks.held().values()))
         consumer.rerankq_stats = _start_reporter(app, consumer.hostname, chunks, settings.poll_ms / 1000)
     _batch_events(consumer)
-    Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
-                                 consumer.event_dispatcher, app=app)
-    revoked_tasks = worker_state.revoked
-
-    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> None:
-        if body is None and "args" not in message.payload:
-            body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
-        elif "args" in message.payload:
-            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-        else:
-            body, headers, decoded, utc = proto1_to_proto2(message, body)
-        request = Request(message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname,
-                          eventer=consumer.event_dispatcher, task=task,
-                          connection_errors=consumer.connection_errors, body=body, headers=headers,
-                          decoded=decoded, utc=utc)
-        if (request.expires or request.id in revoked_tasks) and request.revoked():
-            return
-        worker_state.task_reserved(request)
-        request.send_event("task-received", name=request.name, args=request.argsrepr,
-                           kwargs=request.kwargsrepr, retries=request.request_dict.get("retries", 0),
-                           root_id=request.root_id, parent_id=request.parent_id,
-                           expires=request.expires and request.expires.isoformat())
-        chunks.put(request)
-
-    return on_message
+    return receiver(task, app, consumer, chunks.put)
 
 
 def _batch_events(consumer: Any) -> None:
@@ -172,7 +145,7 @@ def _batch_events(consumer: Any) -> None:
     Celery buffers task events and publishes them on the event loop's next turn; with the runner thread
     sending them, that is a few per message, and at a few hundred jobs/s a quarter of the worker's time
     (BENCHMARKS.md). Flower sees each event up to ``EVENTS_FLUSH_S`` later instead. Called again after a
-    reconnect: the events wait in one outbox kept on the consumer (worker/compat.py)."""
+    reconnect: the events wait in one outbox kept on the consumer (worker/upstream/patches.py)."""
     dispatcher, hub = consumer.event_dispatcher, consumer.hub
     if dispatcher is None or hub is None or not dispatcher.enabled:
         return

@@ -2,7 +2,7 @@
 
 kombu's Redis transport receives with ``BRPOP`` and records the job in its unacked hash with a second
 command; a worker killed between the two (the reply still in its socket) loses the job. rerankq's
-workers receive with ``BLMOVE`` instead (worker/transport.py), which moves the job atomically into the
+workers receive with ``BLMOVE`` instead (worker/upstream/transport.py), which moves the job atomically into the
 worker's own in-flight list; the unacked record and the removal from that list are then one
 transaction. Whatever is left in an in-flight list belongs to a worker that died between the two steps.
 

@@ -12,8 +12,10 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     from celeryconfig import settings
     from tasks.errors import RerankError
     from worker import device as pinning
+    from worker.upstream import surface
 
     try:
+        surface.check()  # a kombu or Celery that moved fails here, by name, not in the middle of a receive
         torch_device = pinning.pin(device)
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
         from worker import metrics
@@ -27,8 +29,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     from celery.utils.nodenames import host_format
 
     from tasks import app, lanes
-    from worker import transport
     from worker.rankers import load_ranker
+    from worker.upstream import transport
 
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
     transport.install(owner=node, bulk_limit=settings.bulk_limit)
@@ -49,8 +51,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     metrics.install_gpu_collector(torch_device)
     _count_load(app, queues, "success")
 
-    from worker.compat import survive_redis_outage
     from worker.consumer import ChunkStep, install
+    from worker.upstream.patches import survive_redis_outage
 
     survive_redis_outage()
     install(loaded, device)

@@ -191,7 +191,8 @@ class Runner:
             logger.exception("forward batch failed outside the model; failing its %d jobs", len(jobs))
             for pending in jobs:
                 pending.fail(RankerFailed(f"the worker failed while scoring this job: {exc!r}"))
-        self._busy.add(time.monotonic(), time.time() - began)
+        ended = time.monotonic()
+        self._busy.add(ended, ended - now)
         finished = [p for p in jobs if not p.left]
         self._finish(finished)
         pairs = Counter(p.queue for p, _ in batch)

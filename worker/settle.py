@@ -19,9 +19,10 @@ from celery.worker import state as worker_state
 
 from tasks.connections import BrokerRedis
 from tasks.records import Result, Timings, top_indices
-from worker import metrics, results, transport
+from worker import metrics
 from worker.pending import Pending
 from worker.rankers import Ranker
+from worker.upstream import results, transport
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Workarounds for upstream bugs that would otherwise take a worker down. Each names its symptom."""
+"""Patches of kombu and Celery bugs that would otherwise take a worker down or lose a job; each names its
+symptom (the index: worker/upstream/__init__.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ logger = logging.getLogger(__name__)
 def survive_redis_outage() -> None:
     """kombu 5.x: a Redis restart can end a worker with "Unrecoverable error", or lose the job in transit.
 
-    When Redis goes away, Celery closes the connection; the Redis channel's close then tries to
-    put its unacked jobs back on a connection already released, and raises ``AttributeError: 'NoneType'
-    object has no attribute 'hostname'``. Celery treats that as unrecoverable and the worker exits. Log it
-    instead: the jobs stay in kombu's unacked hash, where the watchdog reclaims them (worker/reclaim.py)
+    When Redis goes away, Celery closes the connection; the Redis channel's close then tries to put its
+    unacked jobs back on a connection already released (its transport's ``client`` is None), and raises
+    ``AttributeError: 'NoneType' object has no attribute 'hostname'`` making a pool (celery/kombu#582).
+    Celery treats that as unrecoverable and the worker exits. Skip the restore in that state instead:
+    the jobs stay in kombu's unacked hash, where the watchdog reclaims them (worker/reclaim.py)
     or the visibility timeout returns them."""
     from kombu.transport import redis as kombu_redis
     from kombu.transport import virtual
@@ -26,13 +28,12 @@ def survive_redis_outage() -> None:
         return
 
     def restore_unacked(self: Any, client: Any = None) -> Any:
-        try:
-            return original(self, client)
-        except AttributeError as exc:
-            logger.warning("could not put %d unacked job(s) back while the connection closed (%r); they return "
-                           "once reclaimed", len(self._delivered), exc)
+        if client is None and self.channel.connection.client is None:  # released: no pool can be made
+            logger.warning("could not put %d unacked job(s) back while the connection closed; they return "
+                           "once reclaimed", len(self._delivered))
             self._delivered.clear()
             return None
+        return original(self, client)
 
     original_ack, original_reject = kombu_redis.QoS.ack, kombu_redis.QoS.reject
 
@@ -55,7 +56,7 @@ def survive_redis_outage() -> None:
     def append(self: Any, message: Any, delivery_tag: str) -> None:
         """A job popped off its queue just as Redis went away cannot be recorded as unacked; kombu then drops
         it, and it is lost. Serve it anyway: its result is written once Redis is back. (Only a worker of
-        several queues pops so; one of a single queue moves the job in flight, worker/transport.py.)"""
+        several queues pops so; one of a single queue moves the job in flight, worker/upstream/transport.py.)"""
         try:
             original_append(self, message, delivery_tag)
         except self.channel.connection_errors as exc:
