@@ -26,6 +26,11 @@ class Settings:
                            "Redis URL of the job queues (`redis://`, `rediss://` for TLS, `redis+socket://`).")
     result_backend: str = _env("RERANKQ_RESULT_BACKEND", "",
                                "Redis URL for result keys; empty means the broker URL.")
+    key_prefix: str = _env("RERANKQ_KEY_PREFIX", "",
+                           "Prefix of every key this deployment keeps in Redis: queues, unacked jobs, events "
+                           "and control (kombu's `global_keyprefix`), results, and rerankq's own keys, so that "
+                           "several deployments, or rerankq and other Celery apps, share one Redis. Ends in "
+                           "`:`; every process of a deployment sets the same.")
     gpu_queue: str = _env("RERANKQ_GPU_QUEUE", "rerank.gpu", "Queue served by cross-encoder workers.")
     cpu_queue: str = _env("RERANKQ_CPU_QUEUE", "rerank.cpu", "Queue served by fast-ranker workers.")
     visibility_timeout: int = _env("RERANKQ_VISIBILITY_TIMEOUT", 3600,
@@ -115,6 +120,9 @@ class Settings:
             raise ConfigError(
                 f"RERANKQ_ROUTE_TTL_S={self.route_ttl_s} must outlast one poll (RERANKQ_POLL_MS={self.poll_ms}), "
                 "or the route state expires between the watchdog's refreshes")
+        if self.key_prefix and not self.key_prefix.endswith(":"):
+            raise ConfigError(f"RERANKQ_KEY_PREFIX={self.key_prefix!r} must end in ':' (e.g. "
+                              f"{self.key_prefix + ':'!r}), so that its keys read apart from the next deployment's")
         if not self.bulk_suffix:
             raise ConfigError("RERANKQ_BULK_SUFFIX must not be empty: it tells a bulk lane from its queue")
         if self.backend not in ("torch", "onnx-int8"):
@@ -160,6 +168,28 @@ class Settings:
         return replace(self, **changes)
 
 
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Celery's ``broker_transport_options`` for these settings."""
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu scans for the unacked jobs of dead workers every interval x throttle seconds (100 s by
+        # default, whatever the timeout): scan every tenth of the timeout instead (1-10 s), so a killed
+        # worker's jobs come back soon after the timeout. The scan is one indexed ZRANGE under a mutex.
+        "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
+        # One Redis list per queue: workers receive with BLMOVE, which takes one source
+        # (worker/upstream/transport.py). rerankq sends no priorities.
+        "priority_steps": [0],
+        **({"global_keyprefix": settings.key_prefix} if settings.key_prefix else {}),
+    }
+
+
+def backend_options(settings: Settings) -> dict[str, Any]:
+    """Celery's ``result_backend_transport_options`` for these settings."""
+    return {"visibility_timeout": settings.visibility_timeout,
+            **({"global_keyprefix": settings.key_prefix} if settings.key_prefix else {})}
+
+
 def _parse_bool(raw: str) -> bool:
     word = raw.strip().lower()
     if word in ("1", "true", "yes", "on"):
@@ -197,18 +227,8 @@ task_default_queue = settings.gpu_queue
 # Jobs are acked by the chunk consumer after their results are written (see worker/consumer.py).
 task_acks_late = True
 task_reject_on_worker_lost = True
-broker_transport_options = {
-    "visibility_timeout": settings.visibility_timeout,
-    # kombu scans for the unacked jobs of dead workers every interval x throttle seconds (100 s by
-    # default, whatever the timeout): scan every tenth of the timeout instead (1-10 s), so a killed
-    # worker's jobs come back soon after the timeout. The scan is one indexed ZRANGE under a mutex.
-    "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 10)),
-    "unacked_restore_throttle": 1,
-    # One Redis list per queue: workers receive with BLMOVE, which takes one source (worker/upstream/transport.py).
-    # rerankq sends no priorities.
-    "priority_steps": [0],
-}
-result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+broker_transport_options = broker_options(settings)
+result_backend_transport_options = backend_options(settings)
 result_expires = settings.result_expires
 # The worker runs one consumer process (solo pool), so the multiplier is the prefetch count itself.
 worker_prefetch_multiplier = settings.prefetch_count

@@ -81,7 +81,7 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
     """Stamp a job's send time as it is published, after Celery has built its message and subscribed to its
     result: what the queue wait counts from (the caller's whole wait is the job's latency)."""
     if sender == TASK_NAME and headers is not None:
-        headers[SENT_AT_HEADER] = time.time()
+        headers.setdefault(SENT_AT_HEADER, time.time())  # a relay may pass on the original send time
 
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:

@@ -24,20 +24,38 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_every_kombu_and_celery_internal_rerankq_relies_on_is_the_one_it_was_written_against() -> None:
-    found = surface.problems()
-    assert not found, f"celery {celery.__version__}, kombu {kombu.__version__}:\n" + "\n".join(found)
+    fatal, changed = surface.problems()
+    assert not fatal + changed, f"celery {celery.__version__}, kombu {kombu.__version__}:\n" + "\n".join(
+        fatal + changed)
 
 
 def test_a_library_that_moved_fails_the_check_naming_what_moved(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(kombu_redis.Channel, "_flush_brpop_reauth")
     monkeypatch.setattr(kombu_redis.QoS, "append", lambda self, message, delivery_tag: None)
     monkeypatch.setattr(kombu, "__version__", "5.8.0")
-    found = "\n".join(surface.problems())
-    assert "kombu 5.8.0 is not a version rerankq supports (>=5.7,<5.8)" in found
-    assert "kombu.transport.redis:Channel._flush_brpop_reauth is gone" in found
-    assert "kombu.transport.redis:QoS.append in kombu 5.8.0 is not the code worker/upstream/transport.py" in found
+    fatal, changed = ("\n".join(found) for found in surface.problems())
+    assert "kombu 5.8.0 is not a version rerankq supports (>=5.7,<5.8)" in fatal
+    assert "kombu.transport.redis:Channel._flush_brpop_reauth is gone" in fatal
+    assert "kombu.transport.redis:QoS.append in kombu 5.8.0 is not the code worker/upstream/transport.py" in changed
     with pytest.raises(ConfigError, match="_flush_brpop_reauth is gone"):
         surface.check()
+
+
+def test_a_fingerprint_is_of_the_code_not_its_docstrings_or_comments() -> None:
+    code = 'def f(x):\n    """Adds one."""\n    return x + 1  # one\n'
+    assert surface.code_fingerprint(code) == surface.code_fingerprint(
+        'def f(x):\n    """Adds 1 to x."""\n    # the next line\n    return x + 1\n')
+    assert surface.code_fingerprint(code) != surface.code_fingerprint('def f(x):\n    return x + 2\n')
+
+
+def test_copied_code_that_changed_only_warns_a_worker(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    def restore_by_tag(self: Any, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        return None
+
+    monkeypatch.setattr(kombu_redis.QoS, "restore_by_tag", restore_by_tag)
+    surface.check()  # runs: the code differs, nothing it relies on is gone
+    assert "QoS.restore_by_tag in kombu" in caplog.text
 
 
 def test_pyproject_and_the_dockerfile_pin_the_versions_the_check_supports() -> None:

@@ -28,7 +28,7 @@ def survive_redis_outage() -> None:
         return
 
     def restore_unacked(self: Any, client: Any = None) -> Any:
-        if client is None and self.channel.connection.client is None:  # released: no pool can be made
+        if client is None and getattr(self.channel.connection, "client", None) is None:  # released: no pool
             logger.warning("could not put %d unacked job(s) back while the connection closed; they return "
                            "once reclaimed", len(self._delivered))
             self._delivered.clear()
