@@ -142,6 +142,25 @@ def test_a_saturated_worker_sweeps_by_length_wasting_as_little_padding_as_a_sort
     assert sweep <= 1.03 * chunk_padded < least_left_first
 
 
+def test_away_from_a_sweep_an_anchors_short_pairs_wait_for_a_batch_of_their_length() -> None:
+    anchor, other = W([100, 90, 30, 20]), W([100] * 10)
+    other.take(other.left[:1])  # started: no pair of it joins as a newcomer would
+    first = next_batch([anchor, other], limit(1000))
+    assert {anchor.costs[i] for w, i in first if w is anchor} == {100, 90}  # 30 and 20 are under half of 100
+    for work in (anchor, other):
+        work.take([i for w, i in first if w is work])
+    assert {anchor.costs[i] for w, i in next_batch([anchor, other], limit(1000)) if w is anchor} == {30, 20}
+
+
+def test_batches_away_from_a_sweep_pad_nearly_as_little_as_a_sorted_chunk() -> None:
+    rng = random.Random(3)
+    costs = [[rng.randint(8, 160) for _ in range(rng.randint(1, 30))] for _ in range(30)]
+    one_chunk = W([cost for job in costs for cost in job])  # a sorted chunk: one job swept by length
+    chunk = sum(padded(b) for b in drain([one_chunk], 2048, sweep=True))
+    calm = sum(padded(b) for b in drain([W(job) for job in costs], 2048))
+    assert calm <= 1.1 * chunk  # every job's pairs padded to its longest: 1.21x here
+
+
 def test_the_job_with_the_least_work_left_is_finished_first() -> None:
     big, small = W([50] * 20), W([50, 50])
     batch = next_batch([big, small], limit(200))

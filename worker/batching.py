@@ -13,10 +13,11 @@ done. A batch is built around an *anchor* job:
 * every interactive job not started yet joins the batch with one pair (its longest of at most the
   anchor's longest, else its shortest), so a job that arrives waits for the batch running when it came
   and no more: the anchor's pairs decide when a job *finishes*, these when it *starts*;
-* the batch is padded to its longest pair ``L``: the anchor's pairs and those of the jobs joining, then
-  the longest pairs of at most ``L`` tokens from the other jobs, interactive before bulk (they cost no
-  extra padding, and taking the longest leaves the short ones to pack together later); if room is left,
-  the shortest longer pairs widen the batch while it stays in budget.
+* the batch is padded to its longest pair ``L``: the anchor's pairs down to ``LEAD_SHARE`` of its longest
+  and those of the jobs joining, then the longest pairs of at most ``L`` tokens from the other jobs,
+  interactive before bulk (they cost no extra padding, and taking the longest leaves the short ones to
+  pack together later); if room is left, the shortest longer pairs widen the batch while it stays in
+  budget.
 
 A saturated lane (jobs waiting that the window cannot take) sweeps instead: full batches of its longest
 pairs, with no pair per job not started (which would only add padding where the wait is the backlog's).
@@ -40,6 +41,9 @@ BULK_KEEP = 0.95
 #: saturation, short batches' fixed costs would make the backlog the target is there to avoid.
 MAX_BUSY = 0.9
 BUSY_S = 2.0
+#: Away from a sweep, the anchor's pairs go in down to this share of its longest; shorter ones wait for a
+#: batch of their own length (padding every pair of a job to its longest wasted a fifth of a CPU's work).
+LEAD_SHARE = 0.5
 #: Every this many batches the anchor is the oldest job rather than the one with the least work left.
 AGE_EVERY = 4
 #: With bulk jobs in the window, at least one batch in this many holds bulk pairs.
@@ -158,7 +162,10 @@ def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns =
     else:
         anchor = min(lane_jobs, key=lambda w: w.left_tokens)
     longest = max(1, anchor.costs[anchor.left[0]])
-    lead = anchor.left[:1] if sweep and not turns.oldest else anchor.left
+    if sweep and not turns.oldest:
+        lead = anchor.left[:1]
+    else:
+        lead = [i for i in anchor.left if anchor.costs[i] >= LEAD_SHARE * longest]
     openers: list[tuple[W, int]] = []
     if not budget[INTERACTIVE].sweep:  # a saturated lane's wait is its backlog's: no padding spent on it
         for work in interactive:
