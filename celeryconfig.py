@@ -180,14 +180,18 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         # One Redis list per queue: workers receive with BLMOVE, which takes one source
         # (worker/upstream/transport.py). rerankq sends no priorities.
         "priority_steps": [0],
-        **({"global_keyprefix": settings.key_prefix} if settings.key_prefix else {}),
+        **_prefixed(settings),
     }
 
 
 def backend_options(settings: Settings) -> dict[str, Any]:
     """Celery's ``result_backend_transport_options`` for these settings."""
-    return {"visibility_timeout": settings.visibility_timeout,
-            **({"global_keyprefix": settings.key_prefix} if settings.key_prefix else {})}
+    return {"visibility_timeout": settings.visibility_timeout, **_prefixed(settings)}
+
+
+def _prefixed(settings: Settings) -> dict[str, Any]:
+    """kombu's and Celery's own name for the deployment's key prefix, where it has one."""
+    return {"global_keyprefix": settings.key_prefix} if settings.key_prefix else {}
 
 
 def _parse_bool(raw: str) -> bool:

@@ -15,7 +15,6 @@ from worker.batching import (
     BULK_EVERY,
     MAX_BUSY,
     Budget,
-    Busy,
     Pace,
     Turns,
     admit,
@@ -296,15 +295,6 @@ def test_a_device_near_saturation_runs_batches_of_twice_the_target() -> None:
     assert target_tokens(1100, busy=0.5) == target_tokens(1100, busy=MAX_BUSY) == 1100
     assert target_tokens(1100, busy=MAX_BUSY + 0.01) == 2200
     assert target_tokens(None, busy=1.0) is None  # no target: the full budget already
-
-
-def test_the_busy_ratio_is_the_share_of_the_last_seconds_spent_in_forward_batches() -> None:
-    busy = Busy(window_s=2.0)
-    assert busy.ratio(0.0) == 0
-    for t in range(10):
-        busy.add(t * 0.5, 0.25)
-    assert busy.ratio(4.5) == pytest.approx(5 * 0.25 / 2.0)  # the batches that ended at 2.5 ... 4.5 s
-    assert busy.ratio(100.0) == 0
 
 
 def test_a_fixed_cost_over_half_the_target_keeps_batches_at_the_full_budget() -> None:

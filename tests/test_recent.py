@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from worker.stats import Recent
+import pytest
+
+from worker.stats import Busy, Recent
 
 
 class Clock:
@@ -35,3 +37,12 @@ def test_the_wait_p95_is_over_the_window_and_none_without_waits() -> None:
     assert recent.wait_p95_ms() == 96.0
     clock.now += 11.0
     assert recent.wait_p95_ms() is None
+
+
+def test_the_busy_ratio_is_the_share_of_the_last_seconds_spent_in_forward_batches() -> None:
+    busy = Busy(window_s=2.0)
+    assert busy.ratio(0.0) == 0
+    for t in range(10):
+        busy.add(t * 0.5, 0.25)
+    assert busy.ratio(4.5) == pytest.approx(5 * 0.25 / 2.0)  # the batches that ended at 2.5 ... 4.5 s
+    assert busy.ratio(100.0) == 0

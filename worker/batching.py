@@ -37,8 +37,9 @@ from tasks.lanes import BULK, INTERACTIVE
 #: of ``BULK_KEEP`` of a full batch's throughput, not full ones, so web jobs wait less behind them.
 QUIET_S = 5.0
 BULK_KEEP = 0.95
-#: A device busier than this over the last ``BUSY_S`` seconds runs batches of twice the time target: near
-#: saturation, short batches' fixed costs would make the backlog the target is there to avoid.
+#: A device busier than this over the last ``BUSY_S`` seconds (``worker.stats.Busy``) runs batches of twice
+#: the time target: near saturation, short batches' fixed costs would make the backlog the target is there
+#: to avoid.
 MAX_BUSY = 0.9
 BUSY_S = 2.0
 #: Away from a sweep, the anchor's pairs go in down to this share of its longest; shorter ones wait for a
@@ -242,21 +243,3 @@ class Pace:
         fixed, per_token = fit
         return round((target_s - fixed) / per_token)
 
-
-class Busy:
-    """The share of the last ``window_s`` seconds the runner spent on forward batches (``now`` from a
-    monotonic clock)."""
-
-    def __init__(self, window_s: float = BUSY_S) -> None:
-        self.window_s = window_s
-        self._batches: deque[tuple[float, float]] = deque()
-        self._seconds = 0.0
-
-    def add(self, now: float, seconds: float) -> None:
-        self._batches.append((now, seconds))
-        self._seconds += seconds
-
-    def ratio(self, now: float) -> float:
-        while self._batches and self._batches[0][0] < now - self.window_s:
-            self._seconds -= self._batches.popleft()[1]
-        return self._seconds / self.window_s

@@ -25,12 +25,12 @@ from tasks.errors import DeadlineExceeded, RankerFailed
 from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import BatchInfo
 from worker import metrics
-from worker.batching import BULK_KEEP, QUIET_S, Busy, Turns, admit, budgets, next_batch, target_tokens
+from worker.batching import BULK_KEEP, BUSY_S, QUIET_S, Turns, admit, budgets, next_batch, target_tokens
 from worker.model import Model, padded_tokens
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.settle import Settler, requeue
-from worker.stats import Recent, Throughput
+from worker.stats import Busy, Recent, Throughput
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Runner:
         self._settler = Settler(ranker, backend, broker, on_settled)
         self._max_batch = settings.batch_tokens(device)
         self._model = Model(ranker, self.recent)
-        self._busy = Busy()
+        self._busy = Busy(BUSY_S)
         self._batch_ids = (f"{hostname}#{n}" for n in itertools.count(1))
         self._batches = 0
         self._without_bulk = 0

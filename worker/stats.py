@@ -81,6 +81,29 @@ class Throughput:
                 sum(c[2] for c in batches), per_queue)
 
 
+class Busy:
+    """Seconds spent in forward batches over the last ``window_s`` (``now`` from a monotonic clock), a running
+    sum: the runner asks before every batch."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._batches: deque[tuple[float, float]] = deque()
+        self._seconds = 0.0
+
+    def add(self, now: float, seconds: float) -> None:
+        self._batches.append((now, seconds))
+        self._seconds += seconds
+
+    def seconds(self, now: float) -> float:
+        while self._batches and self._batches[0][0] < now - self.window_s:
+            self._seconds -= self._batches.popleft()[1]
+        return self._seconds
+
+    def ratio(self, now: float) -> float:
+        """Share of the window spent in forward batches."""
+        return self.seconds(now) / self.window_s
+
+
 class Recent:
     """The model's busy seconds and the interactive jobs' queue waits over the last ``window_s``, for the
     worker's report: the write-up's utilisation and queue-wait p95 figures (thread-safe)."""
@@ -88,30 +111,28 @@ class Recent:
     def __init__(self, window_s: float = RECENT_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self._clock = clock
-        self._busy: deque[tuple[float, float]] = deque()
+        self._busy = Busy(window_s)
         self._waits: deque[tuple[float, float]] = deque()
         self._lock = threading.Lock()
         self._started = clock()
 
     def busy(self, seconds: float) -> None:
         with self._lock:
-            self._busy.append((self._clock(), seconds))
+            self._busy.add(self._clock(), seconds)
 
     def waited(self, seconds: float) -> None:
         with self._lock:
             self._waits.append((self._clock(), seconds))
 
     def _trim(self, now: float) -> None:
-        for figures in (self._busy, self._waits):
-            while figures and figures[0][0] < now - self.window_s:
-                figures.popleft()
+        while self._waits and self._waits[0][0] < now - self.window_s:
+            self._waits.popleft()
 
     def busy_ratio(self) -> float:
         """Share of the window (or of the time since start, if shorter) spent in forward batches."""
         now = self._clock()
         with self._lock:
-            self._trim(now)
-            busy = sum(seconds for _, seconds in self._busy)
+            busy = self._busy.seconds(now)
         return min(1.0, busy / max(1e-9, min(self.window_s, now - self._started)))
 
     def wait_p95_ms(self) -> float | None:
