@@ -19,6 +19,7 @@ COPY pyproject.toml README.md celeryconfig.py ./
 COPY tasks tasks
 COPY worker worker
 COPY producer producer
+COPY server server
 COPY rerankq rerankq
 # The celery and kombu that CI tests, within pyproject.toml's bounds (tests/test_compose.py checks they agree).
 ARG CELERY_VERSION=5.7.0

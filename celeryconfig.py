@@ -92,6 +92,20 @@ class Settings:
     passthrough: bool = _env("RERANKQ_PASSTHROUGH", True,
                              "When both queues are over their marks, return the retrieval order at once "
                              "(`ranker: passthrough`) instead of queueing.")
+    serve_timeout_s: float = _env("RERANKQ_SERVE_TIMEOUT_S", 30.0,
+                                  "`rerankq serve`: longest a request waits for its result before a 504 (it is "
+                                  "also the job's deadline: workers skip it after that).")
+    serve_max_body_bytes: int = _env("RERANKQ_SERVE_MAX_BODY_BYTES", 8 * 1024 * 1024,
+                                     "`rerankq serve`: largest request body; a larger one is answered 413 unread.")
+    max_doc_chars: int = _env("RERANKQ_MAX_DOC_CHARS", 50_000,
+                              "`rerankq serve`: longest document (characters) a request may carry; 422 above.")
+    serve_overload: str = _env("RERANKQ_SERVE_OVERLOAD", "degrade",
+                               "`rerankq serve` while the GPU queue is over its marks: `degrade` answers from the "
+                               "fast ranker, then in retrieval order (flagged in `meta`); `reject` answers 429 "
+                               "with Retry-After, for clients that prefer to retry.")
+    serve_api_key: str = _env("RERANKQ_SERVE_API_KEY", "",
+                              "`rerankq serve`: when set, rerank requests need `Authorization: Bearer <key>` "
+                              "(401 without); `/health` and `/metrics` stay open.")
     metrics_port: int = _env("RERANKQ_METRICS_PORT", 9808,
                              "First port of a cross-encoder worker's Prometheus `/metrics`; the fast ranker starts "
                              "10 above, the watchdog 20 above. A port in use moves to the next free one (of 10), "
@@ -103,7 +117,8 @@ class Settings:
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
         for name in ("max_docs", "max_job_bytes", "max_chunk_tokens", "max_chunk_jobs",
-                     "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s"):
+                     "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s",
+                     "serve_timeout_s", "serve_max_body_bytes", "max_doc_chars"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
         if self.prefetch and self.prefetch < 2 * self.max_chunk_jobs:
@@ -125,6 +140,8 @@ class Settings:
                               f"{self.key_prefix + ':'!r}), so that its keys read apart from the next deployment's")
         if not self.bulk_suffix:
             raise ConfigError("RERANKQ_BULK_SUFFIX must not be empty: it tells a bulk lane from its queue")
+        if self.serve_overload not in ("degrade", "reject"):
+            raise ConfigError(f"RERANKQ_SERVE_OVERLOAD={self.serve_overload!r}: use 'degrade' or 'reject'")
         if self.backend not in ("torch", "onnx-int8"):
             raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):

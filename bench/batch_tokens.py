@@ -66,7 +66,7 @@ def main() -> None:
         def run() -> list[float]:
             scores = [0.0] * len(pairs)
             for batch in sorted_batches(costs, tokens):
-                for i, s in zip(batch, ranker.score([pairs[i] for i in batch]), strict=True):
+                for i, s in zip(batch, ranker.activate(ranker.score([pairs[i] for i in batch])), strict=True):
                     scores[i] = s
             return scores
         return run

@@ -30,10 +30,11 @@ _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWaiter] = we
 
 
 def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
-           timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE) -> Result:
+           timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE,
+           raw_scores: bool = False) -> Result:
     """Score ``docs`` against ``query``; blocks up to ``timeout`` seconds. ``lane="bulk"`` sends it behind
-    interactive traffic (never shed)."""
-    handle = _send(str(uuid.uuid4()), query, docs, top_k, deadline, timeout, queue, lane)
+    interactive traffic (never shed); ``raw_scores`` asks for the model's logits instead of its scores."""
+    handle = _send(str(uuid.uuid4()), query, docs, top_k, deadline, timeout, queue, lane, raw_scores)
     try:
         return Result.from_dict(handle.get(timeout=timeout, propagate=True))
     except CeleryTimeout:
@@ -41,7 +42,8 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
 
 
 async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
-                  timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE) -> Result:
+                  timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE,
+                  raw_scores: bool = False) -> Result:
     """Like ``rerank``, awaited: one async Redis connection per event loop waits for every pending job.
 
     Nothing blocks the event loop: the send (a synchronous publish, with its retries, and the route read)
@@ -53,7 +55,7 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
         waiter = _waiters[loop] = AsyncWaiter(rerank_task.backend)
     task_id = str(uuid.uuid4())
     deadline = deadline if deadline is not None else time.time() + timeout  # from the call, not the send
-    send = functools.partial(_send, task_id, query, docs, top_k, deadline, timeout, queue, lane)
+    send = functools.partial(_send, task_id, query, docs, top_k, deadline, timeout, queue, lane, raw_scores)
     try:
         outcome = await asyncio.wait_for(_sent_and_awaited(loop, waiter, task_id, send), timeout)
     except asyncio.TimeoutError:
@@ -75,12 +77,15 @@ async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter
 
 
 def _send(task_id: str, query: str, docs: Sequence[str], top_k: int | None, deadline: float | None,
-          timeout: float, queue: str | None, lane: str) -> Any:
+          timeout: float, queue: str | None, lane: str, raw_scores: bool = False) -> Any:
     deadline = deadline if deadline is not None else time.time() + timeout
     options: dict[str, Any] = {"task_id": task_id, "lane": lane}
     if queue:
         options["queue"] = queue
-    return rerank_task.apply_async((query, docs), {"top_k": top_k, "deadline": deadline}, **options)
+    kwargs: dict[str, Any] = {"top_k": top_k, "deadline": deadline}
+    if raw_scores:  # only when asked: a job without it is one any earlier worker serves
+        kwargs["raw_scores"] = True
+    return rerank_task.apply_async((query, docs), kwargs, **options)
 
 
 def _timeout(task_id: str, timeout: float, queue: str | None) -> RerankTimeout:

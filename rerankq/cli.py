@@ -126,6 +126,18 @@ def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, 
 
 
 @cli.command()
+@click.option("--port", type=click.IntRange(min=1), default=8000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 for every one: set RERANKQ_SERVE_API_KEY then).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def serve(port: int, host: str, loglevel: str) -> None:
+    """The rerank HTTP API: Cohere's and Jina's POST /v1/rerank, TEI's POST /rerank, /health, /metrics."""
+    from server.main import run_serve
+
+    sys.exit(run_serve(host, port, loglevel))
+
+
+@cli.command()
 @click.option("--port", type=click.IntRange(min=1), default=5555, show_default=True)
 @click.option("--address", default="0.0.0.0", show_default=True, help="Interface to listen on.")
 @click.option("--no-auth", is_flag=True, help="Serve without a password (only on a machine nobody else reaches).")
@@ -153,16 +165,18 @@ def flower(port: int, address: str, no_auth: bool) -> None:
 @click.option("--model", default="", help="Cross-encoder for the workers (default RERANKQ_MODEL).")
 @click.option("--cpu", is_flag=True, help="One cross-encoder worker on the CPU even when GPUs are visible.")
 @click.option("--flower-port", type=click.IntRange(min=1), default=5555, show_default=True)
+@click.option("--serve-port", type=click.IntRange(min=1), default=8000, show_default=True,
+              help="Port of the HTTP API (`rerankq serve`, on 127.0.0.1).")
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
               help="First of the consecutive metrics ports (default RERANKQ_METRICS_PORT); 0 for none.")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where each process logs (default: a temporary directory, removed at the end).")
-def up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port: int | None,
+def up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int, metrics_port: int | None,
        log_dir: Path | None) -> None:
-    """The whole stack on this machine: Redis, workers per GPU (or CPU), fast ranker, watchdog, Flower."""
+    """The whole stack on this machine: Redis, workers per GPU (or CPU), fast ranker, watchdog, HTTP API, Flower."""
     from rerankq.up import run_up
 
-    sys.exit(run_up(redis_url, model, cpu, flower_port, _metrics_port(metrics_port, "up"), log_dir))
+    sys.exit(run_up(redis_url, model, cpu, flower_port, serve_port, _metrics_port(metrics_port, "up"), log_dir))
 
 
 def _metrics_port(option: int | None, kind: str) -> int:

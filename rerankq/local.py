@@ -75,6 +75,29 @@ class WorkerProcess(RerankqProcess):
         raise RerankError(f"worker {self.node} did not answer within {timeout:.0f}s:\n{self.log()}")
 
 
+class ServerProcess(RerankqProcess):
+    """A real ``rerankq serve`` on ``127.0.0.1:port``."""
+
+    def __init__(self, port: int, env: Mapping[str, str], log_path: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(["serve", "--port", str(port)], env, log_path)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Return once it answers HTTP; raise with its log if it exits or never answers."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RerankError(f"rerankq serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/openapi.json", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RerankError(f"rerankq serve did not answer at {self.url} within {timeout:.0f}s:\n{self.log()}")
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a live process (Linux ``/proc``), in MB."""
     match = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())

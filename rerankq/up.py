@@ -1,7 +1,8 @@
 """``rerankq up``: the compose stack on one machine, without Docker.
 
 A Redis (embedded unless ``--redis-url``), one pinned cross-encoder worker per visible GPU (or one on the
-CPU), a fast-ranker worker, the watchdog and Flower, each restarted if it dies. Ctrl-C stops the workers
+CPU), a fast-ranker worker, the watchdog, the HTTP API (``rerankq serve``) and Flower, each restarted if it
+dies. Ctrl-C stops the workers
 (each finishing its forward batch), then the rest, then the embedded Redis.
 """
 
@@ -18,7 +19,8 @@ from rerankq.supervisor import Child, Supervisor, stop_on_signals, visible_gpus,
 from tasks.errors import ConfigError
 
 
-def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port: int, log_dir: Path | None) -> int:
+def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int, metrics_port: int,
+           log_dir: Path | None) -> int:
     stop = stop_on_signals()
     with contextlib.ExitStack() as stack:
         if not redis_url:
@@ -33,7 +35,7 @@ def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port
         env = {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url}
         if ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
             env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(12)}"
-        children = _children(env, model, cpu, flower_port, metrics_port, log_dir)
+        children = _children(env, model, cpu, flower_port, serve_port, metrics_port, log_dir)
         supervisor = Supervisor(children)
         supervisor.start()
         for child in children:
@@ -48,7 +50,7 @@ def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, metrics_port
     return 0
 
 
-def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, metrics_port: int,
+def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, serve_port: int, metrics_port: int,
               log_dir: Path) -> list[Child]:
     gpus = [] if cpu else _gpus_or_none()
     model_args = ["--model", model] if model else []
@@ -63,6 +65,7 @@ def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, metr
         Child("fast worker", ["worker", "--ranker", "fast", "--device", "cpu", "--metrics-port", str(next(ports))],
               dict(env), log_dir / "worker-fast.log"),
         Child("watchdog", ["watchdog", "--metrics-port", str(next(ports))], dict(env), log_dir / "watchdog.log"),
+        Child("api", ["serve", "--port", str(serve_port)], dict(env), log_dir / "serve.log"),
         Child("flower", ["flower", "--port", str(flower_port), "--address", "127.0.0.1"], dict(env),
               log_dir / "flower.log"),
     ]
@@ -80,5 +83,7 @@ def _where(child: Child, env: dict[str, str]) -> str:
     if args[0] == "flower":
         port = args[args.index("--port") + 1]
         return f"  http://127.0.0.1:{port}  (user:password {env['FLOWER_BASIC_AUTH']})"
+    if args[0] == "serve":
+        return f"  http://127.0.0.1:{args[args.index('--port') + 1]}/v1/rerank"
     port = args[args.index("--metrics-port") + 1]
     return f"  metrics http://127.0.0.1:{port}/metrics" if port != "0" else ""

@@ -1,6 +1,7 @@
 """The job and result records shared by producers and workers, and the job's validation.
 
-A job travels as the Celery task's arguments: ``rerank(query, docs, top_k=None, deadline=None)``.
+A job travels as the Celery task's arguments:
+``rerank(query, docs, top_k=None, deadline=None, raw_scores=False)``.
 A result travels as a JSON object (``Result.to_dict``).
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from tasks.errors import BadJob
 
-JOB_FIELDS = ("query", "docs", "top_k", "deadline")
+JOB_FIELDS = ("query", "docs", "top_k", "deadline", "raw_scores")
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,14 @@ class Job:
     top_k: int | None = None
     #: Unix time (seconds) after which the result is useless; the job is then not scored.
     deadline: float | None = None
+    #: The model's own output (a cross-encoder's logit) instead of its score after the activation (a sigmoid).
+    raw_scores: bool = False
 
     @classmethod
     def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any], max_docs: int) -> Job:
         """Validate a task call's arguments; raise ``BadJob`` saying what is wrong."""
         if not isinstance(args, list | tuple) or not isinstance(kwargs, Mapping):
-            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None)")
+            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None, raw_scores=False)")
         if len(args) > len(JOB_FIELDS):
             raise BadJob(f"a job takes at most {len(JOB_FIELDS)} arguments ({', '.join(JOB_FIELDS)}), "
                          f"got {len(args)}")
@@ -48,6 +51,7 @@ class Job:
             docs=_docs(values["docs"], max_docs),
             top_k=_top_k(values.get("top_k")),
             deadline=_deadline(values.get("deadline")),
+            raw_scores=_flag("raw_scores", values.get("raw_scores", False)),
         )
 
 
@@ -85,6 +89,12 @@ def _deadline(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise BadJob(f"deadline must be a Unix time in seconds or null, got {value!r}")
     return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadJob(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

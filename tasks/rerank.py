@@ -99,7 +99,8 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
 
 
 @app.task(base=RerankTask, name=TASK_NAME)
-def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None) -> Any:
+def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None,
+           raw_scores: bool = False) -> Any:
     """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order)."""
     raise RerankError(
         "rerank jobs are scored together in forward batches by `rerankq worker`; they cannot run eagerly or in a "

@@ -14,7 +14,7 @@ import pytest
 
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import RedisServer
-from tests.tiny_models import build_cross_encoder
+from tests.tiny_models import build_cross_encoder, build_xlmr_cross_encoder
 
 StartWorker = Callable[..., WorkerProcess]
 StartWatchdog = Callable[..., RerankqProcess]
@@ -43,6 +43,12 @@ def celery_app(redis_url: str) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"))
+
+
+@pytest.fixture(scope="session")
+def xlmr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's architecture (XLM-RoBERTa), tiny, with its sigmoid: scores differ from logits."""
+    return build_xlmr_cross_encoder(tmp_path_factory.mktemp("xlmr"), "tiny")
 
 
 @pytest.fixture(scope="module")

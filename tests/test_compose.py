@@ -21,7 +21,7 @@ FLOWER_AUTH = "FLOWER_BASIC_AUTH"
 
 
 def test_the_stack_has_every_part() -> None:
-    assert {"redis", "gpu-worker", "cpu-worker", "watchdog", "flower"} <= set(SERVICES)
+    assert {"redis", "gpu-worker", "cpu-worker", "watchdog", "api", "flower"} <= set(SERVICES)
 
 
 def test_redis_keeps_jobs_durable_and_asks_for_a_password() -> None:
@@ -62,6 +62,16 @@ def test_flower_asks_for_a_password_from_the_environment() -> None:
     flower = SERVICES["flower"]
     assert flower["command"][0] == "flower" and "--no-auth" not in flower["command"]
     assert flower["environment"][FLOWER_AUTH].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_the_api_listens_on_every_interface_only_with_a_key_and_reports_its_health() -> None:
+    api = SERVICES["api"]
+    command = api["command"]
+    assert command[0] == "serve" and command[command.index("--host") + 1] == "0.0.0.0"
+    assert api["environment"]["RERANKQ_SERVE_API_KEY"].startswith("${RERANKQ_SERVE_API_KEY:?")
+    port = command[command.index("--port") + 1]
+    assert f"{port}:{port}" in api["ports"]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(api["healthcheck"]["test"])
 
 
 def test_cpu_workers_scale_with_docker_compose_scale() -> None:

@@ -11,17 +11,11 @@ from sentence_transformers import CrossEncoder
 from tasks import Result, rerank
 from tasks.errors import ModelLoadError
 from tests.conftest import StartWorker
-from tests.tiny_models import build_xlmr_cross_encoder
 from worker.onnx_ranker import OnnxCrossEncoderRanker
 from worker.rankers import CrossEncoderRanker, load_ranker
 
 PAIRS = [("river bank", "a bank by the river"), ("loan", "interest rates rose " * 40), ("x", "y " * 600),
          ("empty doc", "")]
-
-
-@pytest.fixture(scope="module")
-def xlmr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_xlmr_cross_encoder(tmp_path_factory.mktemp("xlmr"), "tiny")
 
 
 @pytest.mark.parametrize("model_name", ["tiny_model", "xlmr_model"])

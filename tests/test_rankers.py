@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import CrossEncoder
 
 from rerankq.local import WorkerProcess
@@ -54,7 +55,7 @@ def test_the_cross_encoder_ranker_matches_predict(tiny_model: Path) -> None:
     ranker = CrossEncoderRanker(str(tiny_model), "cpu")
     pairs = [("river bank", "a bank by the river"), ("loan", "interest rates rose"), ("x", "y " * 600)]
     want = CrossEncoder(str(tiny_model), device="cpu").predict(pairs)
-    np.testing.assert_allclose(ranker.score(pairs), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ranker.activate(ranker.score(pairs)), want, rtol=0, atol=1e-5)
     assert ranker.token_counts("x", ["y " * 600])[0] == ranker.max_length == 512
 
 
@@ -63,8 +64,12 @@ def test_the_cross_encoder_ranker_runs_the_default_models_architecture(tmp_path:
     model = str(build_xlmr_cross_encoder(tmp_path / "xlmr", "tiny"))
     ranker = CrossEncoderRanker(model, "cpu")
     pairs = [("river bank", "a bank by the river"), ("loan", "interest rates rose " * 40), ("x", "y " * 600)]
-    want = CrossEncoder(model, device="cpu").predict(pairs)
-    np.testing.assert_allclose(ranker.score(pairs), want, rtol=0, atol=1e-5)
+    reference = CrossEncoder(model, device="cpu")
+    np.testing.assert_allclose(ranker.activate(ranker.score(pairs)), reference.predict(pairs), rtol=0, atol=1e-5)
+    # Raw scores are the logits: what predict gives without its sigmoid.
+    logits = reference.predict(pairs, activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose(ranker.score(pairs), logits, rtol=0, atol=1e-5)
+    assert not np.allclose(logits, reference.predict(pairs), atol=1e-3)
     # One batch of mixed lengths scores each pair as it scores alone: padding changes nothing.
     np.testing.assert_allclose(ranker.score(pairs), [ranker.score([p])[0] for p in pairs], rtol=0, atol=1e-5)
 

@@ -11,8 +11,8 @@ from tasks.records import BatchInfo, Job, Result, Timings, top_indices
 
 
 def test_a_valid_call_becomes_a_job() -> None:
-    job = Job.from_call(["q", ["a", "b"]], {"top_k": 1, "deadline": 5}, max_docs=10)
-    assert job == Job("q", ["a", "b"], top_k=1, deadline=5.0)
+    job = Job.from_call(["q", ["a", "b"]], {"top_k": 1, "deadline": 5, "raw_scores": True}, max_docs=10)
+    assert job == Job("q", ["a", "b"], top_k=1, deadline=5.0, raw_scores=True)
 
 
 def test_fields_may_come_by_name() -> None:
@@ -24,6 +24,7 @@ def test_fields_may_come_by_name() -> None:
     (["q", ["a"]], {"deadline": math.inf}, "deadline must be a Unix time"),
     (["q", ["a"]], {"deadline": True}, "deadline must be a Unix time"),
     (["q", ["a"]], {"top_k": True}, "top_k must be a positive integer"),
+    (["q", ["a"]], {"raw_scores": 1}, "raw_scores must be true or false, got 1"),
     (["q", {"a": 1}], {}, "docs must be a list of strings, got dict"),
     ([None, ["a"]], {}, "query must be a string, got NoneType"),
     ("q", {}, "a job is rerank(query, docs"),

@@ -113,7 +113,7 @@ def stack_pids(out: Path) -> list[int]:
 def up(launch: Any, tiny_model: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
     flower_port = free_port()
     proc, out = launch("up", "--model", str(tiny_model), "--cpu", "--flower-port", str(flower_port),
-                       "--metrics-port", "0", "--log-dir", str(tmp_path / "logs"))
+                       "--serve-port", str(free_port()), "--metrics-port", "0", "--log-dir", str(tmp_path / "logs"))
     wait_for_line(out, "rerankq up: running")
     return proc, out, flower_port
 
@@ -124,7 +124,8 @@ def test_up_serves_jobs_shows_them_in_flower_and_ctrl_c_stops_every_process(
     text = out.read_text()
     redis_url = re.search(r"^redis +(\S+)", text, re.M)[1]  # type: ignore[index]
     auth = re.search(r"user:password ([^:]+):(\S+)\)", text)
-    assert auth and len(stack_pids(out)) == 5  # redis, CPU worker, fast worker, watchdog, Flower
+    assert auth and len(stack_pids(out)) == 6  # redis, CPU worker, fast worker, watchdog, API, Flower
+    api = re.search(r"^api .* (http://\S+/v1/rerank)", text, re.M)[1]  # type: ignore[index]
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps({"id": i, "query": "bread", "docs": ["flour", "yeast"]}) + "\n"
@@ -135,6 +136,14 @@ def test_up_serves_jobs_shows_them_in_flower_and_ctrl_c_stops_every_process(
     assert submitted.returncode == 0, submitted.stderr + out.read_text()
     results = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()]
     assert sorted(r["id"] for r in results) == [0, 1, 2] and {r["ranker"] for r in results} == {"cross-encoder"}
+
+    def api_answers() -> bool:
+        try:
+            answer = httpx.post(api, json={"query": "bread", "documents": ["flour", "yeast"]}, timeout=30)
+        except httpx.TransportError:
+            return False
+        return answer.status_code == 200 and answer.json()["meta"]["ranker"] == "cross-encoder"
+    eventually(api_answers, 60, "the API answers from the worker")
 
     def flower_shows_them() -> bool:
         try:

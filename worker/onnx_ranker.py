@@ -2,7 +2,7 @@
 
 At load the model is exported from its torch weights to ONNX, its weights quantized to int8 (dynamic
 quantization), in a temporary directory, and read into an ONNX Runtime session: no exported file has to be
-made or kept beforehand. Tokens, truncation and the score's activation are the torch cross-encoder's own,
+made or kept beforehand. Tokens, truncation and the score's activation (``activate``) are the torch cross-encoder's own,
 so only the forward pass changes. Without ``int8`` the export scores as torch does (what the tests check)
 but no faster on a CPU, so it is no setting of its own. BENCHMARKS.md has the figures.
 """
@@ -58,5 +58,4 @@ class OnnxCrossEncoderRanker(CrossEncoderRanker):
         encoded: Any = self._ce.tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True,
                                           truncation=True, max_length=self.max_length, return_tensors="np")
         logits = self._session.run(["logits"], {name: encoded[name] for name in self._inputs})[0]
-        scores = self._ce.activation_fn(torch.from_numpy(logits)).squeeze(-1)
-        return [float(s) for s in scores]
+        return [float(s) for s in logits.reshape(-1)]

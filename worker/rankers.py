@@ -32,11 +32,17 @@ class Ranker(ABC):
 
     @abstractmethod
     def score(self, pairs: Sequence[Pair]) -> list[float]:
-        """Score the pairs in ONE forward batch; the caller keeps the batch under the token budget."""
+        """Score the pairs in ONE forward batch, as the model gives them before any activation (a
+        cross-encoder's logits); the caller keeps the batch under the token budget."""
+
+    def activate(self, raw: list[float]) -> list[float]:
+        """A job's scores from its raw ones (what a job asking for ``raw_scores`` gets instead)."""
+        return raw
 
 
 class CrossEncoderRanker(Ranker):
-    """A sentence-transformers ``CrossEncoder``: fp16 on CUDA, fp32 on CPU, scores as ``predict`` gives."""
+    """A sentence-transformers ``CrossEncoder``: fp16 on CUDA, fp32 on CPU; scores are ``predict``'s, its
+    activation (a sigmoid for a reranker) applied per job, so a job may ask for the logits instead."""
 
     kind = "cross-encoder"
 
@@ -61,11 +67,15 @@ class CrossEncoderRanker(Ranker):
         return [len(ids) for ids in encoded["input_ids"]]
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
-        # predict with one batch of exactly these pairs: the same activation and dtype handling as the
-        # reference, under torch.inference_mode.
+        # predict with one batch of exactly these pairs: the reference's dtype handling, under
+        # torch.inference_mode; the activation is applied per job (activate).
         scores = self._ce.predict(list(pairs), batch_size=len(pairs), show_progress_bar=False,
-                                  convert_to_numpy=True)
+                                  convert_to_numpy=True, activation_fn=torch.nn.Identity())
         return [float(s) for s in scores]
+
+    def activate(self, raw: list[float]) -> list[float]:
+        # In float32, as predict applies it.
+        return [float(s) for s in self._ce.activation_fn(torch.tensor(raw, dtype=torch.float32))]
 
 
 class FastRanker(Ranker):

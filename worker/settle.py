@@ -121,13 +121,14 @@ def _outcome(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
         return results.Outcome(pending.request, error=pending.error)
     assert pending.job is not None
     started = pending.started or done
+    scores = pending.scores if pending.job.raw_scores else ranker.activate(pending.scores)
     result = Result(
-        scores=pending.scores,
+        scores=scores,
         ranker=ranker.kind,
         model=ranker.model,
         timings=Timings(queue_ms=round(max(0.0, started - pending.sent_at) * 1000, 3),
                         inference_ms=round((done - started) * 1000, 3)),
-        top=top_indices(pending.scores, pending.job.top_k) if pending.job.top_k else None,
+        top=top_indices(scores, pending.job.top_k) if pending.job.top_k else None,
         batches=pending.batches,
     )
     return results.Outcome(pending.request, result=result.to_dict())

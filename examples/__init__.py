@@ -1,1 +1,0 @@
-"""Runnable examples: `uvicorn examples.rerank_api:app`."""

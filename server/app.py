@@ -1,0 +1,195 @@
+"""The FastAPI app of ``rerankq serve``: routes, limits, error answers. Each request awaits
+``producer.arerank``: one async Redis connection per event loop waits for every pending request, so one
+process holds thousands of them without a thread each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Body, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from celeryconfig import Settings
+from producer import arerank
+from server.health import HealthProbe
+from server.limits import BodyLimit, Overloaded, Unauthorized, check_request, check_token
+from server.metrics import ServerMetrics
+from server.schemas import (
+    AnyRerankRequest,
+    Document,
+    Error,
+    Health,
+    Meta,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    TeiRank,
+    TeiRerankRequest,
+)
+from tasks import BadJob, DeadlineExceeded, RankerFailed, RerankTimeout
+from tasks.connections import BrokerRedis
+from tasks.records import Result, top_indices
+from tasks.rerank import rerank as rerank_task
+from tasks.router import PASSTHROUGH
+
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error} for status in (401, 413, 422, 429, 500, 503, 504)}
+
+
+def create_app(settings: Settings | None = None, queue: str | None = None) -> FastAPI:
+    """The app; ``queue`` sends every request to that queue instead of letting rerankq's router pick."""
+    if settings is None:
+        from celeryconfig import settings as configured
+
+        settings = configured
+    cfg = settings
+    brokers: list[BrokerRedis] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for held in brokers:
+            held.close()
+
+    app = FastAPI(title="rerankq", summary="Cross-encoder reranking over Celery + Redis: Cohere's, Jina's and "
+                  "text-embeddings-inference's rerank API", lifespan=lifespan)
+    metrics = ServerMetrics()
+
+    def authorized(request: Request) -> None:
+        check_token(cfg, request)
+
+    def broker() -> BrokerRedis:
+        if not brokers:
+            brokers.append(BrokerRedis(rerank_task.app))
+        return brokers[0]
+
+    health = HealthProbe(cfg, broker)
+
+    async def score(query: str, texts: list[str], top_n: int | None, raw_scores: bool = False) -> Result:
+        check_request(cfg, query, texts)
+        destination = queue
+        if cfg.serve_overload == "reject" and destination is None:
+            # Ask the router first: past the marks, the client is told to come back instead of degraded.
+            route = await asyncio.get_running_loop().run_in_executor(None, rerank_task.get_router().route)
+            if route != cfg.gpu_queue:
+                raise Overloaded(f"{cfg.gpu_queue} is over its marks (RERANKQ_HIGH_WAIT_S={cfg.high_wait_s:g}): "
+                                 "retry later")
+            destination = cfg.gpu_queue
+        result = await arerank(query, texts, top_k=top_n, timeout=cfg.serve_timeout_s, queue=destination,
+                               raw_scores=raw_scores)
+        metrics.answers.labels(result.ranker).inc()
+        return result
+
+    def order(result: Result) -> list[int]:
+        return result.top if result.top is not None else top_indices(result.scores, len(result.scores))
+
+    def timing_headers(response: Response, result: Result) -> None:
+        # text-embeddings-inference's header names (milliseconds), and which ranker answered.
+        response.headers["x-queue-time"] = f"{result.timings.queue_ms:.1f}"
+        response.headers["x-inference-time"] = f"{result.timings.inference_ms:.1f}"
+        response.headers["x-rerankq-ranker"] = result.ranker
+
+    async def cohere(body: RerankRequest, response: Response) -> RerankResponse:
+        texts = body.texts()
+        result = await score(body.query, texts, body.top_n)
+        timing_headers(response, result)
+        return RerankResponse(
+            id=str(uuid.uuid4()),
+            results=[RerankResult(index=i, relevance_score=result.scores[i],
+                                  document=Document(text=texts[i]) if body.return_documents else None)
+                     for i in order(result)],
+            meta=Meta(ranker=result.ranker, model=result.model, passthrough=result.ranker == PASSTHROUGH,
+                      queue_ms=result.timings.queue_ms, inference_ms=result.timings.inference_ms))
+
+    async def tei(body: TeiRerankRequest, response: Response) -> list[TeiRank]:
+        if body.truncate is False:
+            raise BadJob("truncate: false asks that an input over the model's length be refused; rerankq truncates "
+                         "it (as text-embeddings-inference does with --auto-truncate): send truncate: true, or "
+                         "leave it out")
+        if body.truncation_direction != "right":
+            raise BadJob("truncation_direction: rerankq truncates a long input on the right (its end): send "
+                         "\"Right\", or leave it out")
+        result = await score(body.query, body.texts, None, raw_scores=body.raw_scores)
+        timing_headers(response, result)
+        return [TeiRank(index=i, score=result.scores[i], text=body.texts[i] if body.return_text else None)
+                for i in order(result)]
+
+    guarded = [Depends(authorized)]
+
+    @app.post("/rerank", response_model=RerankResponse | list[TeiRank], response_model_exclude_none=True,
+              responses=ERRORS, dependencies=guarded, summary="Rerank: Cohere's body (`documents`) or TEI's (`texts`)")
+    async def rerank_any(response: Response,
+                         body: AnyRerankRequest = Body()) -> RerankResponse | list[TeiRank]:  # noqa: B008
+        if isinstance(body, TeiRerankRequest):
+            return await tei(body, response)
+        return await cohere(body, response)
+
+    for path in ("/v1/rerank", "/v2/rerank"):
+        app.post(path, response_model=RerankResponse, response_model_exclude_none=True, responses=ERRORS,
+                 dependencies=guarded, summary="Rerank, in Cohere's and Jina's shape")(cohere)
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def get_health() -> JSONResponse:
+        verdict = await health.check()
+        return JSONResponse(verdict.model_dump(), status_code=503 if verdict.status == "unavailable" else 200)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def get_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        began = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.in_flight.dec()
+        route = request.scope.get("route")
+        path = getattr(route, "path", "other")
+        elapsed = time.perf_counter() - began
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.seconds.labels(path).observe(elapsed)
+        response.headers["x-total-time"] = f"{elapsed * 1000:.1f}"
+        return response
+
+    def handle(status: int, kind: str, advice: str = "") -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            headers = {"retry-after": str(max(1, math.ceil(cfg.route_ttl_s)))} if status == 429 else None
+            return error(status, kind, f"{exc}{advice}", headers)
+        return handler
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        reasons = ["{}: {}".format(".".join(str(p) for p in e["loc"] if p not in ("body", "cohere", "tei")), e["msg"])
+                   for e in exc.errors()]
+        return error(422, "validation", "; ".join(reasons))
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(BadJob, handle(422, "validation"))
+    app.add_exception_handler(Overloaded, handle(429, "overloaded"))
+    app.add_exception_handler(Unauthorized, handle(401, "unauthorized"))
+    app.add_exception_handler(RerankTimeout, handle(504, "timeout"))
+    app.add_exception_handler(DeadlineExceeded, handle(504, "timeout"))
+    app.add_exception_handler(RankerFailed, handle(500, "backend"))
+    unreachable = handle(503, "unhealthy", ": is Redis up, and RERANKQ_BROKER_URL / RERANKQ_RESULT_BACKEND right?")
+    for kind in (OperationalError, RedisConnectionError, RedisTimeout):
+        app.add_exception_handler(kind, unreachable)
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.serve_max_body_bytes)
+    return app
+
+
+def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(Error(message=message, error=message, error_type=kind).model_dump(), status_code=status,
+                        headers=headers)

@@ -1,0 +1,95 @@
+"""What ``rerankq serve`` refuses before anything reaches Redis: a body too large (413), a request over the
+documents or characters limits (422), a missing or wrong API key (401)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from celeryconfig import Settings
+from tasks.errors import BadJob, RerankError
+
+
+class Overloaded(RerankError):
+    """The GPU queue is over its marks and this server answers 429 instead of degrading."""
+
+
+class Unauthorized(RerankError):
+    """The request's API key is missing or wrong."""
+
+
+def check_request(settings: Settings, query: str, texts: list[str]) -> None:
+    """The request's own limits, as ``BadJob`` (422) saying which and how to fit."""
+    if not query.strip():
+        raise BadJob("query is empty: send the text to rank the documents against")
+    if len(texts) > settings.max_docs:
+        raise BadJob(f"{len(texts)} documents is over the limit of {settings.max_docs} per request "
+                     "(RERANKQ_MAX_DOCS): split the request")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_doc_chars:
+            raise BadJob(f"document {i} is {len(text)} characters, over the limit of {settings.max_doc_chars} "
+                         "(RERANKQ_MAX_DOC_CHARS): the model reads only its first RERANKQ_MAX_LENGTH tokens anyway")
+
+
+def check_token(settings: Settings, request: Request) -> None:
+    """``Authorization: Bearer <RERANKQ_SERVE_API_KEY>`` (how Cohere's, Jina's and TEI's clients send a key)."""
+    if not settings.serve_api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.serve_api_key.encode()):
+        raise Unauthorized("missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
+                           "the server has in RERANKQ_SERVE_API_KEY")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` is answered 413 and never parsed: by its Content-Length
+    before a byte is read, or, sent without one (chunked), as soon as what arrived passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._refuse(send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # Read it here, within the limit (the app would hold it whole to parse it anyway), then replay it.
+        messages: list[Message] = []
+        seen = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, send: Send) -> None:
+        from server.app import error
+
+        response = error(413, "payload_too_large", f"the request body is over the limit of {self.max_bytes} bytes "
+                         "(RERANKQ_SERVE_MAX_BODY_BYTES): send fewer or shorter documents, or split the request")
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}

@@ -1,0 +1,114 @@
+"""The request and response bodies ``rerankq serve`` speaks: Cohere's and Jina's rerank API, and TEI's.
+
+Field names, defaults and shapes are those services' own, so their clients work unchanged. Fields a client
+may send that rerankq has no use for (``model``, Cohere's ``rank_fields``, ``max_chunks_per_doc``,
+``max_tokens_per_doc``, ``priority``) are accepted and ignored; the model is the deployment's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+
+
+class _Strict(BaseModel):
+    # A number is not a document and "3" is not a top_n; unknown fields are ignored.
+    model_config = ConfigDict(strict=True)
+
+
+class Document(_Strict):
+    text: str
+
+
+class RerankRequest(_Strict):
+    """Cohere's ``POST /v1/rerank`` (and ``/v2/rerank``), Jina's ``POST /v1/rerank``."""
+
+    query: str
+    #: Strings, or objects with a ``text``.
+    documents: list[str | Document]
+    #: Only the best ``top_n`` results; all of them when absent.
+    top_n: int | None = Field(default=None, ge=1)
+    #: Echo each result's document.
+    return_documents: bool = False
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    #: Position of the document in the request's ``documents``.
+    index: int
+    relevance_score: float
+    document: Document | None = None
+
+
+class Meta(BaseModel):
+    """Where Cohere's responses carry their ``meta``: which ranker answered, and how long it took."""
+
+    #: "cross-encoder"; "fast" when load was shed to the fast ranker; "passthrough" when both queues were over
+    #: their marks and the documents came back in the order they were sent.
+    ranker: str
+    model: str
+    passthrough: bool
+    queue_ms: float
+    inference_ms: float
+
+
+class RerankResponse(BaseModel):
+    id: str
+    #: Best first.
+    results: list[RerankResult]
+    meta: Meta
+
+
+def _direction(value: Any) -> Any:
+    # TEI's enum reads "Right"/"Left"; its clients send either case.
+    return value.lower() if isinstance(value, str) else value
+
+
+class TeiRerankRequest(_Strict):
+    """text-embeddings-inference's ``POST /rerank``."""
+
+    query: str
+    texts: list[str]
+    #: The model's logits instead of its scores after the sigmoid.
+    raw_scores: bool = False
+    return_text: bool = False
+    #: TEI's default is to refuse an input over the model's length; rerankq truncates it (as TEI with
+    #: ``--auto-truncate``), and says so when a client asks for the refusal.
+    truncate: bool | None = None
+    truncation_direction: Annotated[Literal["right", "left"], BeforeValidator(_direction)] = "right"
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+def _shape(body: Any) -> str:
+    return "tei" if isinstance(body, dict) and "texts" in body else "cohere"
+
+
+#: ``POST /rerank`` takes either shape: TEI's when the body has ``texts``, else Cohere's.
+AnyRerankRequest = Annotated[
+    Annotated[RerankRequest, Tag("cohere")] | Annotated[TeiRerankRequest, Tag("tei")], Discriminator(_shape)]
+
+
+class Health(BaseModel):
+    #: "ok": a live worker serves the queue new jobs go to; "degraded": answering from the fast ranker or in
+    #: retrieval order while the GPU queue is over its marks; "unavailable": not answering (503).
+    status: Literal["ok", "degraded", "unavailable"]
+    reason: str
+    route: str
+    #: Live workers per queue.
+    workers: dict[str, int]
+
+
+class Error(BaseModel):
+    """Every error answer: ``message`` is where Cohere's clients look, ``error`` and ``error_type`` TEI's."""
+
+    message: str
+    error: str
+    error_type: str

@@ -1,0 +1,34 @@
+"""The health verdict ``rerankq serve`` gives from what Redis holds: pure logic."""
+
+from __future__ import annotations
+
+from server.health import judge
+from tasks.router import GPU, SHED, RouteState
+
+GPU_Q, CPU_Q = "rerank.gpu", "rerank.cpu"
+
+
+def state(route: str, cpu_open: bool = True) -> RouteState:
+    return RouteState(route, cpu_open=cpu_open, since=0.0, at=0.0)
+
+
+def test_ok_with_a_live_worker_on_the_gpu_queue_with_or_without_a_watchdog() -> None:
+    for route in (None, state(GPU)):
+        health = judge(route, {GPU_Q: 2, CPU_Q: 0}, GPU_Q, CPU_Q)
+        assert health.status == "ok" and "2 live worker(s) on rerank.gpu" in health.reason
+
+
+def test_unavailable_when_no_live_worker_serves_the_gpu_queue() -> None:
+    health = judge(None, {GPU_Q: 0, CPU_Q: 3}, GPU_Q, CPU_Q)
+    assert health.status == "unavailable" and "no live worker serves rerank.gpu" in health.reason
+
+
+def test_degraded_while_shedding_to_a_served_cpu_queue_unavailable_if_nobody_serves_it() -> None:
+    assert judge(state(SHED), {GPU_Q: 0, CPU_Q: 1}, GPU_Q, CPU_Q).status == "degraded"
+    lost = judge(state(SHED), {GPU_Q: 1, CPU_Q: 0}, GPU_Q, CPU_Q)
+    assert lost.status == "unavailable" and "shedding to rerank.cpu, which no live worker serves" in lost.reason
+
+
+def test_degraded_while_passing_through_since_callers_still_get_answers() -> None:
+    health = judge(state(SHED, cpu_open=False), {GPU_Q: 0, CPU_Q: 0}, GPU_Q, CPU_Q)
+    assert health.status == "degraded" and "passthrough" in health.reason and health.route == SHED
