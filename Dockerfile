@@ -20,6 +20,7 @@ COPY tasks tasks
 COPY worker worker
 COPY producer producer
 COPY server server
+COPY integrations integrations
 COPY rerankq rerankq
 # The celery and kombu that CI tests, within pyproject.toml's bounds (tests/test_compose.py checks they agree).
 ARG CELERY_VERSION=5.7.0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_type_hints
 
 from tasks.errors import ConfigError
+from tasks.records import LONG_DOCS
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -74,6 +75,16 @@ class Settings:
     max_length: int = _env("RERANKQ_MAX_LENGTH", 512,
                            "Cross-encoder tokens per (query, doc) pair; longer docs are truncated. Capped by the "
                            "model's own limit; 0 means that limit.")
+    long_docs: str = _env("RERANKQ_LONG_DOCS", "truncate",
+                          "A doc longer than the model reads beside its query (RERANKQ_MAX_LENGTH): `truncate` "
+                          "(its end is cut), `truncate-left` (its start is cut), `split` (overlapping windows, "
+                          "each scored as a pair in the same forward batches, the doc taking its best window's "
+                          "score), or `refuse` (the job fails with BadJob). A job's `long_docs` overrides it.")
+    max_windows: int = _env("RERANKQ_MAX_WINDOWS", 8,
+                            "With `split`: most windows of one doc, from its start (the rest is not read).")
+    window_overlap: int = _env("RERANKQ_WINDOW_OVERLAP", 64,
+                               "With `split`: tokens each window shares with the next (at most half a window), so "
+                               "a passage cut by a window's edge is whole in one of them.")
     poll_ms: float = _env("RERANKQ_POLL_MS", 200.0,
                           "How often the watchdog measures the queues (and workers report their figures).")
     high_wait_s: float = _env("RERANKQ_HIGH_WAIT_S", 2.0,
@@ -106,6 +117,16 @@ class Settings:
     serve_api_key: str = _env("RERANKQ_SERVE_API_KEY", "",
                               "`rerankq serve`: when set, rerank requests need `Authorization: Bearer <key>` "
                               "(401 without); `/health` and `/metrics` stay open.")
+    socket_timeout_s: float = _env("RERANKQ_SOCKET_TIMEOUT_S", 5.0,
+                                   "`rerankq serve`'s Redis connections: a connect, read or write that takes longer "
+                                   "fails and the next try takes a new connection; TCP keepalive on. A Redis gone "
+                                   "silent (its host down, a failover) costs a request one timeout, never a thread "
+                                   "for good. Workers keep kombu's blocking reads.")
+    tracing: str = _env("RERANKQ_TRACING", "",
+                        "OpenTelemetry traces of jobs from `rerankq worker` and `rerankq serve`: `otlp` (the "
+                        "OTLP/HTTP exporter, set up by the standard `OTEL_EXPORTER_OTLP_*` variables), `console` "
+                        "(one JSON line per span on stderr), or empty for none. Needs "
+                        "`pip install 'rerankq[tracing]'`.")
     metrics_port: int = _env("RERANKQ_METRICS_PORT", 9808,
                              "First port of a cross-encoder worker's Prometheus `/metrics`; the fast ranker starts "
                              "10 above, the watchdog 20 above. A port in use moves to the next free one (of 10), "
@@ -118,7 +139,8 @@ class Settings:
                 raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
         for name in ("max_docs", "max_job_bytes", "max_chunk_tokens", "max_chunk_jobs",
                      "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s",
-                     "serve_timeout_s", "serve_max_body_bytes", "max_doc_chars"):
+                     "serve_timeout_s", "serve_max_body_bytes", "max_doc_chars", "max_windows",
+                     "socket_timeout_s"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
         if self.prefetch and self.prefetch < 2 * self.max_chunk_jobs:
@@ -140,6 +162,10 @@ class Settings:
                               f"{self.key_prefix + ':'!r}), so that its keys read apart from the next deployment's")
         if not self.bulk_suffix:
             raise ConfigError("RERANKQ_BULK_SUFFIX must not be empty: it tells a bulk lane from its queue")
+        if self.long_docs not in LONG_DOCS:
+            raise ConfigError(f"RERANKQ_LONG_DOCS={self.long_docs!r}: use one of {', '.join(map(repr, LONG_DOCS))}")
+        if self.tracing not in ("", "otlp", "console"):
+            raise ConfigError(f"RERANKQ_TRACING={self.tracing!r}: use 'otlp', 'console', or nothing")
         if self.serve_overload not in ("degrade", "reject"):
             raise ConfigError(f"RERANKQ_SERVE_OVERLOAD={self.serve_overload!r}: use 'degrade' or 'reject'")
         if self.backend not in ("torch", "onnx-int8"):
@@ -204,6 +230,19 @@ def broker_options(settings: Settings) -> dict[str, Any]:
 def backend_options(settings: Settings) -> dict[str, Any]:
     """Celery's ``result_backend_transport_options`` for these settings."""
     return {"visibility_timeout": settings.visibility_timeout, **_prefixed(settings)}
+
+
+def producer_timeouts(settings: Settings) -> dict[str, Any]:
+    """Celery settings for a process that only sends jobs and reads results (``rerankq serve``): every Redis
+    connection, broker and backend, times out and keeps alive (the workers' blocking receive would not)."""
+    seconds = settings.socket_timeout_s
+    return {
+        "broker_transport_options": {**broker_options(settings), "socket_timeout": seconds,
+                                     "socket_connect_timeout": seconds, "socket_keepalive": True},
+        "redis_socket_timeout": seconds,
+        "redis_socket_connect_timeout": seconds,
+        "redis_socket_keepalive": True,
+    }
 
 
 def _prefixed(settings: Settings) -> dict[str, Any]:

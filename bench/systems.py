@@ -181,27 +181,60 @@ def infinity_system(binary: str, model: str, device: str, logdir: Path, completi
                                 stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _until(lambda: _http_ok(f"{url}/health"), 300, "infinity-emb", proc)
+    return http_system("infinity-emb", f"{url}/rerank", completions, lambda: [proc.pid], lambda: _stop(proc))
+
+
+def serve_system(url: str, model: str, device: str, logdir: Path, completions: Completions) -> System:
+    """``rerankq serve`` in front of one rerankq worker, timed per HTTP request as infinity-emb is."""
+    from rerankq.local import ServerProcess, WorkerProcess
+    from tasks import app
+
+    app.conf.update(broker_url=url, result_backend=url)
+    env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url}
+    queue = f"bench.serve.{os.getpid()}"
+    worker = WorkerProcess(queue, ["--model", model, "--device", device, "--loglevel", "WARNING"], env,
+                           logdir / "serve-worker.log", f"bench-serve-{os.getpid()}@localhost")
+    worker.wait_ready(app)
+    server = ServerProcess(free_port(), {**env, "RERANKQ_GPU_QUEUE": queue, "RERANKQ_SERVE_TIMEOUT_S": "1800"},
+                           logdir / "serve.log")
+    server.wait_ready()
+
+    def stop() -> None:
+        server.stop()
+        worker.stop()
+
+    return http_system("rerankq serve", f"{server.url}/rerank", completions,
+                       lambda: [worker.proc.pid, server.proc.pid], stop)
+
+
+def http_system(name: str, url: str, completions: Completions, pids: Callable[[], list[int]],
+                stop: Callable[[], None]) -> System:
+    """A rerank server over HTTP, one body for all (Cohere's shape, which infinity-emb and rerankq serve
+    take alike), 64 client threads, each request marked done when its answer is read."""
     pool = ThreadPoolExecutor(64)
     counter = iter(range(10**9))
 
     def post(task_id: str, request: Request) -> None:
         body = json.dumps({"model": "bench", "query": request.query, "documents": request.docs,
                            "return_documents": False}).encode()
-        req = urllib.request.Request(f"{url}/rerank", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=1800) as response:
-            response.read()
+        req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=1800) as response:
+                response.read()
+        except OSError as exc:  # said, and marked done so the run ends: a run with failures is no result
+            print(f"{name}: request failed: {exc!r}", file=sys.stderr, flush=True)
         completions.mark(task_id)
 
     def send(request: Request) -> str:
-        task_id = f"infinity-{next(counter)}"
+        task_id = f"{name}-{next(counter)}"
         pool.submit(post, task_id, request)
         return task_id
 
-    def stop() -> None:
+    def halt() -> None:
         pool.shutdown(wait=False, cancel_futures=True)
-        _stop(proc)
+        stop()
 
-    return System("infinity-emb", send, lambda: [proc.pid], stop)
+    return System(name, send, pids, halt)
 
 
 def scrape(port: int, name: str) -> float:

@@ -18,7 +18,7 @@ PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5,
 
 def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                 queue: str | None = None, lane: str = BULK) -> Generator[tuple[Any, Outcome], None, None]:
-    """Send each job ``{"id", "query", "docs"[, "top_k"]}`` and yield ``(id, Result or exception)`` as
+    """Send each job ``{"id", "query", "docs"[, "top_k", "long_docs"]}`` and yield ``(id, Result or exception)`` as
     results complete, never with more than ``max_in_flight`` jobs sent and unanswered.
 
     Jobs go to ``queue`` (by default the GPU queue), in its bulk lane unless ``lane="interactive"``: workers
@@ -47,7 +47,8 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
                 ids[task_id] = job.get("id")
                 waiter.expect(task_id)
                 # A malformed job fails on its own, with the worker's BadJob, like any other.
-                rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k")},
+                options = {k: job[k] for k in ("long_docs",) if job.get(k) is not None}
+                rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k"), **options},
                                         task_id=task_id, queue=queue, retry_policy=PUBLISH_RETRY)
             if not len(waiter):
                 return

@@ -31,10 +31,12 @@ _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWaiter] = we
 
 def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
            timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE,
-           raw_scores: bool = False) -> Result:
+           raw_scores: bool = False, long_docs: str | None = None) -> Result:
     """Score ``docs`` against ``query``; blocks up to ``timeout`` seconds. ``lane="bulk"`` sends it behind
-    interactive traffic (never shed); ``raw_scores`` asks for the model's logits instead of its scores."""
-    handle = _send(str(uuid.uuid4()), query, docs, top_k, deadline, timeout, queue, lane, raw_scores)
+    interactive traffic (never shed); ``raw_scores`` asks for the model's logits instead of its scores;
+    ``long_docs`` ("truncate", "truncate-left", "split", "refuse") overrides ``RERANKQ_LONG_DOCS``."""
+    job = _job(top_k, deadline, timeout, raw_scores, long_docs)
+    handle = _send(str(uuid.uuid4()), query, docs, job, queue, lane)
     try:
         return Result.from_dict(handle.get(timeout=timeout, propagate=True))
     except CeleryTimeout:
@@ -43,7 +45,7 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
 
 async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
                   timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE,
-                  raw_scores: bool = False) -> Result:
+                  raw_scores: bool = False, long_docs: str | None = None) -> Result:
     """Like ``rerank``, awaited: one async Redis connection per event loop waits for every pending job.
 
     Nothing blocks the event loop: the send (a synchronous publish, with its retries, and the route read)
@@ -54,8 +56,8 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
     if waiter is None:
         waiter = _waiters[loop] = AsyncWaiter(rerank_task.backend)
     task_id = str(uuid.uuid4())
-    deadline = deadline if deadline is not None else time.time() + timeout  # from the call, not the send
-    send = functools.partial(_send, task_id, query, docs, top_k, deadline, timeout, queue, lane, raw_scores)
+    job = _job(top_k, deadline, timeout, raw_scores, long_docs)  # the deadline from the call, not the send
+    send = functools.partial(_send, task_id, query, docs, job, queue, lane)
     try:
         outcome = await asyncio.wait_for(_sent_and_awaited(loop, waiter, task_id, send), timeout)
     except asyncio.TimeoutError:
@@ -76,16 +78,23 @@ async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter
     return await future
 
 
-def _send(task_id: str, query: str, docs: Sequence[str], top_k: int | None, deadline: float | None,
-          timeout: float, queue: str | None, lane: str, raw_scores: bool = False) -> Any:
-    deadline = deadline if deadline is not None else time.time() + timeout
+def _job(top_k: int | None, deadline: float | None, timeout: float, raw_scores: bool,
+         long_docs: str | None) -> dict[str, Any]:
+    """The job's keyword arguments. Options left at their default are not sent: such a job is one any
+    earlier worker serves too."""
+    job: dict[str, Any] = {"top_k": top_k, "deadline": deadline if deadline is not None else time.time() + timeout}
+    if raw_scores:
+        job["raw_scores"] = True
+    if long_docs is not None:
+        job["long_docs"] = long_docs
+    return job
+
+
+def _send(task_id: str, query: str, docs: Sequence[str], job: dict[str, Any], queue: str | None, lane: str) -> Any:
     options: dict[str, Any] = {"task_id": task_id, "lane": lane}
     if queue:
         options["queue"] = queue
-    kwargs: dict[str, Any] = {"top_k": top_k, "deadline": deadline}
-    if raw_scores:  # only when asked: a job without it is one any earlier worker serves
-        kwargs["raw_scores"] = True
-    return rerank_task.apply_async((query, docs), kwargs, **options)
+    return rerank_task.apply_async((query, docs), job, **options)
 
 
 def _timeout(task_id: str, timeout: float, queue: str | None) -> RerankTimeout:

@@ -1,6 +1,6 @@
 """``rerankq submit jobs.jsonl -o scores.jsonl``: offline bulk reranking from a JSONL file.
 
-Each input line is ``{"id", "query", "docs"[, "top_k"]}``. Each output line is written and flushed as its
+Each input line is ``{"id", "query", "docs"[, "top_k", "long_docs"]}``. Each output line is written and flushed as its
 result arrives: ``{"id", "scores", "top", "ranker", "model"}``, or ``{"id", "error"}`` for a job that
 failed. Lines that are not valid jobs (and repeated ids) go to the errors file with their line number,
 and the run goes on. ``--resume`` skips the ids the output already holds.
@@ -81,9 +81,10 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
             if job_id in first_line:
                 raise BadJob(f"duplicate id {job_id!r} (first on line {first_line[job_id]}); this line is skipped")
             first_line[job_id] = number
-            unknown = sorted(set(data) - {"id", "query", "docs", "top_k"})
+            unknown = sorted(set(data) - {"id", "query", "docs", "top_k", "long_docs"})
             if unknown:
-                raise BadJob(f"unknown field {unknown[0]!r}: a line has id, query, docs and optionally top_k")
+                raise BadJob(f"unknown field {unknown[0]!r}: a line has id, query, docs and optionally top_k and "
+                             "long_docs")
             job = Job.from_call((), {k: v for k, v in data.items() if k != "id"}, max_docs)
         except (ValueError, BadJob) as exc:
             summary.bad_lines += 1
@@ -93,7 +94,7 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
         if job_id in skip:
             summary.skipped += 1
             continue
-        yield {"id": job_id, "query": job.query, "docs": job.docs, "top_k": job.top_k}
+        yield {"id": job_id, "query": job.query, "docs": job.docs, "top_k": job.top_k, "long_docs": job.long_docs}
 
 
 def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flight: int, resume: bool,

@@ -119,7 +119,7 @@ def status(as_json: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
            lane: str, progress: bool | None) -> None:
-    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k"]} per line)."""
+    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs"]} per line)."""
     from producer.runner import run_submit
 
     sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane))

@@ -82,7 +82,7 @@ class ServerProcess(RerankqProcess):
         self.url = f"http://127.0.0.1:{port}"
         super().__init__(["serve", "--port", str(port)], env, log_path)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> None:
         """Return once it answers HTTP; raise with its log if it exits or never answers."""
         import urllib.request
 

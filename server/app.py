@@ -6,24 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeout
 
 from celeryconfig import Settings
 from producer import arerank
+from server import errors
+from server.errors import Overloaded, Unauthorized
 from server.health import HealthProbe
-from server.limits import BodyLimit, Overloaded, Unauthorized, check_request, check_token
+from server.limits import BodyLimit, check_request, check_token
 from server.metrics import ServerMetrics
 from server.schemas import (
     AnyRerankRequest,
@@ -37,17 +34,20 @@ from server.schemas import (
     TeiRank,
     TeiRerankRequest,
 )
-from tasks import BadJob, DeadlineExceeded, RankerFailed, RerankTimeout
 from tasks.connections import BrokerRedis
 from tasks.records import Result, top_indices
 from tasks.rerank import rerank as rerank_task
-from tasks.router import PASSTHROUGH
+from tasks.router import PASSTHROUGH, SHED
 
-ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error} for status in (401, 413, 422, 429, 500, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error}
+                                           for status in (401, 413, 422, 424, 429, 500, 503, 504)}
+RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 
 
 def create_app(settings: Settings | None = None, queue: str | None = None) -> FastAPI:
-    """The app; ``queue`` sends every request to that queue instead of letting rerankq's router pick."""
+    """The app; ``queue`` sends every request to that queue instead of letting rerankq's router pick. Hosted
+    in a process of your own, give its Celery app ``celeryconfig.producer_timeouts`` as ``rerankq serve``
+    does (``server/main.py``)."""
     if settings is None:
         from celeryconfig import settings as configured
 
@@ -65,9 +65,6 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
                   "text-embeddings-inference's rerank API", lifespan=lifespan)
     metrics = ServerMetrics()
 
-    def authorized(request: Request) -> None:
-        check_token(cfg, request)
-
     def broker() -> BrokerRedis:
         if not brokers:
             brokers.append(BrokerRedis(rerank_task.app))
@@ -75,18 +72,22 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
 
     health = HealthProbe(cfg, broker)
 
-    async def score(query: str, texts: list[str], top_n: int | None, raw_scores: bool = False) -> Result:
+    async def score(query: str, texts: list[str], top_n: int | None, long_docs: str | None,
+                    raw_scores: bool = False) -> Result:
         check_request(cfg, query, texts)
+        # The deployment's own mode is not sent: such a job is one any earlier worker serves too.
+        long_docs = None if long_docs == cfg.long_docs else long_docs
         destination = queue
         if cfg.serve_overload == "reject" and destination is None:
-            # Ask the router first: past the marks, the client is told to come back instead of degraded.
-            route = await asyncio.get_running_loop().run_in_executor(None, rerank_task.get_router().route)
-            if route != cfg.gpu_queue:
+            # Read the route first (counting nothing): past the marks the client is told to come back, instead of
+            # being degraded or queued behind the backlog.
+            state = await asyncio.get_running_loop().run_in_executor(None, rerank_task.get_router().state)
+            if state is not None and state.route == SHED:
                 raise Overloaded(f"{cfg.gpu_queue} is over its marks (RERANKQ_HIGH_WAIT_S={cfg.high_wait_s:g}): "
                                  "retry later")
             destination = cfg.gpu_queue
         result = await arerank(query, texts, top_k=top_n, timeout=cfg.serve_timeout_s, queue=destination,
-                               raw_scores=raw_scores)
+                               raw_scores=raw_scores, long_docs=long_docs)
         metrics.answers.labels(result.ranker).inc()
         return result
 
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
 
     async def cohere(body: RerankRequest, response: Response) -> RerankResponse:
         texts = body.texts()
-        result = await score(body.query, texts, body.top_n)
+        result = await score(body.query, texts, body.top_n, body.long_docs_mode())
         timing_headers(response, result)
         return RerankResponse(
             id=str(uuid.uuid4()),
@@ -112,22 +113,13 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
                       queue_ms=result.timings.queue_ms, inference_ms=result.timings.inference_ms))
 
     async def tei(body: TeiRerankRequest, response: Response) -> list[TeiRank]:
-        if body.truncate is False:
-            raise BadJob("truncate: false asks that an input over the model's length be refused; rerankq truncates "
-                         "it (as text-embeddings-inference does with --auto-truncate): send truncate: true, or "
-                         "leave it out")
-        if body.truncation_direction != "right":
-            raise BadJob("truncation_direction: rerankq truncates a long input on the right (its end): send "
-                         "\"Right\", or leave it out")
-        result = await score(body.query, body.texts, None, raw_scores=body.raw_scores)
+        result = await score(body.query, body.texts, None, body.long_docs_mode(), raw_scores=body.raw_scores)
         timing_headers(response, result)
         return [TeiRank(index=i, score=result.scores[i], text=body.texts[i] if body.return_text else None)
                 for i in order(result)]
 
-    guarded = [Depends(authorized)]
-
     @app.post("/rerank", response_model=RerankResponse | list[TeiRank], response_model_exclude_none=True,
-              responses=ERRORS, dependencies=guarded, summary="Rerank: Cohere's body (`documents`) or TEI's (`texts`)")
+              responses=ERRORS, summary="Rerank: Cohere's body (`documents`) or TEI's (`texts`)")
     async def rerank_any(response: Response,
                          body: AnyRerankRequest = Body()) -> RerankResponse | list[TeiRank]:  # noqa: B008
         if isinstance(body, TeiRerankRequest):
@@ -136,7 +128,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
 
     for path in ("/v1/rerank", "/v2/rerank"):
         app.post(path, response_model=RerankResponse, response_model_exclude_none=True, responses=ERRORS,
-                 dependencies=guarded, summary="Rerank, in Cohere's and Jina's shape")(cohere)
+                 summary="Rerank, in Cohere's and Jina's shape")(cohere)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def get_health() -> JSONResponse:
@@ -147,12 +139,20 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
     async def get_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Added first, so the accounting around it counts its 413s too.
+    app.add_middleware(BodyLimit, max_bytes=cfg.serve_max_body_bytes)
+
     @app.middleware("http")
     async def account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         began = time.perf_counter()
         metrics.in_flight.inc()
         try:
+            # The key before anything else: a stranger learns nothing from how their body is judged.
+            if request.url.path in RERANK_PATHS:
+                check_token(cfg, request)
             response = await call_next(request)
+        except Unauthorized as exc:
+            response = errors.error(401, "unauthorized", str(exc))
         finally:
             metrics.in_flight.dec()
         route = request.scope.get("route")
@@ -163,33 +163,5 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         response.headers["x-total-time"] = f"{elapsed * 1000:.1f}"
         return response
 
-    def handle(status: int, kind: str, advice: str = "") -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
-        async def handler(request: Request, exc: Exception) -> JSONResponse:
-            headers = {"retry-after": str(max(1, math.ceil(cfg.route_ttl_s)))} if status == 429 else None
-            return error(status, kind, f"{exc}{advice}", headers)
-        return handler
-
-    async def invalid(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        reasons = ["{}: {}".format(".".join(str(p) for p in e["loc"] if p not in ("body", "cohere", "tei")), e["msg"])
-                   for e in exc.errors()]
-        return error(422, "validation", "; ".join(reasons))
-
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(BadJob, handle(422, "validation"))
-    app.add_exception_handler(Overloaded, handle(429, "overloaded"))
-    app.add_exception_handler(Unauthorized, handle(401, "unauthorized"))
-    app.add_exception_handler(RerankTimeout, handle(504, "timeout"))
-    app.add_exception_handler(DeadlineExceeded, handle(504, "timeout"))
-    app.add_exception_handler(RankerFailed, handle(500, "backend"))
-    unreachable = handle(503, "unhealthy", ": is Redis up, and RERANKQ_BROKER_URL / RERANKQ_RESULT_BACKEND right?")
-    for kind in (OperationalError, RedisConnectionError, RedisTimeout):
-        app.add_exception_handler(kind, unreachable)
-
-    app.add_middleware(BodyLimit, max_bytes=cfg.serve_max_body_bytes)
+    errors.install(app, cfg.route_ttl_s)
     return app
-
-
-def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(Error(message=message, error=message, error_type=kind).model_dump(), status_code=status,
-                        headers=headers)

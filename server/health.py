@@ -1,9 +1,10 @@
 """``GET /health``: does Redis answer, and does a live worker serve the queue new jobs go to?
 
-The probe is one pipelined round trip (the queues' lengths, the worker figures, the route state), run off
-the event loop. At most one runs at a time, and its answer serves every request for ``cache_s``: a load
-balancer polling many times a second costs Redis one round trip per interval, and a hung Redis holds one
-thread, not one per poll.
+The probe is two round trips (the queues' lengths and the worker figures, as the watchdog measures them,
+figures of workers long gone removed on the way; then the route state), run off the event loop. At most
+one runs at a time, and its answer serves every request for ``cache_s``: a load balancer polling many times
+a second costs Redis one probe per interval, and a Redis gone silent holds one thread for one socket
+timeout (``RERANKQ_SOCKET_TIMEOUT_S``), not one per poll.
 """
 
 from __future__ import annotations
@@ -19,22 +20,29 @@ from tasks.router import GPU, SHED, RouteState, state_key
 from worker.backlog import measure
 
 
-def judge(route: RouteState | None, workers: dict[str, int], gpu_queue: str, cpu_queue: str) -> Health:
+def judge(route: RouteState | None, workers: dict[str, int], settings: Settings) -> Health:
     """The health verdict from what Redis holds: pure, so every case is a unit test."""
+    gpu, cpu = settings.gpu_queue, settings.cpu_queue
     shown = route.route if route else GPU
-    if route is not None and route.route == SHED:
-        if not route.cpu_open:
-            return Health(status="degraded", reason="both queues are over their marks: answering in retrieval "
-                          "order (passthrough)", route=shown, workers=workers)
-        if workers.get(cpu_queue):
-            return Health(status="degraded", reason=f"{gpu_queue} is over its marks: answering from the fast "
-                          f"ranker on {cpu_queue}", route=shown, workers=workers)
-        return Health(status="unavailable", reason=f"shedding to {cpu_queue}, which no live worker serves",
+    shedding = route is not None and route.route == SHED
+    if shedding and settings.serve_overload == "reject":
+        if workers.get(gpu):
+            return Health(status="degraded", reason=f"{gpu} is over its marks: answering 429 "
+                          "(RERANKQ_SERVE_OVERLOAD=reject)", route=shown, workers=workers)
+        return Health(status="unavailable", reason=f"no live worker serves {gpu}, and this server answers 429 "
+                      "instead of degrading (RERANKQ_SERVE_OVERLOAD=reject)", route=shown, workers=workers)
+    if shedding and route is not None and route.cpu_open:
+        if workers.get(cpu):
+            return Health(status="degraded", reason=f"{gpu} is over its marks: answering from the fast ranker "
+                          f"on {cpu}", route=shown, workers=workers)
+        return Health(status="unavailable", reason=f"shedding to {cpu}, which no live worker serves",
                       route=shown, workers=workers)
-    if workers.get(gpu_queue):
-        return Health(status="ok", reason=f"{workers[gpu_queue]} live worker(s) on {gpu_queue}", route=shown,
-                      workers=workers)
-    return Health(status="unavailable", reason=f"no live worker serves {gpu_queue}: start `rerankq worker` (or "
+    if shedding and settings.passthrough:
+        return Health(status="degraded", reason="both queues are over their marks: answering in retrieval "
+                      "order (passthrough)", route=shown, workers=workers)
+    if workers.get(gpu):  # not shedding, or shedding with passthrough off: jobs go to the GPU queue
+        return Health(status="ok", reason=f"{workers[gpu]} live worker(s) on {gpu}", route=shown, workers=workers)
+    return Health(status="unavailable", reason=f"no live worker serves {gpu}: start `rerankq worker` (or "
                   "check `rerankq status`)", route=shown, workers=workers)
 
 
@@ -72,4 +80,4 @@ class HealthProbe:
         raw = broker.client.get(state_key(broker, settings.gpu_queue))
         route = RouteState.decode(raw) if raw else None
         workers = {queue: len(snapshot.workers[queue]) for queue in queues}
-        return judge(route, workers, settings.gpu_queue, settings.cpu_queue)
+        return judge(route, workers, settings)

@@ -10,15 +10,8 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from celeryconfig import Settings
-from tasks.errors import BadJob, RerankError
-
-
-class Overloaded(RerankError):
-    """The GPU queue is over its marks and this server answers 429 instead of degrading."""
-
-
-class Unauthorized(RerankError):
-    """The request's API key is missing or wrong."""
+from server.errors import Unauthorized, error
+from tasks.errors import BadJob
 
 
 def check_request(settings: Settings, query: str, texts: list[str]) -> None:
@@ -84,8 +77,6 @@ class BodyLimit:
         await self.app(scope, replayed, send)
 
     async def _refuse(self, send: Send) -> None:
-        from server.app import error
-
         response = error(413, "payload_too_large", f"the request body is over the limit of {self.max_bytes} bytes "
                          "(RERANKQ_SERVE_MAX_BODY_BYTES): send fewer or shorter documents, or split the request")
         await response({"type": "http"}, _no_body, send)

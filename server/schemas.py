@@ -1,8 +1,8 @@
 """The request and response bodies ``rerankq serve`` speaks: Cohere's and Jina's rerank API, and TEI's.
 
 Field names, defaults and shapes are those services' own, so their clients work unchanged. Fields a client
-may send that rerankq has no use for (``model``, Cohere's ``rank_fields``, ``max_chunks_per_doc``,
-``max_tokens_per_doc``, ``priority``) are accepted and ignored; the model is the deployment's.
+may send that rerankq has no use for (``model``, Cohere's ``rank_fields``, ``max_tokens_per_doc``,
+``priority``) are accepted and ignored; the model is the deployment's.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+
+from tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
+
+LongDocs = Literal["truncate", "truncate-left", "split", "refuse"]
 
 
 class _Strict(BaseModel):
@@ -31,9 +35,16 @@ class RerankRequest(_Strict):
     top_n: int | None = Field(default=None, ge=1)
     #: Echo each result's document.
     return_documents: bool = False
+    #: rerankq's own: what becomes of a document longer than the model reads (RERANKQ_LONG_DOCS by default).
+    long_docs: LongDocs | None = None
+    #: Cohere v1's: given, long documents are split into windows (their number is RERANKQ_MAX_WINDOWS).
+    max_chunks_per_doc: int | None = Field(default=None, ge=1)
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def long_docs_mode(self) -> str | None:
+        return self.long_docs or (SPLIT if self.max_chunks_per_doc is not None else None)
 
 
 class RerankResult(BaseModel):
@@ -75,10 +86,17 @@ class TeiRerankRequest(_Strict):
     #: The model's logits instead of its scores after the sigmoid.
     raw_scores: bool = False
     return_text: bool = False
-    #: TEI's default is to refuse an input over the model's length; rerankq truncates it (as TEI with
-    #: ``--auto-truncate``), and says so when a client asks for the refusal.
+    #: False: an input over the model's length is refused (422); true: truncated; absent: the deployment's
+    #: RERANKQ_LONG_DOCS (truncation by default, as TEI's ``--auto-truncate``).
     truncate: bool | None = None
     truncation_direction: Annotated[Literal["right", "left"], BeforeValidator(_direction)] = "right"
+
+    def long_docs_mode(self) -> str | None:
+        if self.truncate is False:
+            return REFUSE
+        if self.truncation_direction == "left":
+            return TRUNCATE_LEFT
+        return TRUNCATE if self.truncate else None
 
 
 class TeiRank(BaseModel):

@@ -1,7 +1,7 @@
 """The job and result records shared by producers and workers, and the job's validation.
 
 A job travels as the Celery task's arguments:
-``rerank(query, docs, top_k=None, deadline=None, raw_scores=False)``.
+``rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None)``.
 A result travels as a JSON object (``Result.to_dict``).
 """
 
@@ -14,7 +14,11 @@ from typing import Any
 
 from tasks.errors import BadJob
 
-JOB_FIELDS = ("query", "docs", "top_k", "deadline", "raw_scores")
+JOB_FIELDS = ("query", "docs", "top_k", "deadline", "raw_scores", "long_docs")
+#: What becomes of a doc longer than the model reads beside the query (``worker/windows.py``): truncated at
+#: its end, or at its start; split into overlapping windows, the doc taking its best window's score; refused.
+TRUNCATE, TRUNCATE_LEFT, SPLIT, REFUSE = "truncate", "truncate-left", "split", "refuse"
+LONG_DOCS = (TRUNCATE, TRUNCATE_LEFT, SPLIT, REFUSE)
 
 
 @dataclass(frozen=True)
@@ -26,12 +30,14 @@ class Job:
     deadline: float | None = None
     #: The model's own output (a cross-encoder's logit) instead of its score after the activation (a sigmoid).
     raw_scores: bool = False
+    #: One of ``LONG_DOCS``; None means the deployment's ``RERANKQ_LONG_DOCS``.
+    long_docs: str | None = None
 
     @classmethod
     def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any], max_docs: int) -> Job:
         """Validate a task call's arguments; raise ``BadJob`` saying what is wrong."""
         if not isinstance(args, list | tuple) or not isinstance(kwargs, Mapping):
-            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None, raw_scores=False)")
+            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None)")
         if len(args) > len(JOB_FIELDS):
             raise BadJob(f"a job takes at most {len(JOB_FIELDS)} arguments ({', '.join(JOB_FIELDS)}), "
                          f"got {len(args)}")
@@ -52,6 +58,7 @@ class Job:
             top_k=_top_k(values.get("top_k")),
             deadline=_deadline(values.get("deadline")),
             raw_scores=_flag("raw_scores", values.get("raw_scores", False)),
+            long_docs=_long_docs(values.get("long_docs")),
         )
 
 
@@ -89,6 +96,12 @@ def _deadline(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise BadJob(f"deadline must be a Unix time in seconds or null, got {value!r}")
     return float(value)
+
+
+def _long_docs(value: Any) -> str | None:
+    if value is not None and value not in LONG_DOCS:
+        raise BadJob(f"long_docs must be one of {', '.join(map(repr, LONG_DOCS))} or null, got {value!r}")
+    return value  # type: ignore[no-any-return]
 
 
 def _flag(name: str, value: Any) -> bool:

@@ -11,7 +11,7 @@ from celery import Task, states
 from celery.result import EagerResult
 from celery.signals import before_task_publish
 
-from tasks import lanes
+from tasks import lanes, tracing
 from tasks.app import app
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, RerankError
@@ -77,11 +77,14 @@ class RerankTask(Task):
 
 
 @before_task_publish.connect(weak=False)
-def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = None, routing_key: str = "",
+                   **_: Any) -> None:
     """Stamp a job's send time as it is published, after Celery has built its message and subscribed to its
-    result: what the queue wait counts from (the caller's whole wait is the job's latency)."""
+    result: what the queue wait counts from (the caller's whole wait is the job's latency). With tracing set
+    up, the send is a span whose context the message carries."""
     if sender == TASK_NAME and headers is not None:
         headers.setdefault(SENT_AT_HEADER, time.time())  # a relay may pass on the original send time
+        tracing.sending(headers, str(headers.get("id", "")), routing_key)
 
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:
@@ -100,7 +103,7 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
 
 @app.task(base=RerankTask, name=TASK_NAME)
 def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None,
-           raw_scores: bool = False) -> Any:
+           raw_scores: bool = False, long_docs: str | None = None) -> Any:
     """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order)."""
     raise RerankError(
         "rerank jobs are scored together in forward batches by `rerankq worker`; they cannot run eagerly or in a "

@@ -125,12 +125,7 @@ class Router:
 
     def route(self) -> str:
         """The queue for a new job, or ``PASSTHROUGH``."""
-        if time.monotonic() - self._fetched >= self.cache_s and self._lock.acquire(blocking=False):
-            try:
-                self._refresh()
-            finally:
-                self._lock.release()
-        state = self._state
+        state = self.state()
         if state is None or state.route != SHED:
             choice = self.gpu_queue
         elif state.cpu_open:
@@ -143,6 +138,15 @@ class Router:
             logger.warning("passthrough: %s and %s are both over their marks; this job (and any more until the "
                            "next refresh) gets its retrieval order back", self.gpu_queue, self.cpu_queue)
         return choice
+
+    def state(self) -> RouteState | None:
+        """The route state as last read (refreshed when older than the cache), counting nothing."""
+        if time.monotonic() - self._fetched >= self.cache_s and self._lock.acquire(blocking=False):
+            try:
+                self._refresh()
+            finally:
+                self._lock.release()
+        return self._state
 
     def _refresh(self) -> None:
         self._fetched = time.monotonic()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from celeryconfig import Settings
 from server.health import judge
 from tasks.router import GPU, SHED, RouteState
 
 GPU_Q, CPU_Q = "rerank.gpu", "rerank.cpu"
+SETTINGS = Settings(gpu_queue=GPU_Q, cpu_queue=CPU_Q)
 
 
 def state(route: str, cpu_open: bool = True) -> RouteState:
@@ -14,21 +16,35 @@ def state(route: str, cpu_open: bool = True) -> RouteState:
 
 def test_ok_with_a_live_worker_on_the_gpu_queue_with_or_without_a_watchdog() -> None:
     for route in (None, state(GPU)):
-        health = judge(route, {GPU_Q: 2, CPU_Q: 0}, GPU_Q, CPU_Q)
+        health = judge(route, {GPU_Q: 2, CPU_Q: 0}, SETTINGS)
         assert health.status == "ok" and "2 live worker(s) on rerank.gpu" in health.reason
 
 
 def test_unavailable_when_no_live_worker_serves_the_gpu_queue() -> None:
-    health = judge(None, {GPU_Q: 0, CPU_Q: 3}, GPU_Q, CPU_Q)
+    health = judge(None, {GPU_Q: 0, CPU_Q: 3}, SETTINGS)
     assert health.status == "unavailable" and "no live worker serves rerank.gpu" in health.reason
 
 
 def test_degraded_while_shedding_to_a_served_cpu_queue_unavailable_if_nobody_serves_it() -> None:
-    assert judge(state(SHED), {GPU_Q: 0, CPU_Q: 1}, GPU_Q, CPU_Q).status == "degraded"
-    lost = judge(state(SHED), {GPU_Q: 1, CPU_Q: 0}, GPU_Q, CPU_Q)
+    assert judge(state(SHED), {GPU_Q: 0, CPU_Q: 1}, SETTINGS).status == "degraded"
+    lost = judge(state(SHED), {GPU_Q: 1, CPU_Q: 0}, SETTINGS)
     assert lost.status == "unavailable" and "shedding to rerank.cpu, which no live worker serves" in lost.reason
 
 
 def test_degraded_while_passing_through_since_callers_still_get_answers() -> None:
-    health = judge(state(SHED, cpu_open=False), {GPU_Q: 0, CPU_Q: 0}, GPU_Q, CPU_Q)
+    health = judge(state(SHED, cpu_open=False), {GPU_Q: 0, CPU_Q: 0}, SETTINGS)
     assert health.status == "degraded" and "passthrough" in health.reason and health.route == SHED
+
+
+def test_without_passthrough_a_closed_cpu_queue_sends_jobs_to_the_gpu_queue_so_its_workers_decide() -> None:
+    off = SETTINGS.with_(passthrough=False)
+    assert judge(state(SHED, cpu_open=False), {GPU_Q: 1, CPU_Q: 0}, off).status == "ok"
+    assert judge(state(SHED, cpu_open=False), {GPU_Q: 0, CPU_Q: 0}, off).status == "unavailable"
+
+
+def test_the_reject_mode_says_it_answers_429_while_shedding() -> None:
+    reject = SETTINGS.with_(serve_overload="reject")
+    health = judge(state(SHED), {GPU_Q: 1, CPU_Q: 1}, reject)
+    assert health.status == "degraded" and "answering 429" in health.reason
+    # Shed because no worker is left: every request would get 429, so it is not healthy.
+    assert judge(state(SHED), {GPU_Q: 0, CPU_Q: 1}, reject).status == "unavailable"

@@ -102,10 +102,10 @@ def test_a_bulk_run_alone_fills_whole_forward_batches_like_the_same_run_sent_int
 
     plain = batch_sizes([rerank.apply_async((QUERY, DOCS), queue=worker.queue) for _ in range(17)])
     as_bulk = batch_sizes(bulk(worker.queue, 17))
-    # The first job or two run at once, then a full window per batch: bulk is not held back when nothing
-    # else waits.
+    # The first job or two run at once (each alone, while the rest are still being sent), then a full window
+    # per batch, 17 jobs in at most 2 + 4 batches: bulk is not held back when nothing else waits.
     for sizes in (plain, as_bulk):
-        assert sum(size == 4 for size in sizes) >= 3 and len(sizes) <= 5, sizes
+        assert sum(size == 4 for size in sizes) >= 3 and len(sizes) <= 6, sizes
 
 
 def test_two_bulk_runs_at_once_both_make_progress(start_worker: StartWorker) -> None:

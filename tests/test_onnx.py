@@ -20,9 +20,12 @@ PAIRS = [("river bank", "a bank by the river"), ("loan", "interest rates rose " 
 
 @pytest.mark.parametrize("model_name", ["tiny_model", "xlmr_model"])
 def test_the_onnx_export_scores_as_torch_does(model_name: str, request: pytest.FixtureRequest) -> None:
-    """BERT and the default model's architecture (XLM-RoBERTa), truncation and activation included."""
+    """BERT and the default model's architecture (XLM-RoBERTa, with its sigmoid), truncation included: the
+    same logits, and after the activation predict's scores."""
     model = str(request.getfixturevalue(model_name))
     onnx = OnnxCrossEncoderRanker(model, "cpu")
+    np.testing.assert_allclose(onnx.activate(onnx.score(PAIRS)), CrossEncoder(model, device="cpu").predict(PAIRS),
+                               rtol=0, atol=1e-5)
     np.testing.assert_allclose(onnx.score(PAIRS), CrossEncoderRanker(model, "cpu").score(PAIRS), rtol=0, atol=1e-5)
     np.testing.assert_allclose(onnx.score(PAIRS), [onnx.score([p])[0] for p in PAIRS], rtol=0, atol=1e-5)
     assert onnx.token_counts("x", ["y " * 600])[0] == onnx.max_length == 512

@@ -240,22 +240,26 @@ def test_bad_lines_go_to_the_errors_file_and_the_run_goes_on(queue: str, redis_u
         {"id": 1, "query": "again", "docs": ["dup"]},
         {"id": "ünï", "query": "café ☕", "docs": ["crème brûlée", "\u4e2d\u6587", "\U0001F600 emoji"]},
         {"id": 4, "query": "q", "docs": ["d"], "top_k": 0},
+        {"id": 5, "query": "bread", "docs": [long_doc], "long_docs": "refuse"},  # valid: the worker refuses it
+        {"id": 6, "query": "bread", "docs": ["d"], "long_docs": "summarise"},
     ]
     source, output = write_jsonl(tmp_path / "jobs.jsonl", records), tmp_path / "out.jsonl"
     run = submit(str(source), "-o", str(output), redis_url=redis_url, queue=queue)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err  # some lines were bad
-    ids = [line["id"] for line in read_output(output)]
-    assert len(ids) == 2 and set(ids) == {1, "ünï"}
-    assert all(len(line["scores"]) for line in read_output(output))
+    lines = {line["id"]: line for line in read_output(output)}
+    assert set(lines) == {1, "ünï", 5}
+    assert all(len(lines[i]["scores"]) for i in (1, "ünï"))
+    assert "docs[0] is" in lines[5]["error"] and "tokens, over" in lines[5]["error"]  # long_docs reached the worker
     errors = {e["line"]: e for e in read_output(tmp_path / "out.jsonl.errors.jsonl")}
-    assert sorted(errors) == [2, 3, 4, 5, 6, 8]
+    assert sorted(errors) == [2, 3, 4, 5, 6, 8, 10]
     assert errors[2]["error"].startswith("not JSON")
     assert "missing 'query'" in errors[3]["error"]
     assert "docs must be a list" in errors[4]["error"]
     assert "duplicate id 1 (first on line 1)" in errors[6]["error"]
     assert "top_k must be a positive integer" in errors[8]["error"]
-    assert "5 input lines were not valid jobs" not in err and "6 input lines were not valid jobs" in err
+    assert "long_docs must be one of" in errors[10]["error"]
+    assert "6 input lines were not valid jobs" not in err and "7 input lines were not valid jobs" in err
 
 
 def test_an_empty_file_is_a_run_of_zero_jobs(queue: str, redis_url: str, tmp_path: Path) -> None:

@@ -18,8 +18,11 @@ from sentence_transformers import CrossEncoder
 from rerankq.local import ServerProcess
 from rerankq.redis_server import free_port
 from tasks.connections import BrokerRedis
+from tasks.records import SPLIT, TRUNCATE_LEFT
 from tasks.router import SHED, RouteState, state_key
 from tests.conftest import StartWorker, new_queue
+from worker import windows
+from worker.rankers import CrossEncoderRanker
 
 pytestmark = pytest.mark.integration
 
@@ -127,16 +130,29 @@ def test_tei_shape_on_teis_route(http: httpx.Client, scores: list[float], model:
     assert not np.allclose(logits, scores, atol=1e-3)  # raw really is the logit, not the sigmoid
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    ({"query": QUERY, "texts": DOCS, "truncate": False}, "truncate: false"),
-    ({"query": QUERY, "texts": DOCS, "truncation_direction": "Left"}, "truncates a long input on the right"),
-    ({"query": QUERY, "texts": DOCS, "truncation_direction": "up"}, "truncation_direction: Input should be"),
-])
-def test_tei_options_rerankq_cannot_honour_are_refused_saying_so(http: httpx.Client, body: dict[str, Any],
-                                                                 reason: str) -> None:
-    response = http.post("/rerank", json=body)
-    assert response.status_code == 422
-    assert reason in response.json()["error"] and response.json()["error_type"] == "validation"
+def test_teis_truncation_options_reach_the_worker(http: httpx.Client, model: CrossEncoder, xlmr_model: Path) -> None:
+    long_text = " ".join(f"word{i}" for i in range(1500))
+    refused = http.post("/rerank", json={"query": QUERY, "texts": [DOCS[0], long_text], "truncate": False})
+    assert refused.status_code == 422 and "docs[1] is" in refused.json()["error"]
+    assert http.post("/rerank", json={"query": QUERY, "texts": DOCS, "truncate": False}).status_code == 200
+    left = http.post("/rerank", json={"query": QUERY, "texts": [long_text], "truncate": True,
+                                      "truncation_direction": "Left"})
+    ranker = CrossEncoderRanker(str(xlmr_model), "cpu")
+    [tail] = windows.pieces(long_text, ranker.offsets(long_text), ranker.window_budget(QUERY), TRUNCATE_LEFT, 0, 1)
+    assert left.json()[0]["score"] == pytest.approx(float(model.predict([(QUERY, tail)])[0]), abs=1e-5)
+    bad = http.post("/rerank", json={"query": QUERY, "texts": DOCS, "truncation_direction": "up"})
+    assert bad.status_code == 422 and "truncation_direction: Input should be" in bad.json()["error"]
+
+
+def test_cohere_requests_split_long_documents_when_asked(http: httpx.Client, model: CrossEncoder,
+                                                         xlmr_model: Path) -> None:
+    long_text = " ".join(f"word{i}" for i in range(1500))
+    ranker = CrossEncoderRanker(str(xlmr_model), "cpu")
+    pieces = windows.pieces(long_text, ranker.offsets(long_text), ranker.window_budget(QUERY), SPLIT, 64, 8)
+    want = max(float(s) for s in model.predict([(QUERY, p) for p in pieces]))
+    for extra in ({"long_docs": "split"}, {"max_chunks_per_doc": 10}):
+        response = http.post("/v1/rerank", json={"query": QUERY, "documents": [long_text], **extra})
+        assert response.json()["results"][0]["relevance_score"] == pytest.approx(want, abs=1e-5)
 
 
 def test_the_cohere_sdk_works_unchanged_against_rerankq_serve(served: ServerProcess, scores: list[float]) -> None:
@@ -153,9 +169,23 @@ def test_the_cohere_sdk_works_unchanged_against_rerankq_serve(served: ServerProc
     assert refused.value.status_code == 401
 
 
+def test_llamaindexs_tei_reranker_works_unchanged_against_rerankq_serve(served: ServerProcess,
+                                                                       scores: list[float]) -> None:
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.tei_rerank import TextEmbeddingInference
+
+    nodes = [NodeWithScore(node=TextNode(text=d, id_=str(i)), score=0.0) for i, d in enumerate(DOCS)]
+    reranker = TextEmbeddingInference(base_url=served.url, auth_token=f"Bearer {KEY}", top_n=2)
+    kept = reranker.postprocess_nodes(nodes, query_str=QUERY)
+    assert [n.node.node_id for n in kept] == [str(i) for i in best_first(scores)[:2]]
+    np.testing.assert_allclose([float(n.score or 0) for n in kept], sorted(scores, reverse=True)[:2], atol=1e-5)
+
+
 def test_an_api_key_guards_reranking_but_not_health_or_metrics(served: ServerProcess) -> None:
     response = httpx.post(f"{served.url}/v1/rerank", json={"query": QUERY, "documents": DOCS})
     assert response.status_code == 401 and "RERANKQ_SERVE_API_KEY" in response.json()["message"]
+    # Before the body is judged: a stranger learns nothing from it.
+    assert httpx.post(f"{served.url}/rerank", content=b"{not json").status_code == 401
     assert httpx.get(f"{served.url}/health").status_code == 200
     assert httpx.get(f"{served.url}/metrics").status_code == 200
 
@@ -212,6 +242,13 @@ def test_a_bad_body_gets_422_with_the_reason_and_never_reaches_redis(idle: tuple
     broker.close()
 
 
+def test_every_error_has_the_one_shape(idle: tuple[ServerProcess, str]) -> None:
+    missing = httpx.get(f"{idle[0].url}/no/such/route")
+    assert missing.status_code == 404 and missing.json() == {"message": "Not Found", "error": "Not Found",
+                                                             "error_type": "http"}
+    assert httpx.get(f"{idle[0].url}/v1/rerank").json()["error"] == "Method Not Allowed"
+
+
 def test_a_body_that_is_not_json_gets_422(idle: tuple[ServerProcess, str]) -> None:
     response = httpx.post(f"{idle[0].url}/rerank", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "JSON decode error" in response.json()["error"]
@@ -221,6 +258,7 @@ def test_a_body_over_the_limit_gets_413_by_length_or_as_it_streams(idle: tuple[S
     big = b'{"query": "q", "documents": ["' + b"x" * 30_000 + b'"]}'
     response = httpx.post(f"{idle[0].url}/v1/rerank", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413 and "RERANKQ_SERVE_MAX_BODY_BYTES" in response.json()["error"]
+    assert 'status="413"' in httpx.get(f"{idle[0].url}/metrics").text  # counted like any answer
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
         for start in range(0, len(big), 4096):

@@ -25,8 +25,8 @@ from celeryconfig import Settings
 from tasks import lanes
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError
-from tasks.records import Job
-from worker import metrics
+from tasks.records import TRUNCATE, Job
+from worker import metrics, windows
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.runner import Ready, Runner
@@ -109,9 +109,14 @@ class ChunkConsumer:
 
     def _prepare(self, pending: Pending) -> None:
         try:
-            job = pending.job = Job.from_call(pending.request.args, pending.request.kwargs,
-                                              self.settings.max_docs)
-            pending.costs = self.ranker.token_counts(job.query, job.docs) if job.docs else []
+            settings = self.settings
+            job = pending.job = Job.from_call(pending.request.args, pending.request.kwargs, settings.max_docs)
+            mode = windows.effective(job.long_docs or settings.long_docs, self.ranker.kind)
+            budget = self.ranker.window_budget(job.query) if job.docs and mode != TRUNCATE else 0
+            pending.texts, pending.owners = windows.expand(job.docs, mode, budget, self.ranker.max_length // 4,
+                                                           self.ranker.offsets, settings.window_overlap,
+                                                           settings.max_windows)
+            pending.costs = self.ranker.token_counts(job.query, pending.texts) if pending.texts else []
         except BadJob as exc:
             pending.error = exc
         except Exception as exc:  # a tokenizer that chokes on this input fails this job alone

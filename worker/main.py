@@ -10,12 +10,14 @@ import time
 def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel: str,
                hostname: str | None, metrics_port: int) -> int:
     from celeryconfig import settings
+    from tasks import tracing
     from tasks.errors import RerankError
     from worker import device as pinning
     from worker.upstream import surface
 
     try:
         surface.check()  # a kombu or Celery that moved fails here, by name, not in the middle of a receive
+        tracing.setup(settings.tracing, f"rerankq-worker-{ranker}")
         torch_device = pinning.pin(device)
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
         from worker import metrics

@@ -39,7 +39,7 @@ class Model:
         if not batch:
             return
         assert all(p.job is not None for p, _ in batch)
-        pairs = [(p.job.query, p.job.docs[i]) for p, i in batch]  # type: ignore[union-attr]
+        pairs = [(p.job.query, p.texts[i]) for p, i in batch]  # type: ignore[union-attr]
         began = time.perf_counter()
         try:
             scores = self.ranker.score(pairs)

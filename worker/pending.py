@@ -19,10 +19,13 @@ class Pending:
     queue: str = ""
     lane: str = INTERACTIVE
     job: Job | None = None
-    #: Tokens of each (query, doc) pair, counted by the preparer.
+    #: The text of each pair scored: the docs, or their pieces (``worker/windows.py``), and the doc of each.
+    texts: list[str] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    #: Tokens of each (query, text) pair, counted by the preparer.
     costs: list[int] = field(default_factory=list)
     error: BaseException | None = None
-    #: Filled in by the runner: scores so far, the pairs not scored yet (longest first) and their tokens.
+    #: Filled in by the runner, per pair: scores so far, the pairs not scored yet (longest first) and their tokens.
     scores: list[float] = field(default_factory=list)
     left: list[int] = field(default_factory=list)
     left_tokens: int = 0

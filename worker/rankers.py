@@ -6,6 +6,7 @@ Import this module only after ``worker.device.pin`` has run: it imports torch.
 from __future__ import annotations
 
 import copy
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -39,6 +40,15 @@ class Ranker(ABC):
         """A job's scores from its raw ones (what a job asking for ``raw_scores`` gets instead)."""
         return raw
 
+    @abstractmethod
+    def window_budget(self, query: str) -> int:
+        """Tokens of a doc the model reads beside ``query`` (0 or less: the query alone fills it); a longer
+        doc is a long one (``worker/windows.py``)."""
+
+    @abstractmethod
+    def offsets(self, doc: str) -> list[tuple[int, int]]:
+        """The character range of each of the doc's own tokens (no special tokens)."""
+
 
 class CrossEncoderRanker(Ranker):
     """A sentence-transformers ``CrossEncoder``: fp16 on CUDA, fp32 on CPU; scores are ``predict``'s, its
@@ -66,6 +76,16 @@ class CrossEncoderRanker(Ranker):
         encoded = self._tokenizer([query] * len(docs), list(docs), truncation=True, max_length=self.max_length)
         return [len(ids) for ids in encoded["input_ids"]]
 
+    def window_budget(self, query: str) -> int:
+        asked = len(self._tokenizer(query, add_special_tokens=False, truncation=True,
+                                    max_length=self.max_length + 1)["input_ids"])
+        # A query past three quarters of the length is cut too (longest first): a doc keeps a quarter.
+        specials = int(self._tokenizer.num_special_tokens_to_add(pair=True))
+        return max(self.max_length // 4, self.max_length - specials - asked)
+
+    def offsets(self, doc: str) -> list[tuple[int, int]]:
+        return token_offsets(self._tokenizer, doc)
+
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         # predict with one batch of exactly these pairs: the reference's dtype handling, under
         # torch.inference_mode; the activation is applied per job (activate).
@@ -74,8 +94,9 @@ class CrossEncoderRanker(Ranker):
         return [float(s) for s in scores]
 
     def activate(self, raw: list[float]) -> list[float]:
-        # In float32, as predict applies it.
-        return [float(s) for s in self._ce.activation_fn(torch.tensor(raw, dtype=torch.float32))]
+        # As predict applies it: in float32, on a column of one logit per pair.
+        logits = torch.tensor(raw, dtype=torch.float32).unsqueeze(-1)
+        return [float(s) for s in self._ce.activation_fn(logits).squeeze(-1)]
 
 
 class FastRanker(Ranker):
@@ -105,6 +126,12 @@ class FastRanker(Ranker):
         # The query is embedded once per job: charge it to the job's first doc.
         counts[1] += counts[0]
         return counts[1:]
+
+    def window_budget(self, query: str) -> int:
+        return self.max_length - int(self._tokenizer.num_special_tokens_to_add(pair=False))  # each doc alone
+
+    def offsets(self, doc: str) -> list[tuple[int, int]]:
+        return token_offsets(self._tokenizer, doc)
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         queries = list(dict.fromkeys(q for q, _ in pairs))
@@ -150,6 +177,12 @@ class SimulatedRanker(Ranker):
     def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
         return [self._tokens(query, doc) for doc in docs]
 
+    def window_budget(self, query: str) -> int:
+        return self.max_length - 3 - len(query.split())
+
+    def offsets(self, doc: str) -> list[tuple[int, int]]:
+        return [m.span() for m in re.finditer(r"\S+", doc)]
+
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         padded = len(pairs) * max((self._tokens(q, d) for q, d in pairs), default=0)
         if self._oom_above and padded > self._oom_above:
@@ -162,6 +195,12 @@ class SimulatedRanker(Ranker):
             words, found = set(query.lower().split()), set(doc.lower().split())
             scores.append(len(words & found) / len(words) if words else 0.0)
         return scores
+
+
+def token_offsets(tokenizer: Any, doc: str) -> list[tuple[int, int]]:
+    """A fast tokenizer's character range per token of ``doc``, read in full (no truncation, no warning)."""
+    encoded = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
 
 
 def private_copy(tokenizer: Any) -> Any:

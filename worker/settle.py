@@ -17,9 +17,11 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
+from tasks import tracing
 from tasks.connections import BrokerRedis
+from tasks.errors import RankerFailed
 from tasks.records import Result, Timings, top_indices
-from worker import metrics
+from worker import metrics, windows
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.upstream import results, transport
@@ -61,7 +63,7 @@ class Settler:
                 requeue(jobs)
                 continue
             try:
-                finish(jobs, written, self._backend, self._broker)
+                finish(jobs, written, self._ranker, self._backend, self._broker)
             except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
                 logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
                                  len(jobs))
@@ -84,7 +86,7 @@ def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
     return Written(outcomes, results.store(backend, outcomes), done)
 
 
-def finish(jobs: Sequence[Pending], written: Written, backend: Any, broker: BrokerRedis) -> None:
+def finish(jobs: Sequence[Pending], written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
     """Ack the written jobs in Redis, send their events, do Celery's bookkeeping, announce the results."""
     outcomes, done = written.outcomes, written.done
     _ack_in_redis(broker, [outcome.request.message for outcome in outcomes])
@@ -98,6 +100,7 @@ def finish(jobs: Sequence[Pending], written: Written, backend: Any, broker: Brok
             request.send_event("task-failed", exception=repr(outcome.error), traceback="")
         request.acknowledge()
         worker_state.task_ready(request, successful=outcome.error is None)
+        _trace(pending, ranker, done, outcome.error)
         metrics.JOBS.labels("success" if outcome.error is None else type(outcome.error).__name__).inc()
         metrics.LATENCY.labels(pending.lane).observe(max(0.0, done - pending.sent_at))
         if pending.batches and pending.started is not None:
@@ -121,7 +124,12 @@ def _outcome(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
         return results.Outcome(pending.request, error=pending.error)
     assert pending.job is not None
     started = pending.started or done
-    scores = pending.scores if pending.job.raw_scores else ranker.activate(pending.scores)
+    try:
+        raw = windows.best(pending.scores, pending.owners, len(pending.job.docs))  # a doc: its best piece
+        scores = raw if pending.job.raw_scores else ranker.activate(raw)
+    except Exception as exc:  # this job's failure, not Redis's: never requeued
+        return results.Outcome(pending.request, error=RankerFailed(f"the {ranker.kind} model's activation failed "
+                                                                   f"on this job: {exc!r}"))
     result = Result(
         scores=scores,
         ranker=ranker.kind,
@@ -132,6 +140,16 @@ def _outcome(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
         batches=pending.batches,
     )
     return results.Outcome(pending.request, result=result.to_dict())
+
+
+def _trace(pending: Pending, ranker: Ranker, done: float, error: BaseException | None) -> None:
+    try:
+        tracing.settled(pending.request.request_dict, pending.request.id, {
+            "rerankq.queue": pending.queue, "rerankq.lane": pending.lane, "rerankq.ranker": ranker.kind,
+            "rerankq.model": ranker.model, "rerankq.docs": len(pending.job.docs) if pending.job else 0,
+            "rerankq.pairs": len(pending.costs)}, pending.sent_at, pending.started, done, pending.batches, error)
+    except Exception:  # a trace is never worth a job
+        logger.warning("could not record the trace of job %s", pending.request.id, exc_info=True)
 
 
 def _ack_in_redis(broker: BrokerRedis, messages: list[Any]) -> None:

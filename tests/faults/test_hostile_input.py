@@ -16,7 +16,7 @@ from kombu.entity import Exchange
 from kombu.messaging import Producer
 
 from rerankq.local import WorkerProcess
-from tasks import BadJob, Job, Result, rerank
+from tasks import BadJob, DeadlineExceeded, Job, Result, rerank
 from tasks.connections import BrokerRedis
 from tests.conftest import StartWorker
 from worker import inflight
@@ -32,7 +32,8 @@ ARGS = st.one_of(
     st.tuples(HOSTILE_TEXT, st.lists(HOSTILE_TEXT | JSON, max_size=6)),
     st.tuples(HOSTILE_TEXT, st.lists(HOSTILE_TEXT, max_size=6), JSON, JSON),
 )
-KWARGS = st.dictionaries(st.sampled_from(["query", "docs", "top_k", "deadline", "extra", ""]), JSON, max_size=3)
+KWARGS = st.dictionaries(st.sampled_from(["query", "docs", "top_k", "deadline", "raw_scores", "long_docs", "extra",
+                                          ""]), JSON, max_size=3)
 
 
 @given(args=ARGS, kwargs=KWARGS)
@@ -63,11 +64,12 @@ def worker_queue(worker: WorkerProcess) -> str:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_jobs_each_get_a_result_or_a_bad_job_and_a_good_job_beside_them_succeeds(
         worker_queue: str, batch: list[tuple[Any, Any]]) -> None:
+    """A valid job may carry a deadline already past (a small number): its one outcome is DeadlineExceeded."""
     handles = [rerank.apply_async(args, kwargs, queue=worker_queue) for args, kwargs in batch]
     good = rerank.apply_async(("bread", ["flour", "\x00 nul \u202e rtl \U0001F35E"]), queue=worker_queue)
     for handle in handles:
         outcome = handle.get(timeout=60, propagate=False)
-        assert handle.successful() or isinstance(outcome, BadJob), outcome
+        assert handle.successful() or isinstance(outcome, BadJob | DeadlineExceeded), outcome
     assert len(Result.from_dict(good.get(timeout=60)).scores) == 2
 
 

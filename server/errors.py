@@ -1,0 +1,72 @@
+"""Every error ``rerankq serve`` answers, in one shape: ``message`` (where Cohere's clients look), ``error``
+and ``error_type`` (text-embeddings-inference's), with the status each of rerankq's errors maps to."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
+from starlette.exceptions import HTTPException
+
+from server.schemas import Error
+from tasks import BadJob, DeadlineExceeded, RankerFailed, RerankError, RerankTimeout
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+UNREACHABLE = ": is Redis up, and RERANKQ_BROKER_URL / RERANKQ_RESULT_BACKEND right?"
+
+
+class Overloaded(RerankError):
+    """The GPU queue is over its marks and this server answers 429 instead of degrading."""
+
+
+class Unauthorized(RerankError):
+    """The request's API key is missing or wrong."""
+
+
+def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(Error(message=message, error=message, error_type=kind).model_dump(), status_code=status,
+                        headers=headers)
+
+
+def install(app: FastAPI, retry_after_s: float) -> None:
+    def handle(status: int, kind: str, advice: str = "") -> Handler:
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            headers = {"retry-after": str(max(1, math.ceil(retry_after_s)))} if status == 429 else None
+            return error(status, kind, f"{exc}{advice}", headers)
+        return handler
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        where = ("body", "cohere", "tei")  # the body's own field path reads best
+        reasons = [f"{'.'.join(str(p) for p in e['loc'] if p not in where)}: {e['msg']}" for e in exc.errors()]
+        return error(422, "validation", "; ".join(reasons))
+
+    async def http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, "http", str(exc.detail), dict(exc.headers or {}))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return error(500, "internal", f"rerankq serve failed on this request: {exc!r} (its log has the traceback)")
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http)
+    app.add_exception_handler(BadJob, handle(422, "validation"))
+    app.add_exception_handler(Unauthorized, handle(401, "unauthorized"))
+    app.add_exception_handler(Overloaded, handle(429, "overloaded"))
+    app.add_exception_handler(RerankTimeout, handle(504, "timeout"))
+    app.add_exception_handler(DeadlineExceeded, handle(504, "timeout"))
+    # TEI's status for a model that failed: a failed dependency, which clients do not retry (it would fail again).
+    app.add_exception_handler(RankerFailed, handle(424, "backend"))
+    for kind in (OperationalError, RedisConnectionError, RedisTimeout):
+        app.add_exception_handler(kind, handle(503, "unhealthy", UNREACHABLE))
+    app.add_exception_handler(Exception, unexpected)
