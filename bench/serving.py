@@ -4,8 +4,8 @@ Both get the same Cohere-shaped body from the same 64-thread HTTP client; rerank
 one rerankq worker on the same device. Saturation: every request sent at once, pairs/s (median of
 ``--repeats``); latency: an open loop at ``--rate`` requests/s, p50/p95/p99.
 
-    python bench/http.py --infinity /opt/infinity/bin/infinity_emb
-    python bench/http.py --infinity ... --model bge-reranker-v2-m3 --device cuda:0 --requests 400 --rate 20
+    python bench/serving.py --infinity /opt/infinity/bin/infinity_emb
+    python bench/serving.py --infinity ... --model bge-reranker-v2-m3 --device cuda:0 --requests 400 --rate 20
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="requests/s of the latency run")
     parser.add_argument("--latency-requests", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
 
     from rerankq.redis_server import RedisServer
@@ -74,7 +74,7 @@ def main() -> None:
     pairs_per_s = {name: n_pairs / statistics.median(ts) for name, ts in seconds.items()}
     report: dict[str, Any] = {
         "date": date.today().isoformat(), "machine": machine(args.device), "model": args.model,
-        "device": args.device, "command": "python bench/http.py " + shlex.join(sys.argv[1:]),
+        "device": args.device, "command": "python bench/serving.py " + shlex.join(sys.argv[1:]),
         "requests": len(requests), "pairs": n_pairs, "seconds": seconds, "pairs_per_s": pairs_per_s,
         "rate": args.rate, "latency_ms": latency}
     print(f"{'system':<16} {'pairs/s':>8} {'vs infinity':>12}   p50 / p95 / p99 ms at {args.rate:g}/s")
