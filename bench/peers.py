@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.systems import Completions, System, celery_peer, infinity_system, rerankq_system, scrape  # noqa: E402
-from bench.workload import Request, pairs, workload  # noqa: E402
+from bench.workload import Request, add_arguments, pairs, shape, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
 
 ZERO_COST = "latency_ms=0,token_us=0"
@@ -131,15 +131,8 @@ def cell(p: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=30)
-    parser.add_argument("--min-docs", type=int, default=1)
-    parser.add_argument("--max-docs", type=int, default=30)
-    parser.add_argument("--min-words", type=int, default=5)
-    parser.add_argument("--max-words", type=int, default=120)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_arguments(parser)
     parser.add_argument("--loads", default="0.5,2", help="offered loads for the latency runs, requests/s")
-    parser.add_argument("--latency-requests", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", choices=MODELS, default="minilm")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (fp16)")
     parser.add_argument("--backend", default="torch", help="rerankq's RERANKQ_BACKEND (the peers run torch)")
@@ -152,10 +145,8 @@ def main() -> None:
 
     from rerankq.redis_server import RedisServer
 
-    shape = {"min_docs": args.min_docs, "max_docs": args.max_docs, "min_words": args.min_words,
-             "max_words": args.max_words}
-    saturation_spec = {"seed": args.seed, "requests": args.requests, **shape}
-    light_spec = {"seed": args.seed + 1, "requests": args.latency_requests, **shape}
+    saturation_spec = {"seed": args.seed, "requests": args.requests, **shape(args)}
+    light_spec = {"seed": args.seed + 1, "requests": args.latency_requests, **shape(args)}
     requests, light = workload(**saturation_spec), workload(**light_spec)
     loads = [float(x) for x in args.loads.split(",") if x]
     n_pairs = pairs(requests)

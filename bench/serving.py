@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.peers import MODELS, build_model, cell, machine, open_loop, percentiles, saturate
 from bench.systems import Completions, infinity_system, serve_system
-from bench.workload import pairs, workload
+from bench.workload import add_arguments, pairs, shape, workload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,24 +34,15 @@ def main() -> None:
     parser.add_argument("--infinity", required=True, help="the infinity_emb command (a venv of its own)")
     parser.add_argument("--model", choices=MODELS, default="minilm")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--requests", type=int, default=30)
-    parser.add_argument("--min-docs", type=int, default=1)
-    parser.add_argument("--max-docs", type=int, default=30)
-    parser.add_argument("--min-words", type=int, default=5)
-    parser.add_argument("--max-words", type=int, default=120)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_arguments(parser)
     parser.add_argument("--rate", type=float, default=2.0, help="requests/s of the latency run")
-    parser.add_argument("--latency-requests", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
 
     from rerankq.redis_server import RedisServer
 
-    shape = {"min_docs": args.min_docs, "max_docs": args.max_docs, "min_words": args.min_words,
-             "max_words": args.max_words}
-    requests = workload(seed=args.seed, requests=args.requests, **shape)
-    light = workload(seed=args.seed + 1, requests=args.latency_requests, **shape)
+    requests = workload(seed=args.seed, requests=args.requests, **shape(args))
+    light = workload(seed=args.seed + 1, requests=args.latency_requests, **shape(args))
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         logdir = Path(tmp)
         model = str(build_model(args.model, logdir / args.model))

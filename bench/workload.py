@@ -4,6 +4,7 @@ vocabulary (so that token counts per word are what real text gives)."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import random
 from dataclasses import dataclass
@@ -37,6 +38,24 @@ def workload(seed: int, requests: int, min_docs: int = 1, max_docs: int = 100, m
 
     return [Request(text(3, 12), [text(min_words, max_words) for _ in range(rng.randint(min_docs, max_docs))])
             for _ in range(requests)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload's options, as the peers and serving benchmarks share them."""
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--min-docs", type=int, default=1)
+    parser.add_argument("--max-docs", type=int, default=30)
+    parser.add_argument("--min-words", type=int, default=5)
+    parser.add_argument("--max-words", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-requests", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def shape(args: argparse.Namespace) -> dict[str, int]:
+    """The docs-per-request and words-per-doc ranges ``add_arguments`` read."""
+    return {"min_docs": args.min_docs, "max_docs": args.max_docs, "min_words": args.min_words,
+            "max_words": args.max_words}
 
 
 def pairs(requests: list[Request]) -> int:

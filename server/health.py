@@ -38,8 +38,11 @@ def judge(route: RouteState | None, workers: dict[str, int], settings: Settings)
         return Health(status="unavailable", reason=f"shedding to {cpu}, which no live worker serves",
                       route=shown, workers=workers)
     if shedding and settings.passthrough:
-        return Health(status="degraded", reason="both queues are over their marks: answering in retrieval "
-                      "order (passthrough)", route=shown, workers=workers)
+        if workers.get(gpu):  # overloaded, not gone
+            return Health(status="degraded", reason="both queues are over their marks: answering in retrieval "
+                          "order (passthrough)", route=shown, workers=workers)
+        return Health(status="unavailable", reason=f"no live worker serves {gpu} or {cpu}: answering in retrieval "
+                      "order (passthrough) until one does", route=shown, workers=workers)
     if workers.get(gpu):  # not shedding, or shedding with passthrough off: jobs go to the GPU queue
         return Health(status="ok", reason=f"{workers[gpu]} live worker(s) on {gpu}", route=shown, workers=workers)
     return Health(status="unavailable", reason=f"no live worker serves {gpu}: start `rerankq worker` (or "

@@ -31,9 +31,11 @@ def test_degraded_while_shedding_to_a_served_cpu_queue_unavailable_if_nobody_ser
     assert lost.status == "unavailable" and "shedding to rerank.cpu, which no live worker serves" in lost.reason
 
 
-def test_degraded_while_passing_through_since_callers_still_get_answers() -> None:
-    health = judge(state(SHED, cpu_open=False), {GPU_Q: 0, CPU_Q: 0}, SETTINGS)
+def test_degraded_while_passing_through_an_overload_unavailable_when_no_worker_is_left() -> None:
+    health = judge(state(SHED, cpu_open=False), {GPU_Q: 2, CPU_Q: 0}, SETTINGS)
     assert health.status == "degraded" and "passthrough" in health.reason and health.route == SHED
+    gone = judge(state(SHED, cpu_open=False), {GPU_Q: 0, CPU_Q: 0}, SETTINGS)
+    assert gone.status == "unavailable" and "no live worker serves rerank.gpu or rerank.cpu" in gone.reason
 
 
 def test_without_passthrough_a_closed_cpu_queue_sends_jobs_to_the_gpu_queue_so_its_workers_decide() -> None:
