@@ -69,6 +69,7 @@ def saturate(system: System, requests: list[Request], completions: Completions) 
         start = time.perf_counter()
         system.signal(signal.SIGCONT)
     done = completions.wait(ids)
+    system.check()
     return max(done.values()) - start
 
 
@@ -83,6 +84,7 @@ def open_loop(system: System, requests: list[Request], rate: float, seed: int,
         time.sleep(max(0.0, start + at - time.perf_counter()))
         sent.append((system.send(request), start + at))
     done = completions.wait([i for i, _ in sent])
+    system.check()
     return [done[i] - t for i, t in sent]
 
 
@@ -95,6 +97,7 @@ def one_at_a_time(system: System, requests: list[Request], completions: Completi
         task_id = system.send(request)
         latencies.append(completions.wait([task_id])[task_id] - start)
         time.sleep(0.05)
+    system.check()
     return latencies
 
 

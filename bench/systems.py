@@ -103,6 +103,13 @@ class System:
     def __init__(self, name: str, send: Callable[[Request], str], pids: Callable[[], list[int]],
                  stop: Callable[[], None]) -> None:
         self.name, self.send, self.pids, self.stop = name, send, pids, stop
+        #: Requests that got no good answer (HTTP systems): a run with any is no result.
+        self.failures: list[str] = []
+
+    def check(self) -> None:
+        if self.failures:
+            raise RuntimeError(f"{self.name}: {len(self.failures)} requests got no good answer, e.g. "
+                               f"{self.failures[0]}; no figure is reported")
 
     def signal(self, signum: int) -> None:
         for pid in self.pids():
@@ -213,6 +220,7 @@ def http_system(name: str, url: str, completions: Completions, pids: Callable[[]
     take alike), 64 client threads, each request marked done when its answer is read."""
     pool = ThreadPoolExecutor(64)
     counter = iter(range(10**9))
+    failures: list[str] = []
 
     def post(task_id: str, request: Request) -> None:
         body = json.dumps({"model": "bench", "query": request.query, "documents": request.docs,
@@ -220,10 +228,13 @@ def http_system(name: str, url: str, completions: Completions, pids: Callable[[]
         req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=1800) as response:
-                response.read()
-        except OSError as exc:  # said, and marked done so the run ends: a run with failures is no result
-            print(f"{name}: request failed: {exc!r}", file=sys.stderr, flush=True)
-        completions.mark(task_id)
+                results = json.loads(response.read())["results"]
+            if len(results) != len(request.docs):
+                failures.append(f"{len(results)} results for {len(request.docs)} documents")
+        except Exception as exc:  # any failure is recorded; the run then reports no figure
+            failures.append(repr(exc))
+        finally:
+            completions.mark(task_id)  # so the run ends either way
 
     def send(request: Request) -> str:
         task_id = f"{name}-{next(counter)}"
@@ -234,7 +245,9 @@ def http_system(name: str, url: str, completions: Completions, pids: Callable[[]
         pool.shutdown(wait=False, cancel_futures=True)
         stop()
 
-    return System(name, send, pids, halt)
+    system = System(name, send, pids, halt)
+    system.failures = failures
+    return system
 
 
 def scrape(port: int, name: str) -> float:

@@ -8,6 +8,7 @@ time, and re-raise the job's own error (``BadJob``, ``DeadlineExceeded``, ``Rank
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 import uuid
@@ -72,7 +73,8 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
 async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter, task_id: str,
                             send: Callable[[], Any]) -> Result | BaseException:
     future = await waiter.expect(task_id)  # subscribed before the send: no result can slip past
-    handle = await loop.run_in_executor(None, send)
+    # In the caller's context (its trace, for one), which the executor's thread would not otherwise have.
+    handle = await loop.run_in_executor(None, contextvars.copy_context().run, send)
     if isinstance(handle, EagerResult):  # passthrough: answered without queueing
         return Result.from_dict(handle.get(propagate=True))
     return await future

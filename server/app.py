@@ -34,6 +34,7 @@ from server.schemas import (
     TeiRank,
     TeiRerankRequest,
 )
+from tasks import tracing
 from tasks.connections import BrokerRedis
 from tasks.records import Result, top_indices
 from tasks.rerank import rerank as rerank_task
@@ -150,7 +151,8 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
             # The key before anything else: a stranger learns nothing from how their body is judged.
             if request.url.path in RERANK_PATHS:
                 check_token(cfg, request)
-            response = await call_next(request)
+            with tracing.joined(request.headers):  # a client's traceparent: its jobs join its trace
+                response = await call_next(request)
         except Unauthorized as exc:
             response = errors.error(401, "unauthorized", str(exc))
         finally:

@@ -3,19 +3,22 @@ worker's spans under it (a real worker, `RERANKQ_TRACING=console`, one JSON line
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from producer import rerank
-from rerankq.local import WorkerProcess
+from producer import arerank, rerank
+from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
+from rerankq.redis_server import free_port
 from tasks import BadJob
 from tasks.records import BatchInfo
 from tasks.tracing import settled
@@ -42,7 +45,7 @@ def traced(start_worker: StartWorker, tiny_model: Path) -> WorkerProcess:
     return start_worker("--model", str(tiny_model), RERANKQ_TRACING="console")
 
 
-def worker_spans(worker: WorkerProcess) -> list[dict[str, Any]]:
+def worker_spans(worker: RerankqProcess) -> list[dict[str, Any]]:
     found = []
     for line in worker.log().splitlines():
         if line.startswith('{"name": "rerankq '):
@@ -74,6 +77,38 @@ def test_a_jobs_trace_runs_from_the_callers_span_through_the_send_to_the_workers
     inference = by_name["rerankq inference"]
     assert inference["attributes"]["rerankq.forward_batches"] == [b.id for b in result.batches]
     assert job["start_time"] <= inference["start_time"] <= inference["end_time"] == job["end_time"]
+
+
+def test_an_awaited_job_joins_the_callers_trace_too(spans: InMemorySpanExporter, traced: WorkerProcess) -> None:
+    async def search() -> tuple[int, int]:
+        with trace.get_tracer("the web app").start_as_current_span("GET /search") as request_span:
+            await arerank("bread", ["flour"], queue=traced.queue)
+            return request_span.get_span_context().trace_id, request_span.get_span_context().span_id
+
+    trace_id, span_id = asyncio.run(search())
+    [send] = [s for s in spans.get_finished_spans() if s.name == "rerankq send" and s.context is not None
+              and s.context.trace_id == trace_id]
+    assert send.parent is not None and send.parent.span_id == span_id
+
+
+def test_rerankq_serve_joins_the_trace_an_http_request_carries(traced: WorkerProcess, redis_url: str,
+                                                               tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url,
+                                         "RERANKQ_GPU_QUEUE": traced.queue, "RERANKQ_TRACING": "console"},
+                           tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        response = httpx.post(f"{server.url}/v1/rerank", json={"query": "bread", "documents": ["flour"]},
+                              headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        assert response.status_code == 200, response.text
+        sends = [s for s in worker_spans(server) if s["name"] == "rerankq send"]
+        assert sends and sends[-1]["context"]["trace_id"] == f"0x{trace_id}"
+        assert sends[-1]["parent_id"] == "0x00f067aa0ba902b7"
+        eventually(lambda: any(s["context"]["trace_id"] == f"0x{trace_id}" and s["name"] == "rerankq job"
+                               for s in worker_spans(traced)), 30, "the worker's job span in the same trace")
+    finally:
+        server.stop()
 
 
 def test_a_failed_job_is_an_error_span(spans: InMemorySpanExporter, traced: WorkerProcess) -> None:

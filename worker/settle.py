@@ -100,12 +100,13 @@ def finish(jobs: Sequence[Pending], written: Written, ranker: Ranker, backend: A
             request.send_event("task-failed", exception=repr(outcome.error), traceback="")
         request.acknowledge()
         worker_state.task_ready(request, successful=outcome.error is None)
-        _trace(pending, ranker, done, outcome.error)
         metrics.JOBS.labels("success" if outcome.error is None else type(outcome.error).__name__).inc()
         metrics.LATENCY.labels(pending.lane).observe(max(0.0, done - pending.sent_at))
         if pending.batches and pending.started is not None:
             metrics.INFERENCE.observe(done - pending.started)
     results.announce(backend, written.entries)
+    for pending, outcome in zip(jobs, outcomes, strict=True):  # after the answers: no waiter waits for a trace
+        _trace(pending, ranker, done, outcome.error)
 
 
 def requeue(jobs: Sequence[Pending]) -> None:
