@@ -16,7 +16,7 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 
 from producer import arerank, rerank
 from producer.client import DEFAULT_TIMEOUT_S
-from tasks.records import Result, top_indices
+from tasks.records import Result
 
 
 class RerankqCompressor(BaseDocumentCompressor):
@@ -47,7 +47,6 @@ class RerankqCompressor(BaseDocumentCompressor):
         return min(self.top_n or len(documents), len(documents))
 
     def _ranked(self, documents: Sequence[Document], result: Result) -> list[Document]:
-        order = result.top if result.top is not None else top_indices(result.scores, len(result.scores))
         return [Document(page_content=documents[i].page_content, id=documents[i].id,
                          metadata={**documents[i].metadata, "relevance_score": result.scores[i]})
-                for i in order]
+                for i in result.ranked()]

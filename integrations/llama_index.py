@@ -14,7 +14,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from producer import arerank, rerank
 from producer.client import DEFAULT_TIMEOUT_S
 from tasks.errors import BadJob
-from tasks.records import Result, top_indices
+from tasks.records import Result
 
 
 class RerankqRerank(BaseNodePostprocessor):
@@ -57,8 +57,7 @@ def _texts(nodes: list[NodeWithScore]) -> list[str]:
 
 
 def _ranked(nodes: list[NodeWithScore], result: Result) -> list[NodeWithScore]:
-    order = result.top if result.top is not None else top_indices(result.scores, len(result.scores))
-    return [NodeWithScore(node=nodes[i].node, score=result.scores[i]) for i in order]
+    return [NodeWithScore(node=nodes[i].node, score=result.scores[i]) for i in result.ranked()]
 
 
 

@@ -36,7 +36,7 @@ from server.schemas import (
 )
 from tasks import tracing
 from tasks.connections import BrokerRedis
-from tasks.records import Result, top_indices
+from tasks.records import Result
 from tasks.rerank import rerank as rerank_task
 from tasks.router import PASSTHROUGH, SHED
 
@@ -92,9 +92,6 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         metrics.answers.labels(result.ranker).inc()
         return result
 
-    def order(result: Result) -> list[int]:
-        return result.top if result.top is not None else top_indices(result.scores, len(result.scores))
-
     def timing_headers(response: Response, result: Result) -> None:
         # text-embeddings-inference's header names (milliseconds), and which ranker answered.
         response.headers["x-queue-time"] = f"{result.timings.queue_ms:.1f}"
@@ -109,7 +106,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
             id=str(uuid.uuid4()),
             results=[RerankResult(index=i, relevance_score=result.scores[i],
                                   document=Document(text=texts[i]) if body.return_documents else None)
-                     for i in order(result)],
+                     for i in result.ranked()],
             meta=Meta(ranker=result.ranker, model=result.model, passthrough=result.ranker == PASSTHROUGH,
                       queue_ms=result.timings.queue_ms, inference_ms=result.timings.inference_ms))
 
@@ -117,7 +114,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         result = await score(body.query, body.texts, None, body.long_docs_mode(), raw_scores=body.raw_scores)
         timing_headers(response, result)
         return [TeiRank(index=i, score=result.scores[i], text=body.texts[i] if body.return_text else None)
-                for i in order(result)]
+                for i in result.ranked()]
 
     @app.post("/rerank", response_model=RerankResponse | list[TeiRank], response_model_exclude_none=True,
               responses=ERRORS, summary="Rerank: Cohere's body (`documents`) or TEI's (`texts`)")

@@ -143,6 +143,10 @@ class Result:
     #: The forward batches that scored its pairs, in the order they ran.
     batches: list[BatchInfo] = field(default_factory=list)
 
+    def ranked(self) -> list[int]:
+        """Indices of the docs to answer with, best first: ``top`` when the job asked for ``top_k``, else all."""
+        return self.top if self.top is not None else top_indices(self.scores, len(self.scores))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
