@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_type_hints
+from urllib.parse import parse_qs, urlsplit
 
 from tasks.errors import ConfigError
 from tasks.records import LONG_DOCS
@@ -24,7 +25,8 @@ def _env(name: str, default: Any, doc: str) -> Any:
 @dataclass(frozen=True)
 class Settings:
     broker_url: str = _env("RERANKQ_BROKER_URL", "redis://localhost:6379/0",
-                           "Redis URL of the job queues (`redis://`, `rediss://` for TLS, `redis+socket://`).")
+                           "Redis URL of the job queues (`redis://`, `redis+socket://`, or `rediss://` for TLS: "
+                           "the server's certificate is verified, against `?ssl_ca_certs=/path/ca.pem` if given).")
     result_backend: str = _env("RERANKQ_RESULT_BACKEND", "",
                                "Redis URL for result keys; empty means the broker URL.")
     key_prefix: str = _env("RERANKQ_KEY_PREFIX", "",
@@ -245,6 +247,19 @@ def producer_timeouts(settings: Settings) -> dict[str, Any]:
     }
 
 
+def verified(url: str) -> str:
+    """``url``, with the server's certificate checked when it is ``rediss://`` and says nothing on that.
+
+    Given a bare ``rediss://`` URL, kombu connects without checking the certificate (``CERT_NONE``, one log
+    line) and Celery's result backend refuses to start; rerankq asks for ``ssl_cert_reqs=required`` for both,
+    against the system's CAs or the URL's ``ssl_ca_certs``. An explicit ``ssl_cert_reqs`` is kept.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return url
+    return parts._replace(query="&".join(q for q in (parts.query, "ssl_cert_reqs=required") if q)).geturl()
+
+
 def _prefixed(settings: Settings) -> dict[str, Any]:
     """kombu's and Celery's own name for the deployment's key prefix, where it has one."""
     return {"global_keyprefix": settings.key_prefix} if settings.key_prefix else {}
@@ -276,8 +291,8 @@ def settings_table() -> str:
 settings = Settings.from_env()
 
 # Celery's own names, derived from the settings above.
-broker_url = settings.broker_url
-result_backend = settings.backend_url
+broker_url = verified(settings.broker_url)
+result_backend = verified(settings.backend_url)
 # JSON only: a pickle message is refused before it reaches any task code.
 task_serializer = "json"
 result_serializer = "json"

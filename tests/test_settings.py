@@ -68,3 +68,23 @@ def test_celery_is_configured_for_json_only_and_late_acks() -> None:
 def test_the_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert celeryconfig.settings_table() in readme
+
+
+@pytest.mark.parametrize(("url", "used"), [
+    # kombu would connect to a bare rediss:// URL without checking the certificate: rerankq asks for the check.
+    ("rediss://:pw@host:6380/1", "rediss://:pw@host:6380/1?ssl_cert_reqs=required"),
+    ("rediss://host/0?ssl_ca_certs=/etc/ca.pem", "rediss://host/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required"),
+    ("rediss://host/0?ssl_cert_reqs=none", "rediss://host/0?ssl_cert_reqs=none"),  # said on purpose: kept
+    ("redis://host/0", "redis://host/0"),
+])
+def test_a_tls_url_verifies_the_server_unless_it_says_otherwise(url: str, used: str) -> None:
+    assert celeryconfig.verified(url) == used
+
+
+def test_kombu_checks_the_certificate_of_a_bare_tls_url_given_to_rerankq() -> None:
+    import ssl
+
+    from kombu.connection import Connection
+
+    assert Connection("rediss://host:6380/0").ssl == {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu on its own
+    assert Connection(celeryconfig.verified("rediss://host:6380/0")).ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
