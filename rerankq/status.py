@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from celeryconfig import Settings
-from tasks import lanes
+from tasks import lanes, memory
 from tasks.connections import BrokerRedis
 from tasks.router import RouteState, counts_key, state_key
 from worker.backlog import Snapshot, measure
@@ -18,6 +18,7 @@ RECENT_CHANGES = 5
 
 
 def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
+    usage = memory.memory(broker.client)
     queues = lanes.both([settings.gpu_queue, settings.cpu_queue], settings.bulk_suffix)
     snapshot = measure(broker, queues, settings.poll_ms / 1000)
     with broker.client.pipeline(transaction=False) as pipe:
@@ -31,6 +32,7 @@ def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
         "workers": _workers(snapshot, queues),
         "routed": {k.decode(): int(v) for k, v in sorted(counts.items())},
         "changes": recent_changes(broker, settings.gpu_queue, RECENT_CHANGES),
+        "redis": {**asdict(usage), "full": usage.full, "describe": usage.describe()},
     }
 
 
@@ -66,7 +68,7 @@ def render(status: dict[str, Any]) -> str:
                 f"watchdog {route['leader']} leads, metrics {_port(route['metrics_port'])}")
     else:
         head = "route: gpu (no route state: the watchdog is not running, or its state expired)"
-    lines = [head, ""]
+    lines = [head, f"redis: {status['redis']['describe']}", ""]
     # A bulk lane's wait is for the record: it waits its turn behind interactive jobs, and is never shed.
     lines += _table(["queue", "lane", "waiting", "held", "backlog", "workers", "pairs/s", "est. wait"], [
         [q["queue"], q["lane"], q["waiting"], q["held"], q["backlog"], q["workers"], _num(q["pairs_per_s"]),

@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from starlette.exceptions import HTTPException
 
 from server.schemas import Error
-from tasks import BadJob, DeadlineExceeded, RankerFailed, RerankError, RerankTimeout
+from tasks import BadJob, DeadlineExceeded, RankerFailed, RedisFull, RerankError, RerankTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def install(app: FastAPI, retry_after_s: float) -> None:
     app.add_exception_handler(DeadlineExceeded, handle(504, "timeout"))
     # TEI's status for a model that failed: a failed dependency, which clients do not retry (it would fail again).
     app.add_exception_handler(RankerFailed, handle(424, "backend"))
+    app.add_exception_handler(RedisFull, handle(503, "unhealthy"))
     for kind in (OperationalError, RedisConnectionError, RedisTimeout):
         app.add_exception_handler(kind, handle(503, "unhealthy", UNREACHABLE))
     app.add_exception_handler(Exception, unexpected)

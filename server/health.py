@@ -16,14 +16,20 @@ from collections.abc import Callable
 from celeryconfig import Settings
 from server.schemas import Health
 from tasks.connections import BrokerRedis
+from tasks.memory import Memory, memory
 from tasks.router import GPU, SHED, RouteState, state_key
 from worker.backlog import measure
 
 
-def judge(route: RouteState | None, workers: dict[str, int], settings: Settings) -> Health:
-    """The health verdict from what Redis holds: pure, so every case is a unit test."""
+def judge(route: RouteState | None, workers: dict[str, int], settings: Settings,
+          full: Memory | None = None) -> Health:
+    """The health verdict from what Redis holds: pure, so every case is a unit test. ``full``: Redis's memory
+    when it is full."""
     gpu, cpu = settings.gpu_queue, settings.cpu_queue
     shown = route.route if route else GPU
+    if full is not None:
+        return Health(status="unavailable", reason=f"Redis is full ({full.describe()}): new jobs are refused "
+                      "until workers drain the queues or maxmemory is raised", route=shown, workers=workers)
     shedding = route is not None and route.route == SHED
     if shedding and settings.serve_overload == "reject":
         if workers.get(gpu):
@@ -83,4 +89,5 @@ class HealthProbe:
         raw = broker.client.get(state_key(broker, settings.gpu_queue))
         route = RouteState.decode(raw) if raw else None
         workers = {queue: len(snapshot.workers[queue]) for queue in queues}
-        return judge(route, workers, settings)
+        usage = memory(broker.client)
+        return judge(route, workers, settings, usage if usage.full else None)

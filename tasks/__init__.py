@@ -7,6 +7,7 @@ from tasks.errors import (
     DeadlineExceeded,
     ModelLoadError,
     RankerFailed,
+    RedisFull,
     RerankError,
     RerankTimeout,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "Job",
     "ModelLoadError",
     "RankerFailed",
+    "RedisFull",
     "RerankError",
     "RerankTimeout",
     "Result",

@@ -17,6 +17,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from tasks import memory
 from tasks.errors import ConfigError
 
 
@@ -51,27 +52,60 @@ class BrokerRedis:
         """Put an unacked job back at the head of its queue (the end workers take next; kombu's
         ``leftmost=True`` is the other end, behind every job waiting), atomically, and only if it is still
         unacked from a delivery before ``delivered_before``: a job another watchdog already put back, and a
-        worker took again, stays where it is. kombu's ``restore_by_tag`` with that check added (its
-        ``_remove_from_indices`` and ``_do_restore_message``). Returns whether it was put back."""
-        qos, restored = self._channel.qos, False
-
-        def transaction(pipe: Any) -> None:
-            nonlocal restored
-            delivered, raw = pipe.zscore(qos.unacked_index_key, tag), pipe.hget(qos.unacked_key, tag)
-            pipe.multi()
-            if delivered is None or delivered >= delivered_before or raw is None:
-                return
-            message, exchange, routing_key = loads(bytes_to_str(raw))
-            qos._remove_from_indices(tag, pipe)
-            self._channel._do_restore_message(message, exchange, routing_key, pipe, False)
-            restored = True
-
-        with self._channel.conn_or_acquire() as client:
-            client.transaction(transaction, qos.unacked_index_key, qos.unacked_key)
-        return restored
+        worker took again, stays where it is. Returns whether it was put back."""
+        return restore_unacked(self._channel, self.client, tag, float("-inf"), delivered_before)
 
     def close(self) -> None:
         self._connection.release()
+
+
+def restore_unacked(channel: Any, client: redis.Redis, tag: str, delivered_from: float,
+                    delivered_before: float) -> bool:
+    """kombu's ``restore_by_tag`` (to the head, not the tail), only for a delivery of ``tag`` recorded at a
+    time in [``delivered_from``, ``delivered_before``), as one script that a full Redis still runs (it only
+    moves the job). kombu's own deletes the record and then pushes, so a push a full Redis refused lost the
+    job. ``channel``: a kombu Redis channel of the broker, ``client`` a plain client on its pool."""
+    prefix, qos = channel.global_keyprefix, channel.qos
+    index_key, hash_key = prefix + qos.unacked_index_key, prefix + qos.unacked_key
+    raw = client.hget(hash_key, tag)
+    if raw is None:
+        return False
+    message, exchange, routing_key = loads(bytes_to_str(raw))  # type: ignore[arg-type]
+    pushes = _Pushes(prefix)
+    channel._do_restore_message(message, exchange, routing_key, pushes, False)
+    if not pushes.items:  # kombu found no queue for it (and logged why): leave it unacked
+        return False
+    keys = [index_key, hash_key, *(key for key, _ in pushes.items)]
+    bounds = [repr(max(delivered_from, -1e300)), repr(min(delivered_before, 1e300))]  # numbers Lua reads
+    restored = client.eval(memory.script(client, _RESTORE), len(keys), *keys, tag, raw, *bounds,  # type: ignore[arg-type]
+                           *(value for _, value in pushes.items))
+    return bool(restored)
+
+
+class _Pushes:
+    """Stands in for the pipeline kombu's ``_do_restore_message`` pushes to, collecting (key, value)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.items: list[tuple[str, str]] = []
+
+    def rpush(self, key: str, value: str) -> None:  # the head: restore passes leftmost=False
+        self.items.append((self.prefix + key, value))
+
+
+#: KEYS: kombu's unacked index and hash, then the lists to push to; ARGV: the tag, its record as read, the
+#: window its delivery time must be in (from, before), then the values to push.
+_RESTORE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+local delivered = tonumber(score)
+if delivered < tonumber(ARGV[3]) or delivered >= tonumber(ARGV[4]) then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], ARGV[i + 2]) end
+return 1
+"""
 
 
 def refuse_bad_tls(app: Any) -> None:

@@ -29,3 +29,7 @@ class RankerFailed(RerankError):
 
 class RerankTimeout(RerankError):
     """No result arrived in time: are workers running on the job's queue?"""
+
+
+class RedisFull(RerankError):
+    """Redis is at its ``maxmemory`` and refuses new jobs: drain the queues or raise the limit."""

@@ -11,7 +11,7 @@ from celery import Task, states
 from celery.result import EagerResult
 from celery.signals import before_task_publish
 
-from tasks import lanes, tracing
+from tasks import lanes, memory, tracing
 from tasks.app import app
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, RerankError
@@ -55,7 +55,12 @@ class RerankTask(Task):
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))
             options["queue"] = destination
-        return super().apply_async(args, kwargs, **options)
+        try:
+            return super().apply_async(args, kwargs, **options)
+        except Exception as exc:
+            if memory.is_full(exc):
+                raise memory.refused(exc, self.app.connection_for_write().as_uri()) from exc
+            raise
 
     def get_router(self) -> Router:
         if self.router is None:

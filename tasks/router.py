@@ -159,7 +159,10 @@ class Router:
                 pipe.get(state_key(broker, self.gpu_queue))
                 for choice, n in unsent.items():
                     pipe.hincrby(counts_key(broker, self.gpu_queue), choice, n)
-                raw = pipe.execute()[0]
+                # A full Redis refuses the counts (they are lost), not the read.
+                raw = pipe.execute(raise_on_error=False)[0]
+            if isinstance(raw, Exception):
+                raise raw
         except Exception as exc:  # fail safe: the GPU queue, as if no watchdog ran
             if not self._failing:
                 logger.warning("could not read the route state (%r); routing to %s until it can",

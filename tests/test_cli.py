@@ -71,7 +71,8 @@ def test_status_prints_queues_route_and_workers(redis_url: str) -> None:
     table = rerankq("status", env=env, timeout=30)
     assert table.returncode == 0, table.stderr
     assert "route: gpu (no route state: the watchdog is not running" in table.stdout
-    assert table.stdout.splitlines()[2].split() == ["queue", "lane", "waiting", "held", "backlog", "workers",
+    assert table.stdout.splitlines()[1].startswith("redis: ") and "no maxmemory" in table.stdout
+    assert table.stdout.splitlines()[3].split() == ["queue", "lane", "waiting", "held", "backlog", "workers",
                                                     "pairs/s", "est.", "wait"]
     as_json = rerankq("status", "--json", env=env, timeout=30)
     figures = json.loads(as_json.stdout)
@@ -79,6 +80,7 @@ def test_status_prints_queues_route_and_workers(redis_url: str) -> None:
         ("status.gpu", "interactive"), ("status.cpu", "interactive"), ("status.gpu.bulk", "bulk"),
         ("status.cpu.bulk", "bulk")]
     assert figures["route"]["route"] == "gpu" and figures["workers"] == []
+    assert figures["redis"]["limit"] == 0 and figures["redis"]["full"] is False
 
 
 def test_status_without_redis_says_where_it_looked() -> None:

@@ -50,3 +50,11 @@ def test_the_reject_mode_says_it_answers_429_while_shedding() -> None:
     assert health.status == "degraded" and "answering 429" in health.reason
     # Shed because no worker is left: every request would get 429, so it is not healthy.
     assert judge(state(SHED), {GPU_Q: 0, CPU_Q: 1}, reject).status == "unavailable"
+
+
+def test_a_full_redis_is_unavailable_whatever_the_workers() -> None:
+    from tasks.memory import Memory
+
+    full = Memory(used=101 * 2**20, limit=100 * 2**20, policy="noeviction")
+    health = judge(None, {GPU_Q: 2, CPU_Q: 1}, SETTINGS, full)
+    assert health.status == "unavailable" and "Redis is full" in health.reason and "maxmemory" in health.reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from kombu.connection import Connection
 
 from tasks import rerank
-from tasks.connections import BrokerRedis
+from tasks.connections import BrokerRedis, restore_unacked
 from tests.conftest import new_queue
 from worker import inflight
 from worker.reclaim import reclaim
@@ -112,3 +113,23 @@ def test_in_flight_jobs_of_workers_gone_quiet_go_back_to_their_queue_and_live_on
     finally:
         broker.client.delete(source, dead, live, registry)
         broker.close()
+
+
+def test_a_worker_puts_back_only_its_own_delivery_of_a_job(celery_app: Any) -> None:
+    """The worker's requeue names its delivery by its record's exact time: a job reclaimed meanwhile and taken
+    again under the same tag (a later record) is left with its new holder."""
+    queue = new_queue()
+    rerank.apply_async(("q", ["d"]), queue=queue)
+    broker = BrokerRedis(celery_app)
+    with Connection(celery_app.conf.broker_url) as connection:
+        channel = connection.channel()
+        mine = channel.basic_get(queue, no_ack=False)
+        index_key, hash_key = broker.unacked_keys()
+        at = 1_700_000_000.123456
+        broker.client.zadd(index_key, {mine.delivery_tag: math.nextafter(at, 0)})  # another delivery's record
+        assert not restore_unacked(broker._channel, broker.client, mine.delivery_tag, at, math.nextafter(at, 2 * at))
+        broker.client.zadd(index_key, {mine.delivery_tag: at})  # this delivery's own record
+        assert restore_unacked(broker._channel, broker.client, mine.delivery_tag, at, math.nextafter(at, 2 * at))
+        assert broker.client.llen(queue) == 1 and not broker.client.hexists(hash_key, mine.delivery_tag)
+        broker.client.delete(*broker.queue_lists(queue))
+    broker.close()

@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
 
 import redis
 
+from tasks import memory
 from tasks.connections import rerankq_key
 
 #: This process's in-flight lists: list key -> the queue list it receives from.
@@ -42,25 +42,29 @@ def adopt(client: redis.Redis, prefix: str, key: str, source: str) -> int:
     restored = restore(client, key, source)
     with _owned_lock:
         _owned[key] = source
-    client.hset(registry_key(prefix), key, _entry(source))
+    memory.run_atomically(client, [("HSET", registry_key(prefix), key, _entry(source))])
     return restored
 
 
-def beat(pipe: Any, prefix: str) -> None:
-    """Add this process's 'still alive' for each of its lists to ``pipe``."""
+def beats(prefix: str) -> list[tuple[str, ...]]:
+    """The commands saying 'still alive' for each of this process's lists (a full Redis still runs them)."""
     with _owned_lock:
         owned = dict(_owned)
-    for key, source in owned.items():
-        pipe.hset(registry_key(prefix), key, _entry(source))
+    return [("HSET", registry_key(prefix), key, _entry(source)) for key, source in owned.items()]
 
 
 def restore(client: redis.Redis, key: str, source: str) -> int:
     """Move every job in the in-flight list ``key`` back to the head of its queue (the right end, where
-    workers take from), one atomic move each, newest first so that the oldest is taken next."""
-    moved = 0
-    while client.lmove(key, source, "LEFT", "RIGHT") is not None:
-        moved += 1
-    return moved
+    workers take from), in one atomic step a full Redis still runs, newest first so that the oldest is
+    taken next."""
+    return int(client.eval(memory.script(client, _RESTORE), 2, key, source))  # type: ignore[arg-type]
+
+
+_RESTORE = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+return moved
+"""
 
 
 def reclaim(client: redis.Redis, prefix: str, dead_after_s: float) -> int:

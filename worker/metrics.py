@@ -40,6 +40,8 @@ JOBS = Counter("rerankq_jobs", "Jobs settled, by outcome: success or the error's
 HELD = Gauge("rerankq_jobs_held", "Jobs this worker holds: received, not yet acked.")
 MODEL = Gauge("rerankq_model_info", "The model this worker serves (always 1).", ["ranker", "model", "device"])
 MODEL_LOAD = Gauge("rerankq_model_load_seconds", "How long loading the model took.")
+REDIS_FULL = Gauge("rerankq_redis_full", "1 while Redis is full (maxmemory reached under noeviction) and "
+                   "refuses new jobs and results.")
 
 # -- watchdog ---------------------------------------------------------------------------------------
 LEADING = Gauge("rerankq_watchdog_leading", "1 while this watchdog leads (writes the route); 0 standing by.")
@@ -51,6 +53,8 @@ WAIT = Gauge("rerankq_estimated_wait_seconds", "Backlog over throughput (+Inf wi
 WORKERS = Gauge("rerankq_live_workers", "Workers reporting figures.", ["queue"])
 RECLAIMED = Counter("rerankq_jobs_reclaimed", "Jobs put back on their queue because no live worker held them.")
 THROUGHPUT = Gauge("rerankq_throughput_pairs_per_second", "Sum over live workers, while busy.", ["queue"])
+REDIS_MEMORY = Gauge("rerankq_redis_memory_bytes", "The broker Redis's memory: used, and its maxmemory limit (0: "
+                     "none).", ["kind"])
 
 
 class RedisCounters(Collector):

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from tasks import tracing
+from tasks import memory, tracing
 from tasks.connections import BrokerRedis
 from tasks.errors import RankerFailed
 from tasks.records import Result, Timings, top_indices
@@ -27,6 +27,9 @@ from worker.rankers import Ranker
 from worker.upstream import results, transport
 
 logger = logging.getLogger(__name__)
+
+#: How long the settler waits after putting back jobs whose results a full Redis refused.
+FULL_PAUSE_S = 1.0
 
 
 class Settler:
@@ -56,26 +59,45 @@ class Settler:
         while (jobs := self._inbox.get()) is not None:
             try:
                 written = store(jobs, self._ranker, self._backend)
-            except Exception:
-                # Not held any more before the reject: received again at once, it must count as held.
-                logger.exception("could not write the results of %d jobs; requeueing them", len(jobs))
-                self._on_settled(jobs)
-                requeue(jobs)
-                continue
-            try:
-                finish(jobs, written, self._ranker, self._backend, self._broker)
-            except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
-                logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
-                                 len(jobs))
-            finally:
-                self._on_settled(jobs)
+            except Exception as exc:  # Redis away past the backend's retries
+                written = Written([], [], [], 0.0, list(jobs), exc)
+            if written.refused:
+                self._put_back(written.refused, written.error)
+            else:
+                metrics.REDIS_FULL.set(0)
+            if written.jobs:
+                try:
+                    finish(written, self._ranker, self._backend, self._broker)
+                except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
+                    logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
+                                     len(written.jobs))
+                finally:
+                    self._on_settled(written.jobs)
+            if written.refused and written.error is not None and memory.is_full(written.error):
+                time.sleep(FULL_PAUSE_S)  # nothing frees memory faster for the jobs coming round again
+
+    def _put_back(self, jobs: list[Pending], error: BaseException | None) -> None:
+        if error is not None and memory.is_full(error):
+            logger.warning("could not write the results of %d jobs: Redis is full (%s); requeueing them",
+                           len(jobs), error)
+            metrics.REDIS_FULL.set(1)
+        else:
+            logger.error("could not write the results of %d jobs; requeueing them", len(jobs), exc_info=error)
+        # Not held any more before the reject: received again at once, it must count as held.
+        self._on_settled(jobs)
+        requeue(jobs)
 
 
 @dataclass(frozen=True)
 class Written:
+    """The jobs whose outcomes were written (with their outcomes and entries), and those refused."""
+
+    jobs: list[Pending]
     outcomes: list[results.Outcome]
     entries: list[tuple[str, bytes]]
     done: float
+    refused: list[Pending]
+    error: BaseException | None
 
 
 def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
@@ -83,12 +105,15 @@ def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
     retries (the jobs are then put back)."""
     done = time.time()
     outcomes = [_outcome(pending, ranker, done) for pending in jobs]
-    return Written(outcomes, results.store(backend, outcomes), done)
+    entries, refused, error = results.store(backend, outcomes)
+    kept = [i for i in range(len(jobs)) if i not in set(refused)]
+    return Written([jobs[i] for i in kept], [outcomes[i] for i in kept], entries, done,
+                   [jobs[i] for i in refused], error)
 
 
-def finish(jobs: Sequence[Pending], written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
+def finish(written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
     """Ack the written jobs in Redis, send their events, do Celery's bookkeeping, announce the results."""
-    outcomes, done = written.outcomes, written.done
+    jobs, outcomes, done = written.jobs, written.outcomes, written.done
     _ack_in_redis(broker, [outcome.request.message for outcome in outcomes])
     for pending, outcome in zip(jobs, outcomes, strict=True):
         request = outcome.request
@@ -110,12 +135,15 @@ def finish(jobs: Sequence[Pending], written: Written, ranker: Ranker, backend: A
 
 
 def requeue(jobs: Sequence[Pending]) -> None:
-    """Put jobs back on their queue to be served again (a failure outside the model)."""
+    """Put jobs back at the head of their queue to be served again (a failure outside the model). The event
+    loop does it (Celery's reject runs there), checking that the delivery is still this one: a job reclaimed
+    and received again meanwhile is left to its new delivery (worker/upstream/transport.py ``put_back``)."""
     for pending in jobs:
+        pending.request.message.to_head = True
         try:
             pending.request.reject(requeue=True)
         except Exception:
-            logger.exception("could not requeue job %s; it returns after the visibility timeout",
+            logger.exception("could not requeue job %s; it stays unacked and is reclaimed once no worker holds it",
                              pending.request.id)
         worker_state.task_ready(pending.request)
 

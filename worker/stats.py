@@ -14,7 +14,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from tasks import memory
 from tasks.connections import BrokerRedis
 from worker import inflight
 
@@ -206,12 +208,12 @@ class StatsReporter:
         stats = self._snapshot()
         raw = stats.encode()
         keep_s = max(60, int(10 * live_for(self._interval_s)))
-        with self._broker.client.pipeline(transaction=False) as pipe:
-            for queue in self._queues():
-                pipe.hset(workers_key(self._broker, queue), stats.node, raw)
-                pipe.expire(workers_key(self._broker, queue), keep_s)
-            inflight.beat(pipe, self._broker.prefix)
-            pipe.execute()
+        # Overwrites what it wrote last time, so a full Redis still takes it: the worker stays live to the others.
+        commands: list[tuple[Any, ...]] = []
+        for queue in self._queues():
+            commands += [("HSET", workers_key(self._broker, queue), stats.node, raw),
+                         ("EXPIRE", workers_key(self._broker, queue), keep_s)]
+        memory.run_atomically(self._broker.client, commands + inflight.beats(self._broker.prefix))
         # Every live worker does this, so a dead worker's jobs in transit come back with or without a watchdog.
         moved = inflight.reclaim(self._broker.client, self._broker.prefix, grace_for(self._interval_s))
         if moved:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celeryconfig import Settings
-from tasks import lanes
+from tasks import lanes, memory
 from tasks.connections import BrokerRedis
 from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from worker import metrics
@@ -82,6 +82,7 @@ class Watchdog:
         self.state: RouteState | None = None
         self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
         self._reclaim_offset = 0
+        self._full = False
         # Half the route TTL, so a stand-by leads before the route expires; but never under a poll and a half,
         # or the lease would lapse between two renewals.
         self.lease = Lease(broker, self.gpu_queue, max(settings.route_ttl_s / 2, 1.5 * settings.poll_ms / 1000))
@@ -141,6 +142,21 @@ class Watchdog:
                        _gate(cpu_open), reason)
         return self.state
 
+    def watch_memory(self) -> None:
+        """Export Redis's memory, and say when it fills up (every write of new jobs and results refused)
+        and when it has room again."""
+        now = memory.memory(self.broker.client)
+        metrics.REDIS_MEMORY.labels("used").set(now.used)
+        metrics.REDIS_MEMORY.labels("limit").set(now.limit)
+        metrics.REDIS_FULL.set(now.full)
+        if now.full != self._full:
+            if now.full:
+                logger.error("Redis is full: %s. Producers get RedisFull; workers serve what is queued; raise "
+                             "maxmemory or free memory", now.describe())
+            else:
+                logger.info("Redis has room again: %s", now.describe())
+            self._full = now.full
+
     def _reclaim(self, live: list[WorkerStats]) -> None:
         try:
             reclaimed, self._reclaim_offset = reclaim(self.broker, self.queues, live, self.reclaim_grace_s,
@@ -171,6 +187,7 @@ class Watchdog:
         while not stop.is_set():
             started = time.monotonic()
             try:
+                self.watch_memory()
                 self.poll()
                 if failing:
                     logger.info("Redis is reachable again")

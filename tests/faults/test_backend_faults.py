@@ -38,7 +38,7 @@ def test_jobs_whose_results_cannot_be_written_go_back_and_the_workers_state_stay
     def requeued() -> int:
         return worker.log().count("could not write the results")
 
-    eventually(lambda: requeued() >= 30, 60, "the jobs went back and came round again and again")
+    eventually(lambda: requeued() >= 10, 60, "the jobs went back and came round again and again")
     inspect = celery_app.control.inspect(destination=[worker.node], timeout=5)
     active = (inspect.active() or {}).get(worker.node, [])
     reserved = (inspect.reserved() or {}).get(worker.node, [])

@@ -19,21 +19,10 @@ import httpx
 import pytest
 
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
-from rerankq.redis_server import RedisServer, TlsFiles, free_port, tls_redis_server_binary
-from tasks.errors import ConfigError
-from tests.conftest import eventually, new_queue
+from rerankq.redis_server import RedisServer, TlsFiles, free_port
+from tests.conftest import eventually, needs_system_redis, new_queue
 
-
-def _tls_build() -> bool:
-    try:
-        return bool(tls_redis_server_binary())
-    except ConfigError:
-        return False
-
-
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not _tls_build(), reason="no redis-server built with TLS: `apt-get install "
-                                                          "redis-server` (Debian's is; .ci/run installs it)")]
+pytestmark = [pytest.mark.integration, needs_system_redis]
 
 AUTH = ("ops", "s3cret-for-tests")
 

@@ -11,7 +11,8 @@ replaced; ``tests/test_compat.py`` and every worker's start check them, so an up
 * ``patches.py``, ``survive_redis_outage``: a Redis restart made the channel's close put unacked jobs back
   through a released connection (``AttributeError`` on ``None.hostname``, celery/kombu#582 and #970) and
   the worker exit as "unrecoverable"; acks and rejects of jobs received before a reconnect raised on the
-  closed channel; a job popped as Redis went away was dropped unrecorded.
+  closed channel; a job popped as Redis went away was dropped unrecorded; a full Redis refused the
+  visibility-timeout scan's mutex as the consumer connected, and the worker exited "unrecoverable".
 * ``patches.py``, ``route_task_events``: celery 5.4-5.6 ``EventDispatcher.flush`` could clear task events
   another thread appended during the flush (celery/celery#10434, fixed in 5.7.0); the events of jobs
   received before a reconnect were dropped with the old dispatcher.

@@ -8,6 +8,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
+from tasks import memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,8 +68,23 @@ def survive_redis_outage() -> None:
                            (message.headers or {}).get("id"), exc)
             virtual.QoS.append(self, message, delivery_tag)
 
+    original_visible = kombu_redis.QoS.restore_visible
+
+    def restore_visible(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """A full Redis refuses the scan's mutex (``SET NX``): kombu 5.7 calls the scan as the consumer
+        connects, and the worker exited "Unrecoverable error: OutOfMemoryError" (issue: every restart the same).
+        Skip that scan; the next one runs once Redis has room, and the watchdog reclaims meanwhile."""
+        try:
+            return original_visible(self, *args, **kwargs)
+        except redis.ResponseError as exc:
+            if not memory.is_full(exc):
+                raise
+            logger.warning("Redis is full: the scan for jobs past their visibility timeout waits for room")
+            return None
+
     restore_unacked.rerankq_patched = True  # type: ignore[attr-defined]
-    patches = {"restore_unacked": restore_unacked, "ack": ack, "reject": reject, "append": append}
+    patches = {"restore_unacked": restore_unacked, "ack": ack, "reject": reject, "append": append,
+               "restore_visible": restore_visible}
     for name, patched in patches.items():
         setattr(kombu_redis.QoS, name, patched)
 

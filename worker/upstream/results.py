@@ -26,9 +26,10 @@ class Outcome:
         return str(states.SUCCESS if self.error is None else states.FAILURE)
 
 
-def store(backend: Any, outcomes: Sequence[Outcome]) -> list[tuple[str, bytes]]:
+def store(backend: Any, outcomes: Sequence[Outcome]) -> tuple[list[tuple[str, bytes]], list[int], Exception | None]:
     """Write every outcome with one pipelined ``SETEX`` each (retried by the backend's retry policy on
-    connection loss); returns the entries for ``announce``."""
+    connection loss). Returns the entries written, for ``announce``, the indices of the outcomes Redis
+    refused (a Redis filling up takes some writes of a pipeline and refuses the rest), and the first refusal."""
     entries = []
     for outcome in outcomes:
         value = outcome.result if outcome.error is None else backend.prepare_exception(outcome.error)
@@ -37,15 +38,16 @@ def store(backend: Any, outcomes: Sequence[Outcome]) -> list[tuple[str, bytes]]:
         meta["task_id"] = outcome.request.id
         entries.append((backend.get_key_for_task(outcome.request.id), backend.encode(meta)))
 
-    def write() -> None:
+    def write() -> list[Any]:
         with backend.client.pipeline(transaction=False) as pipe:
             for key, value in entries:
                 pipe.setex(key, backend.expires, value)
-            pipe.execute()
+            return list(pipe.execute(raise_on_error=False))
 
-    if entries:
-        backend.ensure(write, ())
-    return entries
+    replies = backend.ensure(write, ()) if entries else []
+    refused = [i for i, reply in enumerate(replies) if isinstance(reply, Exception)]
+    written = [entry for i, entry in enumerate(entries) if i not in set(refused)]
+    return written, refused, replies[refused[0]] if refused else None
 
 
 def announce(backend: Any, entries: Sequence[tuple[str, bytes]]) -> None:

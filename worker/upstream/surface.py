@@ -46,14 +46,18 @@ RELIED_ON: dict[str, str] = {
     "kombu.transport.redis:Channel.priority_steps": f"{_TRANSPORT}, {_KEYS}",
     "kombu.transport.redis:Channel.global_keyprefix": f"{_TRANSPORT}, {_KEYS}: every key rerankq names",
     "kombu.transport.redis:Channel().brpop_timeout": f"{_TRANSPORT}: how long an idle receive blocks",
-    "kombu.transport.redis:Channel.conn_or_acquire": f"{_KEYS} restore",
+    "kombu.transport.redis:Channel.conn_or_acquire": f"{_KEYS} restore; {_TRANSPORT} _size",
+    "kombu.transport.redis:Channel._queue_bind": f"{_TRANSPORT}: a binding a full Redis refused is skipped",
     "kombu.transport.redis:QoS.unacked_key": f"{_TRANSPORT}, {_KEYS}: kombu's unacked hash",
     "kombu.transport.redis:QoS.unacked_index_key": f"{_TRANSPORT}, {_KEYS}: kombu's unacked index",
     "kombu.transport.redis:QoS._remove_from_indices": f"{_TRANSPORT}, {_KEYS}",
     "kombu.transport.redis:QoS.can_consume_max_estimate": f"{_TRANSPORT}: how many jobs a receive may take",
     "kombu.transport.redis:QoS.restore_unacked": f"{_PATCHES}: patched",
+    "kombu.transport.redis:QoS.restore_visible": f"{_PATCHES}: patched, skipped while Redis is full",
     "kombu.transport.redis:QoS.ack": f"{_PATCHES}: patched; {_TRANSPORT}: acked in Redis in one round trip",
     "kombu.transport.redis:QoS.reject": f"{_PATCHES}: patched",
+    "kombu.transport.virtual:Channel.Message": f"{_TRANSPORT}: the channel's messages are Delivery",
+    "kombu.message:Message._state": f"{_TRANSPORT} Delivery.reject: left REJECTED as kombu's reject leaves it",
     "kombu.transport.redis:QoS.append": f"{_PATCHES}: patched; {_TRANSPORT}: recorded by the receive",
     "kombu.transport.virtual:QoS()._delivered": f"{_TRANSPORT}, {_PATCHES}: the jobs a channel holds",
     "kombu.transport.virtual:QoS()._dirty": f"{_TRANSPORT}: held jobs already acked",
@@ -76,11 +80,16 @@ COPIED: dict[str, tuple[str, dict[str, str]]] = {
         f"{_TRANSPORT} Channel._brpop_start", {"kombu 5.7.0": "8de199424eb77724"}),
     "kombu.transport.redis:Channel._brpop_read": (
         f"{_TRANSPORT} Channel._brpop_read", {"kombu 5.7.0": "cf6e7a3c978ccf4b"}),
+    "kombu.transport.redis:Channel._size": (
+        f"{_TRANSPORT} Channel._size: without the MULTI a full Redis refuses", {"kombu 5.7.0": "6004f14873ceb509"}),
     "kombu.transport.redis:QoS.append": (
         f"{_TRANSPORT} Channel._record: kombu's unacked record, written by the receive",
         {"kombu 5.7.0": "bdc5ddeaeea754cc"}),
     "kombu.transport.redis:QoS.ack": (
         f"{_TRANSPORT} ack_in_redis: the Redis side of an ack, for many jobs", {"kombu 5.7.0": "c657a6451d3caea8"}),
+    "kombu.message:Message.reject": (
+        f"{_TRANSPORT} Delivery.reject: a requeue put back by Channel.put_back instead",
+        {"kombu 5.7.0": "bc4dcbe8e8427eb0"}),
     "kombu.transport.redis:QoS.restore_by_tag": (
         f"{_KEYS} BrokerRedis.restore: kombu's restore, with a check", {"kombu 5.7.0": "1373b798f9fc648b"}),
     "kombu.transport.redis:QoS.restore_unacked": (

@@ -16,11 +16,17 @@ bulk limit, so a worker full of bulk jobs keeps room for interactive ones); when
 next receive blocks with ``BLMOVE`` on the interactive lane for at most ``LANE_POLL_S`` before looking
 again. ``priority_steps`` is ``[0]``: one list per lane. A worker on Redis older than 6.2, which has no
 ``BLMOVE``, receives as kombu does and says what that risks.
+
+A full Redis (tasks/memory.py) refuses ``BLMOVE`` and ``MULTI``: the moves and the record run as scripts
+it still runs (Redis 7+), and where a blocking receive would be refused the worker pauses with a ``BLPOP``
+on a key nothing writes (never refused), then looks again. Nothing is refused half-done: a refused step has
+moved nothing, or leaves its jobs in flight to be put back.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -33,8 +39,9 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from tasks import lanes
-from worker import inflight
+from tasks import lanes, memory
+from tasks.connections import rerankq_key, restore_unacked
+from worker import inflight, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,22 @@ class QoS(kombu_redis.QoS):
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
+
+
+class Delivery(virtual.Message):  # type: ignore[misc]
+    """kombu's message, knowing which delivery of its job it is."""
+
+    #: When it was recorded unacked (its score in kombu's unacked index): which delivery this is.
+    delivered_at: float | None = None
+    #: Set by worker/settle.py ``requeue``: rejected, it goes back to the head of its queue through ``put_back``.
+    to_head = False
+
+    def reject(self, requeue: bool = False) -> None:
+        if not (requeue and self.to_head and self.delivered_at is not None) or self.acknowledged:
+            super().reject(requeue)
+            return
+        self.channel.put_back(self)
+        self._state = "REJECTED"  # as kombu's reject leaves it
 
 
 def ack_in_redis(client: redis.Redis, keys: tuple[str, str], messages: list[Any]) -> None:
@@ -83,6 +106,7 @@ class Source(NamedTuple):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    Message = Delivery
 
     #: The receive outstanding, if any: its command, and the lists it may have moved jobs from.
     _moving: tuple[str, list[Source]] | None = None
@@ -92,15 +116,56 @@ class Channel(kombu_redis.Channel):
     recorded = False
     _can_move = True
     _plain: redis.Redis | None = None
+    #: Lists a lost or refused receive may have left jobs in: put back before the next receive.
+    _stranded: tuple[Source, ...] = ()
+    #: Redis refused the last write for want of memory: pause once instead of a blocking receive.
+    _full = False
+    #: Said so in the log (and the metric) since the last blocking receive Redis took.
+    _reported = False
+    _move_script = ""
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         # Before the first receive: take back what a worker of the same name left in flight.
         source, key = self._source(queue), inflight.list_key(self.global_keyprefix, _owner, queue)
-        restored = inflight.adopt(self._plain_client(), self.global_keyprefix, key, source)
+        try:
+            restored = inflight.adopt(self._plain_client(), self.global_keyprefix, key, source)
+        except redis.ResponseError as exc:  # Redis 6.2, full: scripts cannot say they only move jobs
+            if not memory.is_full(exc):
+                raise
+            self._stranded += (Source(queue, source, key),)  # put back once it has room
+            restored = 0
         if restored:
             logger.warning("put back %d job(s) a previous worker named %s left in flight", restored, _owner)
         self._can_move = _has_blmove(self._plain_client())
+        self._move_script = memory.script(self._plain_client(), _MOVE_LANES)
         return super().basic_consume(queue, *args, **kwargs)
+
+    def _size(self, queue: str) -> int:
+        """kombu's, without its MULTI: a full Redis refuses every command queued in one, reads too, and
+        kombu asks for the size as the consumer declares its queues."""
+        with self.conn_or_acquire() as client:
+            return sum(int(client.llen(self._q_for_pri(queue, step))) for step in self.priority_steps)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except redis.ResponseError as exc:  # bound already by whoever sent the jobs queued, in all likelihood
+            if not memory.is_full(exc):
+                raise
+            logger.warning("Redis is full: could not record %s's binding; a queue bound before (by whoever sent "
+                           "its jobs) is served all the same", queue)
+
+    def put_back(self, message: Delivery) -> None:
+        """On the event loop (Celery's reject runs there): put a delivery back at the head of its queue and
+        forget it, in one step no receive can come between. Only this delivery: if its job was reclaimed
+        and received again meanwhile (same delivery tag, a new record), that delivery is left alone."""
+        tag = message.delivery_tag
+        if self.qos._delivered.get(tag) is not message:
+            return  # received again since: this delivery's record is gone, the new one is not ours to touch
+        if not self.closed:  # closed: its record stays for the reclaim
+            at = float(message.delivered_at or 0.0)
+            restore_unacked(self, self._plain_client(), tag, at, math.nextafter(at, math.inf))
+        virtual.QoS.ack(self.qos, tag)  # kombu's bookkeeping alone: the Redis side is done
 
     def _source(self, queue: str) -> str:
         return f"{self.global_keyprefix}{self._q_for_pri(queue, 0)}"
@@ -137,26 +202,48 @@ class Channel(kombu_redis.Channel):
         if self._moving is not None:
             # The last receive's reply was lost with its connection (a stale socket dropped, a read that
             # failed): whatever it moved waits in flight.
-            for lost in self._moving[1]:
-                restored = inflight.restore(self._plain_client(), lost.key, lost.source)
-                if restored:
-                    logger.warning("put back %d job(s) received on a connection that was lost", restored)
+            self._stranded, self._moving = _merged(self._stranded, self._moving[1]), None
         sources = self._sources()
         connection = self.client.connection
+        if self._stranded:
+            try:
+                for lost in self._stranded:
+                    restored = inflight.restore(self._plain_client(), lost.key, lost.source)
+                    if restored:
+                        logger.warning("put back %d job(s) a lost or refused receive left in flight", restored)
+                self._stranded = ()
+            except redis.ResponseError as exc:
+                if not memory.is_full(exc):
+                    raise
+                self._refused(exc)
         if self._idle:
             # Nothing anywhere: block on the first lane, and look at the others again soon.
             wait = self.brpop_timeout if timeout is None else timeout
             if len(sources) > 1:
                 wait = min(wait, LANE_POLL_S)
-            self._moving = ("BLMOVE", sources)
-            connection.send_command("BLMOVE", sources[0].source, sources[0].key, "RIGHT", "LEFT", wait)
+            if self._full:
+                self._moving = ("BLPOP", [])
+                connection.send_command("BLPOP", rerankq_key(self.global_keyprefix, "full-pause", _owner),
+                                        FULL_PAUSE_S)
+            else:
+                self._moving = ("BLMOVE", sources)
+                connection.send_command("BLMOVE", sources[0].source, sources[0].key, "RIGHT", "LEFT", wait)
         else:
             total, caps = self._allowance(sources)
             self._moving = ("EVAL", sources)
-            connection.send_command("EVAL", _MOVE_LANES, 2 * len(sources),
+            connection.send_command("EVAL", self._move_script, 2 * len(sources),
                                     *(key for s in sources for key in (s.source, s.key)), total, *caps)
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares it None
+
+    def _refused(self, exc: redis.ResponseError) -> None:
+        """Redis is full: say so once, and pause before the next look (then try a blocking receive again)."""
+        if not self._reported:
+            logger.warning("Redis is full (%s): new jobs and results are refused; this worker serves what is "
+                           "queued and pauses between looks until memory comes back", exc)
+            metrics.REDIS_FULL.set(1)
+            self._reported = True
+        self._full, self._idle = True, True
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._moving is None:
@@ -168,25 +255,46 @@ class Channel(kombu_redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next start reconnects and puts back what this moved
                 raise
+            except redis.ResponseError as exc:
+                if not memory.is_full(exc):
+                    raise
+                self._moving = None  # refused before it moved anything (a script stops at its first write)
+                self._refused(exc)
+                raise virtual.Empty() from None
+            if command == "BLPOP":  # the pause is over: look again, then try a blocking receive
+                self._moving, self._idle, self._full = None, False, False
+                raise virtual.Empty()
             if command == "BLMOVE":
+                if self._reported:
+                    logger.warning("Redis takes writes again")
+                    metrics.REDIS_FULL.set(0)
+                    self._reported = False
                 self._idle = False  # whatever came, look at every lane without blocking next time
                 if raw is None:
                     self._moving = None
                     raise virtual.Empty()
-                # Whatever else waits, up to what prefetch allows, comes in the same receive: at hundreds of
-                # jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
-                total, caps = self._allowance(sources)
-                caps[0] -= 1
-                moved = [(sources[0], raw), *self._move_lanes(sources, total - 1, caps)]
-            else:
-                moved = _pair(sources, raw)
-                if not moved:
-                    self._idle = True
-                    self._moving = None
-                    raise virtual.Empty()
-            received = self._record(moved)
+            try:
+                if command == "BLMOVE":
+                    # Whatever else waits, up to what prefetch allows, comes in the same receive: at hundreds
+                    # of jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
+                    total, caps = self._allowance(sources)
+                    caps[0] -= 1
+                    moved = [(sources[0], raw), *self._move_lanes(sources, total - 1, caps)]
+                else:
+                    moved = _pair(sources, raw)
+                    if not moved:
+                        self._idle = True
+                        self._moving = None
+                        raise virtual.Empty()
+                received, recorded_at = self._record(moved)
+            except redis.ResponseError as exc:  # Redis 6.2 filled up mid-receive: what moved waits in flight
+                if not memory.is_full(exc):
+                    raise
+                self._stranded, self._moving = _merged(self._stranded, sources), None
+                self._refused(exc)
+                raise virtual.Empty() from None
             self._moving = None  # recorded or dropped: nothing of this receive is left in flight
-            self._deliver_all(received)
+            self._deliver_all(received, recorded_at)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu declares it bool
@@ -196,42 +304,49 @@ class Channel(kombu_redis.Channel):
         if total <= 0:
             return []
         keys = [key for s in sources for key in (s.source, s.key)]
-        raw = self._plain_client().eval(_MOVE_LANES, len(keys), *keys, total, *caps)  # type: ignore[arg-type]
+        raw = self._plain_client().eval(self._move_script, len(keys), *keys, total, *caps)  # type: ignore[arg-type]
         return _pair(sources, raw)
 
-    def _record(self, moved: list[tuple[Source, bytes]]) -> list[tuple[str, str, dict[str, Any]]]:
-        """kombu's unacked record of each moved job, and its removal from the in-flight list, in one
-        transaction; an item that is not a kombu message is dropped instead. Returns (queue, tag, payload)
-        of the recorded ones."""
-        received: list[tuple[str, str, dict[str, Any]]] = []
+    def _record(self, moved: list[tuple[Source, bytes]]) -> tuple[list[tuple[str, str, dict[str, Any]]], float]:
+        """kombu's unacked record of each moved job, and its removal from the in-flight list, in one script
+        that a full Redis still runs; an item that is not a kombu message is dropped instead. A job no longer
+        in the in-flight list was put back by a worker that took this one for dead: it is not recorded, nor
+        served here. Returns (queue, tag, payload) of the recorded ones, and the time they were recorded at."""
+        parsed: dict[str, tuple[str, dict[str, Any]]] = {}
+        args: list[Any] = []
+        for source, raw in moved:
+            try:
+                payload = loads(bytes_to_str(raw))
+                tag, delivery = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
+                # kombu's record: [message, exchange, routing key], the message as it came.
+                record = b"[%s,%s,%s]" % (raw, dumps(delivery["exchange"]).encode(),
+                                          dumps(delivery["routing_key"]).encode())
+            except Exception as exc:
+                _dropped(exc, raw)
+                args += [source.key, raw, "", ""]
+                continue
+            parsed[tag] = (source.queue, payload)
+            args += [source.key, raw, tag, record]
         now = time.time()
         index_key = self.global_keyprefix + self.qos.unacked_index_key
         hash_key = self.global_keyprefix + self.qos.unacked_key
-        with self._plain_client().pipeline() as pipe:
-            for source, raw in moved:
-                try:
-                    payload = loads(bytes_to_str(raw))
-                    tag, delivery = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
-                    # kombu's record: [message, exchange, routing key], the message as it came.
-                    record = b"[%s,%s,%s]" % (raw, dumps(delivery["exchange"]).encode(),
-                                              dumps(delivery["routing_key"]).encode())
-                except Exception as exc:
-                    _dropped(exc, raw)
-                    pipe.lrem(source.key, 1, raw)  # type: ignore[arg-type]  # bytes are values
-                    continue
-                pipe.zadd(index_key, {tag: now})
-                pipe.hset(hash_key, tag, record)
-                pipe.lrem(source.key, 1, raw)  # type: ignore[arg-type]
-                received.append((source.queue, tag, payload))
-            pipe.execute()
-        return received
+        client = self._plain_client()
+        recorded = client.eval(memory.script(client, _RECORD), 2, index_key, hash_key, repr(now), *args)  # type: ignore[arg-type]
+        received = [(*parsed[tag], tag) for tag in map(bytes_to_str, recorded)]  # type: ignore[union-attr]
+        if len(received) < len(parsed):
+            logger.warning("%d job(s) received were put back meanwhile by a worker that took this one for dead; "
+                           "not served here", len(parsed) - len(received))
+        return [(queue, tag, payload) for queue, payload, tag in received], now
 
-    def _deliver_all(self, received: list[tuple[str, str, dict[str, Any]]]) -> None:
+    def _deliver_all(self, received: list[tuple[str, str, dict[str, Any]]], recorded_at: float) -> None:
         errors = []
         for queue, tag, payload in received:
             self.recorded = True
             try:
                 self.connection._deliver(payload, queue)
+                delivered = self.qos._delivered.get(tag)
+                if delivered is not None:
+                    delivered.delivered_at = recorded_at  # which delivery it is, for put_back
             except Exception as exc:
                 if tag in self.qos._delivered:
                     errors.append(exc)  # raised by the consumer: kombu's to handle, as with its own receive
@@ -242,6 +357,10 @@ class Channel(kombu_redis.Channel):
                 self.recorded = False
         if errors:
             raise errors[0]
+
+
+def _merged(stranded: tuple[Source, ...], more: list[Source]) -> tuple[Source, ...]:
+    return tuple(dict.fromkeys((*stranded, *more)))
 
 
 def _pair(sources: list[Source], replies: Any) -> list[tuple[Source, bytes]]:
@@ -260,6 +379,25 @@ BURST = 64
 def _dropped(exc: Exception, item: object) -> None:
     logger.error("dropped an item of the queue that is not a message (%r): %r", exc, str(item)[:200])
 
+
+#: KEYS: kombu's unacked index and hash; ARGV: the time, then per moved item its in-flight list, the item, its
+#: delivery tag ('' to drop it) and kombu's record. Returns the tags recorded.
+_RECORD = """
+local recorded = {}
+for i = 2, #ARGV, 4 do
+  local key, raw, tag = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('LREM', key, 1, raw) == 1 and tag ~= '' then
+    redis.call('ZADD', KEYS[1], ARGV[1], tag)
+    redis.call('HSET', KEYS[2], tag, ARGV[i + 3])
+    recorded[#recorded + 1] = tag
+  end
+end
+return recorded
+"""
+
+#: How long a worker pauses between looks at its lanes while Redis is full (no job can arrive meanwhile: a
+#: full Redis refuses new ones).
+FULL_PAUSE_S = 0.5
 
 #: How long an idle worker blocks on its interactive lane before it looks at its bulk lane again: the
 #: most a bulk job sent to an idle worker waits to be received (a busy worker takes bulk jobs at once).
