@@ -20,6 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import EagerResult
 
 from producer.waiting import AsyncWaiter
+from tasks import clock
 from tasks.errors import RerankTimeout
 from tasks.lanes import INTERACTIVE
 from tasks.records import Result
@@ -83,8 +84,11 @@ async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter
 def _job(top_k: int | None, deadline: float | None, timeout: float, raw_scores: bool,
          long_docs: str | None) -> dict[str, Any]:
     """The job's keyword arguments. Options left at their default are not sent: such a job is one any
-    earlier worker serves too."""
-    job: dict[str, Any] = {"top_k": top_k, "deadline": deadline if deadline is not None else time.time() + timeout}
+    earlier worker serves too. With no deadline given, it is ``timeout`` from now, on Redis's clock: the
+    send fills it in once the clock is synced (``_timeout_s``, ``_called`` say from when)."""
+    job: dict[str, Any] = {"top_k": top_k, "deadline": deadline}
+    if deadline is None:
+        job.update(_timeout_s=timeout, _called=time.monotonic())
     if raw_scores:
         job["raw_scores"] = True
     if long_docs is not None:
@@ -93,6 +97,11 @@ def _job(top_k: int | None, deadline: float | None, timeout: float, raw_scores: 
 
 
 def _send(task_id: str, query: str, docs: Sequence[str], job: dict[str, Any], queue: str | None, lane: str) -> Any:
+    rerank_task.sync_clock()  # off the event loop for arerank: it may wait on Redis
+    if "_timeout_s" in job:
+        job = dict(job)
+        timeout, called = job.pop("_timeout_s"), job.pop("_called")
+        job["deadline"] = clock.now() + timeout - (time.monotonic() - called)
     options: dict[str, Any] = {"task_id": task_id, "lane": lane}
     if queue:
         options["queue"] = queue

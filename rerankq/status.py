@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from celeryconfig import Settings
-from tasks import lanes, memory
+from tasks import clock, lanes, memory
 from tasks.connections import BrokerRedis
 from tasks.router import RouteState, counts_key, state_key
 from worker.backlog import Snapshot, measure
@@ -63,7 +63,7 @@ def _queue_row(snapshot: Snapshot, queue: str, lane: str) -> dict[str, Any]:
 def render(status: dict[str, Any]) -> str:
     route = status["route"]
     if route["watchdog"]:
-        age = time.time() - route["since"]
+        age = clock.now() - route["since"]
         head = (f"route: {route['route']} for {age:.0f}s, cpu queue {'open' if route['cpu_open'] else 'closed'}; "
                 f"watchdog {route['leader']} leads, metrics {_port(route['metrics_port'])}")
     else:
@@ -76,7 +76,7 @@ def render(status: dict[str, Any]) -> str:
         for q in status["queues"]])
     routed = ", ".join(f"{k} {v}" for k, v in status["routed"].items()) or "none yet"
     lines += ["", f"jobs routed by producers: {routed}", ""]
-    now = time.time()
+    now = clock.now()
     # busy: share of the last 30 s in forward batches; wait p95: interactive jobs' queue wait, same window.
     lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "busy",
                      "wait p95", "metrics", "seen"], [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -11,7 +10,7 @@ from celery import Task, states
 from celery.result import EagerResult
 from celery.signals import before_task_publish
 
-from tasks import lanes, memory, tracing
+from tasks import clock, lanes, memory, tracing
 from tasks.app import app
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, RerankError
@@ -37,6 +36,7 @@ class RerankTask(Task):
     typing = False
     #: Set on first use from the settings; replace it to route with other queues or marks.
     router: Router | None = None
+    _clock_broker: BrokerRedis | None = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, lane: str = lanes.INTERACTIVE,
                     **options: Any) -> Any:
@@ -44,6 +44,7 @@ class RerankTask(Task):
         state; ``"bulk"`` goes to the bulk lane of ``queue`` (default: the GPU queue), never shed or passed
         through."""
         _refuse_oversized(args, kwargs)
+        self.sync_clock()
         explicit = any(options.get(name) for name in _DESTINATION_OPTIONS)
         if lanes.check(lane) == lanes.BULK:
             from celeryconfig import settings
@@ -61,6 +62,15 @@ class RerankTask(Task):
             if memory.is_full(exc):
                 raise memory.refused(exc, self.app.connection_for_write().as_uri()) from exc
             raise
+
+    def sync_clock(self) -> None:
+        """Measure this process's offset from Redis's clock, if due (tasks/clock.py)."""
+        clock.sync(self._clock_client)
+
+    def _clock_client(self) -> Any:
+        if self._clock_broker is None:
+            self._clock_broker = BrokerRedis(self.app)
+        return self._clock_broker.client
 
     def get_router(self) -> Router:
         if self.router is None:
@@ -88,7 +98,7 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
     result: what the queue wait counts from (the caller's whole wait is the job's latency). With tracing set
     up, the send is a span whose context the message carries."""
     if sender == TASK_NAME and headers is not None:
-        headers.setdefault(SENT_AT_HEADER, time.time())  # a relay may pass on the original send time
+        headers.setdefault(SENT_AT_HEADER, clock.now())  # a relay may pass on the original send time
         tracing.sending(headers, str(headers.get("id", "")), routing_key)
 
 

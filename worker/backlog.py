@@ -6,10 +6,10 @@ kombu keeps for the queue, and the figures its workers report (``worker/stats.py
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tasks import clock
 from tasks.connections import BrokerRedis
 from tasks.router import QueueLoad
 from worker.stats import WorkerStats, live_for, workers_key
@@ -24,6 +24,7 @@ class Snapshot:
 
 def measure(broker: BrokerRedis, queues: Sequence[str], poll_s: float) -> Snapshot:
     """The load of each queue. Figures of workers gone for ten times the liveness limit are removed."""
+    clock.sync(lambda: broker.client)
     lists = {queue: broker.queue_lists(queue) for queue in queues}
     with broker.client.pipeline(transaction=False) as pipe:
         for queue in queues:
@@ -31,7 +32,7 @@ def measure(broker: BrokerRedis, queues: Sequence[str], poll_s: float) -> Snapsh
                 pipe.llen(name)
             pipe.hgetall(workers_key(broker, queue))
         replies = iter(pipe.execute())
-    now = time.time()
+    now = clock.now()
     loads: dict[str, QueueLoad] = {}
     live: dict[str, list[WorkerStats]] = {}
     dead: dict[str, list[str]] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from celery import bootsteps
 
 from celeryconfig import Settings
-from tasks import lanes
+from tasks import clock, lanes
 from tasks.connections import BrokerRedis
 from tasks.errors import BadJob, ConfigError
 from tasks.records import TRUNCATE, Job
@@ -76,7 +75,7 @@ class ChunkConsumer:
             self._held[request.message.delivery_tag] = routing_key
         with self._ready.cond:
             self._ready.unprepared += 1
-        self._inbox.put(Pending(request, time.time(), routing_key, lanes.lane_of(routing_key)))
+        self._inbox.put(Pending(request, clock.now(), routing_key, lanes.lane_of(routing_key)))
 
     def held(self) -> dict[str, int]:
         """Jobs held per routing key."""

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import redis
 
-from tasks import memory
+from tasks import clock, memory
 from tasks.connections import rerankq_key
 
 #: This process's in-flight lists: list key -> the queue list it receives from.
@@ -74,7 +73,7 @@ def reclaim(client: redis.Redis, prefix: str, dead_after_s: float) -> int:
     moved = 0
     for key, raw in entries.items():
         entry = json.loads(raw)
-        if entry["seen"] > time.time() - dead_after_s:
+        if entry["seen"] > clock.now() - dead_after_s:
             continue
         moved += restore(client, key.decode(), entry["source"])
         # A worker that was only stalled registers again with its next report.
@@ -83,4 +82,4 @@ def reclaim(client: redis.Redis, prefix: str, dead_after_s: float) -> int:
 
 
 def _entry(source: str) -> str:
-    return json.dumps({"source": source, "seen": time.time()})
+    return json.dumps({"source": source, "seen": clock.now()})

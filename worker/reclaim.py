@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Sequence
 
+from tasks import clock
 from tasks.connections import BrokerRedis
 from tasks.rerank import TASK_NAME
 from worker.stats import WorkerStats
@@ -34,7 +34,7 @@ def reclaim(broker: BrokerRedis, queues: Sequence[str], live: Iterable[WorkerSta
     ``offset`` in the index (oldest first). Returns their task ids and the offset to scan from next time
     (0 once the end of the due ones is reached)."""
     index_key, hash_key = broker.unacked_keys()
-    cutoff = time.time() - grace_s
+    cutoff = clock.now() - grace_s
     due: list[bytes] = broker.client.zrangebyscore(  # type: ignore[assignment]
         index_key, "-inf", cutoff, start=offset, num=limit)
     candidates = [tag.decode() for tag in due]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from celery.worker import state as worker_state
 
 from celeryconfig import Settings
+from tasks import clock
 from tasks.connections import BrokerRedis
 from tasks.errors import DeadlineExceeded, RankerFailed
 from tasks.lanes import BULK, INTERACTIVE, LANES
@@ -129,7 +130,7 @@ class Runner:
                 pending.begin()
             else:  # bad input, or no docs: an outcome at once
                 done.append(pending)
-        self._start(done, time.time())
+        self._start(done, clock.now())
         self._finish(done)
         return True
 
@@ -142,7 +143,7 @@ class Runner:
             if (sum(p.tokens for p in waiting) >= self.settings.max_chunk_tokens
                     or len(waiting) >= self.settings.max_chunk_jobs):
                 return
-            remaining = min(p.received for p in waiting) + max_wait - time.time()
+            remaining = min(p.received for p in waiting) + max_wait - clock.now()
             if remaining <= 0:
                 return
             ready.cond.wait(remaining)
@@ -168,7 +169,7 @@ class Runner:
     # -- one forward batch ------------------------------------------------------------------------
 
     def _step(self) -> None:
-        began = time.time()
+        began, began_mono = clock.now(), time.monotonic()  # a stamp other hosts read; a duration
         self._expire(began)
         pace, now = self._model.pace, time.monotonic()
         web = now - self.ready.last_interactive < QUIET_S
@@ -196,7 +197,8 @@ class Runner:
         finished = [p for p in jobs if not p.left]
         self._finish(finished)
         pairs = Counter(p.queue for p, _ in batch)
-        self.throughput.add(pairs, Counter(p.queue for p in finished if p.error is None), time.time() - began)
+        self.throughput.add(pairs, Counter(p.queue for p in finished if p.error is None),
+                            time.monotonic() - began_mono)
         self._batches += 1
         has_bulk = any(p.lane == BULK for p, _ in batch)
         self._without_bulk = self._without_bulk + 1 if bulk_waits and not has_bulk else 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from tasks import memory, tracing
+from tasks import clock, memory, tracing
 from tasks.connections import BrokerRedis
 from tasks.errors import RankerFailed
 from tasks.records import Result, Timings, top_indices
@@ -103,7 +103,7 @@ class Written:
 def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
     """Write every job's outcome in one pipelined round trip; raises if Redis stays away past the backend's
     retries (the jobs are then put back)."""
-    done = time.time()
+    done = clock.now()
     outcomes = [_outcome(pending, ranker, done) for pending in jobs]
     entries, refused, error = results.store(backend, outcomes)
     kept = [i for i in range(len(jobs)) if i not in set(refused)]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks import memory
+from tasks import clock, memory
 from tasks.connections import BrokerRedis
 from worker import inflight
 
@@ -157,7 +157,7 @@ class WorkerStats:
     jobs: int
     busy_s: float
     served: int
-    at: float = field(default_factory=time.time)
+    at: float = field(default_factory=clock.now)
     #: Delivery tags of the jobs it holds.
     tags: list[str] = field(default_factory=list)
     #: Over the throughput window, per queue (lane) it served: [pairs, jobs].
@@ -205,6 +205,7 @@ class StatsReporter:
                 self._failing = True
 
     def report(self) -> None:
+        clock.sync(lambda: self._broker.client)
         stats = self._snapshot()
         raw = stats.encode()
         keep_s = max(60, int(10 * live_for(self._interval_s)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celeryconfig import Settings
-from tasks import lanes, memory
+from tasks import clock, lanes, memory
 from tasks.connections import BrokerRedis
 from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from worker import metrics
@@ -93,15 +93,17 @@ class Watchdog:
         raw = self.broker.client.get(state_key(self.broker, self.gpu_queue))
         if raw:
             return RouteState.decode(raw)
-        return RouteState(route=GPU, cpu_open=True, since=time.time(), at=time.time())
+        return RouteState(route=GPU, cpu_open=True, since=clock.now(), at=clock.now())
 
     def poll(self) -> RouteState | None:
         """Lead: measure, decide, write the state, log and record a change, and return the new state. Stand
         by while another watchdog leads (the lease): return None."""
         leading = self.lease.hold()
         if leading != self.leading:
-            logger.info("leading: this watchdog measures and writes the route" if leading else
-                        "standing by: watchdog %s leads", self.lease.leader())
+            if leading:
+                logger.info("leading: this watchdog measures and writes the route")
+            else:
+                logger.info("standing by: watchdog %s leads", self.lease.leader())
             self.leading = leading
             metrics.LEADING.set(leading)
         if not leading:
@@ -115,7 +117,7 @@ class Watchdog:
         shedding = self.marks.overloaded(previous.route == SHED, gpu)
         cpu_open = not self.marks.overloaded(not previous.cpu_open, cpu)
         route = SHED if shedding else GPU
-        now = time.time()
+        now = clock.now()
         changed = route != previous.route or cpu_open != previous.cpu_open
         reason = self._reason(route, cpu_open, gpu, cpu) if changed else previous.reason
         self.state = RouteState(route=route, cpu_open=cpu_open, since=now if changed else previous.since, at=now,

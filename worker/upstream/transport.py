@@ -39,7 +39,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from tasks import lanes, memory
+from tasks import clock, lanes, memory
 from tasks.connections import rerankq_key, restore_unacked
 from worker import inflight, metrics
 
@@ -126,6 +126,7 @@ class Channel(kombu_redis.Channel):
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         # Before the first receive: take back what a worker of the same name left in flight.
+        clock.sync(self._plain_client, force=True)  # before the first time this worker writes
         source, key = self._source(queue), inflight.list_key(self.global_keyprefix, _owner, queue)
         try:
             restored = inflight.adopt(self._plain_client(), self.global_keyprefix, key, source)
@@ -327,7 +328,7 @@ class Channel(kombu_redis.Channel):
                 continue
             parsed[tag] = (source.queue, payload)
             args += [source.key, raw, tag, record]
-        now = time.time()
+        now = clock.now()  # the watchdog's reclaim compares it with its own clock.now()
         index_key = self.global_keyprefix + self.qos.unacked_index_key
         hash_key = self.global_keyprefix + self.qos.unacked_key
         client = self._plain_client()
