@@ -18,7 +18,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from tasks import memory
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, causes
 
 
 def rerankq_key(prefix: str, *parts: str) -> str:
@@ -128,18 +128,8 @@ def _failing_tls(variable: str, where: str) -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, OperationalError) as exc:
-        cause = _ssl_error(exc)
+        cause = next((seen for seen in causes(exc) if isinstance(seen, ssl.SSLError)), None)
         if cause is not None:
             raise ConfigError(f"TLS with Redis at {where} failed: {cause}. If a private CA signed the server's "
                               f"certificate, name it in {variable} (`?ssl_ca_certs=/path/ca.pem`); check the "
                               f"host name the certificate was issued for") from None
-
-
-def _ssl_error(exc: BaseException) -> BaseException | None:
-    """The TLS failure behind a redis-py connection error (it keeps the cause as the exception's context)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None

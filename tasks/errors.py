@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or during, down the chain (libraries wrap a Redis error in their
+    own: kombu's ``OperationalError``, redis-py's ``ConnectionError`` around an ``ssl.SSLError``)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
 
 class RerankError(Exception):
     """Root of rerankq's errors: ``except RerankError`` catches all of them."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from tasks.errors import RedisFull
+from tasks.errors import RedisFull, causes
 
 #: Scripts carrying it run on a full Redis 7+, their commands included.
 _ALLOW_OOM = "#!lua flags=allow-oom\n"
@@ -40,13 +40,9 @@ return 0
 def is_full(exc: BaseException) -> bool:
     """Whether Redis refused a command for want of memory (``-OOM``, in a pipeline or a script too, or behind
     the error kombu or Celery raised for it)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, redis.OutOfMemoryError) or (isinstance(seen, redis.ResponseError)
-                                                        and "used memory > 'maxmemory'" in str(seen)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(isinstance(seen, redis.OutOfMemoryError) or (isinstance(seen, redis.ResponseError)
+                                                            and "used memory > 'maxmemory'" in str(seen))
+               for seen in causes(exc))
 
 
 def script(client: redis.Redis, body: str) -> str:
