@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -102,6 +104,12 @@ def start_watchdog(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
     yield start
     for process in started:
         process.stop()
+
+
+def rerankq(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``rerankq *args`` to the end (no metrics port), its output captured."""
+    return subprocess.run([sys.executable, "-m", "rerankq", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RERANKQ_METRICS_PORT": "0", **(env or {})})
 
 
 def new_queue() -> str:

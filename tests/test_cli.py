@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import rerankq
+
 pytestmark = pytest.mark.integration
-
-
-def rerankq(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rerankq", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "RERANKQ_METRICS_PORT": "0", **(env or {})})
 
 
 def test_a_worker_whose_model_cannot_load_exits_non_zero_with_the_reason(tmp_path: Path,

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ import pytest
 
 from producer import rerank
 from rerankq.local import RerankqProcess, WorkerProcess
-from tests.conftest import eventually, new_queue
+from tests.conftest import eventually, new_queue, rerankq
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shutil.which("datefudge"), reason="Debian's datefudge is not installed "
@@ -43,8 +40,7 @@ def shifted(seconds: float) -> list[str]:
 
 
 def _status(env: dict[str, str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "rerankq", "status", "--json"], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
+    done = rerankq("status", "--json", env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout))
 

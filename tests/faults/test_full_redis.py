@@ -23,7 +23,7 @@ import redis
 
 from rerankq.local import ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, free_port
-from tests.conftest import eventually, needs_system_redis, new_queue
+from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
 
 pytestmark = [pytest.mark.integration, needs_system_redis]
 
@@ -124,8 +124,7 @@ def test_a_worker_started_on_a_full_redis_serves_keeps_every_job_and_answers_onc
         answer = httpx.post(f"{server.url}/v1/rerank", json={"query": "q", "documents": ["d"]}, timeout=30)
         assert answer.status_code == 503 and "out of memory" in answer.json()["message"], answer.text
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 503
-        status = subprocess.run([sys.executable, "-m", "rerankq", "status"], env={**os.environ, **env},
-                                capture_output=True, text=True, timeout=120)
+        status = rerankq("status", env=env)
         assert "FULL" in status.stdout, status.stdout + status.stderr
 
         client.delete(FILLER)  # memory comes back (DEL is never refused)

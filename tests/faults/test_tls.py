@@ -20,7 +20,7 @@ import pytest
 
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, TlsFiles, free_port
-from tests.conftest import eventually, needs_system_redis, new_queue
+from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
 
 pytestmark = [pytest.mark.integration, needs_system_redis]
 
@@ -66,11 +66,6 @@ def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Ite
     process.stop()
 
 
-def _rerankq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rerankq", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def test_the_server_takes_tls_only(tls: tuple[RedisServer, Path]) -> None:
     import redis
 
@@ -96,7 +91,7 @@ def test_a_bulk_run_completes_over_tls(worker: WorkerProcess, env: dict[str, str
     source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps({"id": i, "query": f"q {i}", "docs": ["d one", "d two"]}) + "\n"
                               for i in range(20)))
-    done = _rerankq("submit", str(source), "-o", str(output), env=env)
+    done = rerankq("submit", str(source), "-o", str(output), env=env)
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == list(range(20))
 
@@ -105,7 +100,7 @@ def test_the_watchdog_and_status_work_over_tls(worker: WorkerProcess, env: dict[
     watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log")
     try:
         def seen() -> bool:
-            done = _rerankq("status", "--json", env=env)
+            done = rerankq("status", "--json", env=env)
             assert done.returncode == 0, done.stderr
             status = json.loads(done.stdout)
             return bool(status["route"]["watchdog"]) and worker.node in {w["node"] for w in status["workers"]}
@@ -130,7 +125,7 @@ def test_flower_shows_jobs_over_tls(worker: WorkerProcess, env: dict[str, str], 
                 return False
 
         eventually(answered, 60, "Flower answers")
-        sent = _rerankq("submit", str(_one_job(tmp_path)), "-o", str(tmp_path / "out.jsonl"), env=env)
+        sent = rerankq("submit", str(_one_job(tmp_path)), "-o", str(tmp_path / "out.jsonl"), env=env)
         assert sent.returncode == 0, sent.stderr
 
         def shown() -> bool:
@@ -160,7 +155,7 @@ def test_the_wrong_ca_fails_at_once_saying_so(tls: tuple[RedisServer, Path], com
     server, wrong_ca = tls
     wrong = server.url.split("?")[0] + f"?ssl_ca_certs={wrong_ca}"
     started = time.monotonic()
-    done = _rerankq(*command, env={"RERANKQ_BROKER_URL": wrong}, timeout=60)
+    done = rerankq(*command, env={"RERANKQ_BROKER_URL": wrong}, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in done.stderr and "ssl_ca_certs=" in done.stderr
     assert time.monotonic() - started < 30  # not a retry loop
