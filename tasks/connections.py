@@ -8,6 +8,7 @@ a socket, ``global_keyprefix``) holds for these keys too.
 from __future__ import annotations
 
 import contextlib
+import math
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -55,8 +56,18 @@ class BrokerRedis:
         worker took again, stays where it is. Returns whether it was put back."""
         return restore_unacked(self._channel, self.client, tag, float("-inf"), delivered_before)
 
+    def put_back(self, tag: str, delivered_at: float) -> bool:
+        """Put back the delivery of ``tag`` recorded at ``delivered_at``, and no other (``restore``)."""
+        return restore_unacked(self._channel, self.client, tag, *delivery_window(delivered_at))
+
     def close(self) -> None:
         self._connection.release()
+
+
+def delivery_window(delivered_at: float) -> tuple[float, float]:
+    """The [from, before) window that names one delivery of a job by its record's exact time: every
+    delivery of a job carries the same delivery tag, so the time is what tells them apart."""
+    return delivered_at, math.nextafter(delivered_at, math.inf)
 
 
 def restore_unacked(channel: Any, client: redis.Redis, tag: str, delivered_from: float,

@@ -187,3 +187,52 @@ def test_a_chunk_acked_in_one_round_trip_is_not_acked_in_redis_again_job_by_job(
     assert broker.client.zscore(index, received[0].delivery_tag) == 1.0
     assert {m.delivery_tag for m in received} <= channel.qos._dirty  # kombu's bookkeeping still done
     broker.client.zrem(index, received[0].delivery_tag)
+
+
+def test_an_ack_removes_only_its_own_deliverys_record_not_a_later_one_of_the_same_job(
+        connection: Connection, broker: BrokerRedis) -> None:
+    """Every delivery of a job carries its delivery tag: a job put back (a reconnect, a reclaim) and received
+    again has a new record under the same tag, which the first delivery's late ack must leave alone."""
+    queue = new_queue()
+    _, received = consume(connection, queue)
+    for _ in range(2):
+        rerank.apply_async(JOB, queue=queue)
+    connection.drain_events(timeout=5)
+    first, second = received
+    index, unacked = broker.unacked_keys()
+    later = first.delivered_at + 5
+    broker.client.zadd(index, {first.delivery_tag: later, second.delivery_tag: later})  # received again since
+
+    transport.ack_in_redis(broker.client, (index, unacked), [first])
+    second.ack()
+    assert broker.client.zscore(index, first.delivery_tag) == later
+    assert broker.client.zscore(index, second.delivery_tag) == later
+    assert broker.client.hexists(unacked, first.delivery_tag) and broker.client.hexists(unacked, second.delivery_tag)
+
+    broker.client.zadd(index, {first.delivery_tag: first.delivered_at})  # its own record again
+    transport.ack_in_redis(broker.client, (index, unacked), [first])
+    assert broker.client.zscore(index, first.delivery_tag) is None
+    assert not broker.client.hexists(unacked, first.delivery_tag)
+    broker.client.zrem(index, second.delivery_tag)
+    broker.client.hdel(unacked, second.delivery_tag)
+
+
+def test_a_late_ack_of_a_job_received_again_on_the_same_channel_leaves_the_new_delivery_alone(
+        connection: Connection, broker: BrokerRedis) -> None:
+    queue = new_queue()
+    channel, received = consume(connection, queue)
+    rerank.apply_async(JOB, queue=queue)
+    connection.drain_events(timeout=5)
+    assert broker.restore(received[0].delivery_tag, float("inf"))  # reclaimed, as from a worker taken for dead
+    connection.drain_events(timeout=5)
+    old, new = received
+    assert old.delivery_tag == new.delivery_tag and new.delivered_at > old.delivered_at
+    index, unacked = broker.unacked_keys()
+
+    old.ack()
+    assert old.acknowledged
+    assert broker.client.zscore(index, new.delivery_tag) == new.delivered_at
+    assert channel.qos._delivered[new.delivery_tag] is new
+    new.ack()
+    assert broker.client.zscore(index, new.delivery_tag) is None
+    assert not broker.client.hexists(unacked, new.delivery_tag)

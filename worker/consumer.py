@@ -29,7 +29,9 @@ from worker import metrics, windows
 from worker.pending import Pending
 from worker.rankers import Ranker
 from worker.runner import Ready, Runner
+from worker.settle import put_back
 from worker.stats import StatsReporter, WorkerStats
+from worker.upstream import transport
 from worker.upstream.patches import flush_task_events, route_task_events
 from worker.upstream.strategy import receiver
 
@@ -56,10 +58,13 @@ class ChunkConsumer:
         self.broker = broker
         self._inbox: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._ready = Ready()
-        #: Jobs received and not yet settled: delivery tag (what the watchdog must not reclaim,
-        #: worker/reclaim.py) -> the routing key it came with (what the backlog counts per queue).
-        self._held: dict[str, str] = {}
+        #: Jobs received and not yet settled, by delivery tag (what the watchdog must not reclaim,
+        #: worker/reclaim.py). Served whatever becomes of the connection they came on.
+        self._held: dict[str, Pending] = {}
+        #: Of those, the ones whose channel a reconnect closed (``keep``).
+        self._carried: set[str] = set()
         self._held_lock = threading.Lock()
+        transport.serve_across_reconnects(self)
         self.runner = Runner(ranker, settings, _device, backend, broker, self._ready, hostname, self._settled)
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="rerankq-preparer", daemon=True),
@@ -71,34 +76,61 @@ class ChunkConsumer:
     def put(self, request: Any) -> None:
         """Called by the event loop for each received job; returns at once."""
         routing_key = _routing_key(request)
+        pending = Pending(request, clock.now(), routing_key, lanes.lane_of(routing_key))
         with self._held_lock:
-            self._held[request.message.delivery_tag] = routing_key
+            self._held[pending.tag] = pending
+            self._carried.discard(pending.tag)  # a new delivery of a job carried over: on the open channel
         with self._ready.cond:
             self._ready.unprepared += 1
-        self._inbox.put(Pending(request, clock.now(), routing_key, lanes.lane_of(routing_key)))
+        self._inbox.put(pending)
 
     def held(self) -> dict[str, int]:
         """Jobs held per routing key."""
         with self._held_lock:
-            return dict(Counter(self._held.values()))
+            return dict(Counter(pending.queue for pending in self._held.values()))
 
     def held_tags(self) -> list[str]:
         with self._held_lock:
             return sorted(self._held)
 
+    def keep(self, tags: list[str]) -> set[str]:
+        """As a channel closes: the jobs of ``tags`` this consumer goes on serving (all it holds, unless it
+        is stopping), which must not be put back (worker/upstream/transport.py ``QoS.restore_unacked``)."""
+        with self._held_lock:
+            if self._ready.stopping:
+                return set()
+            kept = {tag for tag in tags if tag in self._held}
+            self._carried |= kept
+            return kept
+
+    def carried(self) -> tuple[int, int]:
+        with self._held_lock:
+            return len(self._carried), sum(1 for tag in self._carried if self._held[tag].lane == lanes.BULK)
+
     def _settled(self, jobs: Sequence[Pending]) -> None:
         with self._held_lock:
             for pending in jobs:
-                self._held.pop(pending.tag, None)
+                if self._held.get(pending.tag) is pending:  # not a later delivery of its job, same tag
+                    del self._held[pending.tag]
+                    self._carried.discard(pending.tag)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Finish the jobs whose scoring has started; the others stay unacked and go back to the queue."""
+        """Finish the jobs whose scoring has started; the others go back to the head of their queue: those
+        received on the channel still open as it closes (``transport.QoS.restore_unacked``), those received
+        before a reconnect here, since no open channel knows them."""
         with self._ready.cond:
             self._ready.stopping = True
             self._ready.cond.notify_all()
         self._inbox.put(None)
         for thread in self._threads:
             thread.join(timeout)
+        if any(thread.is_alive() for thread in self._threads):  # it may still write them: left to the reclaim
+            logger.warning("the runner did not stop within %.0fs; the jobs it holds stay unacked", timeout)
+        else:
+            with self._held_lock:
+                left = [self._held[tag] for tag in self._carried if tag in self._held]
+            for pending in left:
+                put_back(self.broker, pending.request.message)
         self.broker.close()
 
     def _prepare_loop(self) -> None:

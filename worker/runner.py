@@ -30,7 +30,7 @@ from worker.batching import BULK_KEEP, BUSY_S, QUIET_S, Turns, admit, budgets, n
 from worker.model import Model, padded_tokens
 from worker.pending import Pending
 from worker.rankers import Ranker
-from worker.settle import Settler, requeue
+from worker.settle import Settler, ack_all, requeue
 from worker.stats import Busy, Recent, Throughput
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Runner:
         self.recent = Recent()
         self.window: list[Pending] = []
         self._on_settled = on_settled
+        self._broker = broker
         self._settler = Settler(ranker, backend, broker, on_settled)
         self._max_batch = settings.batch_tokens(device)
         self._model = Model(ranker, self.recent)
@@ -97,7 +98,7 @@ class Runner:
                                      len(self.window))
                     jobs, self.window = self.window, []
                     self._on_settled(jobs)
-                    requeue(jobs)
+                    requeue(jobs, self._broker)
         finally:
             self._settler.stop()
 
@@ -125,6 +126,8 @@ class Runner:
         for pending in admitted:
             if pending.request.revoked():  # expired or revoked: Celery settles them
                 self.window.remove(pending)
+                if pending.request.message.channel.closed:  # received before a reconnect: Celery's ack is lost
+                    ack_all(self._broker, [pending.request.message])
                 self._on_settled([pending])
             elif pending.error is None and pending.costs:
                 pending.begin()

@@ -85,7 +85,7 @@ class Settler:
             logger.error("could not write the results of %d jobs; requeueing them", len(jobs), exc_info=error)
         # Not held any more before the reject: received again at once, it must count as held.
         self._on_settled(jobs)
-        requeue(jobs)
+        requeue(jobs, self._broker)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
 def finish(written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
     """Ack the written jobs in Redis, send their events, do Celery's bookkeeping, announce the results."""
     jobs, outcomes, done = written.jobs, written.outcomes, written.done
-    _ack_in_redis(broker, [outcome.request.message for outcome in outcomes])
+    ack_all(broker, [outcome.request.message for outcome in outcomes])
     for pending, outcome in zip(jobs, outcomes, strict=True):
         request = outcome.request
         if outcome.result is not None:
@@ -134,18 +134,35 @@ def finish(written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) 
         _trace(pending, ranker, done, outcome.error)
 
 
-def requeue(jobs: Sequence[Pending]) -> None:
+def requeue(jobs: Sequence[Pending], broker: BrokerRedis) -> None:
     """Put jobs back at the head of their queue to be served again (a failure outside the model). The event
     loop does it (Celery's reject runs there), checking that the delivery is still this one: a job reclaimed
-    and received again meanwhile is left to its new delivery (worker/upstream/transport.py ``put_back``)."""
+    and received again meanwhile is left to its new delivery (worker/upstream/transport.py ``put_back``).
+    A job received before a reconnect goes back here, through ``broker``: its channel is closed."""
     for pending in jobs:
-        pending.request.message.to_head = True
+        message = pending.request.message
         try:
+            if message.channel.closed:
+                put_back(broker, message)
+            else:
+                message.to_head = True
             pending.request.reject(requeue=True)
         except Exception:
             logger.exception("could not requeue job %s; it stays unacked and is reclaimed once no worker holds it",
                              pending.request.id)
         worker_state.task_ready(pending.request)
+
+
+def put_back(broker: BrokerRedis, message: Any) -> None:
+    """Put the delivery ``message`` back at the head of its queue from any thread: only for a message whose
+    channel is closed, whose bookkeeping no receive shares any more."""
+    if getattr(message, "delivered_at", None) is None:
+        return  # kombu's own receive (several queues): left unacked, reclaimed
+    try:
+        broker.put_back(message.delivery_tag, message.delivered_at)
+    except Exception:
+        logger.warning("could not put job %s back; it stays unacked and is reclaimed once no worker holds it",
+                       message.delivery_tag, exc_info=True)
 
 
 def _outcome(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
@@ -181,9 +198,10 @@ def _trace(pending: Pending, ranker: Ranker, done: float, error: BaseException |
         logger.warning("could not record the trace of job %s", pending.request.id, exc_info=True)
 
 
-def _ack_in_redis(broker: BrokerRedis, messages: list[Any]) -> None:
+def ack_all(broker: BrokerRedis, messages: list[Any]) -> None:
     """Ack the jobs in Redis in one round trip, before their results are published; each job's own
-    ``acknowledge()`` on the event loop then only does kombu's bookkeeping."""
+    ``acknowledge()`` on the event loop then only does kombu's bookkeeping (and, for a job received before
+    a reconnect, nothing in Redis: its channel is closed)."""
     try:
         transport.ack_in_redis(broker.client, broker.unacked_keys(), messages)
     except Exception:

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import redis
 from rerankq.local import ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, free_port
 from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
+from tests.faults.jobs import send, where
 
 pytestmark = [pytest.mark.integration, needs_system_redis]
 
@@ -44,21 +44,6 @@ def separate_backend() -> Iterator[RedisServer]:
         yield server
 
 
-def _send(env: dict[str, str], queue: str, count: int) -> list[str]:
-    """Send ``count`` jobs to ``queue`` from a producer process; returns their ids."""
-    script = textwrap.dedent(f"""
-        import json
-        from tasks import rerank
-        ids = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}).id
-               for _ in range({count})]
-        print(json.dumps(ids))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return list(json.loads(done.stdout.splitlines()[-1]))
-
-
 def _fill(client: redis.Redis) -> None:
     """Another key takes FILLER_MB (written by a script: a value sent whole would leave a query buffer that
     Redis frees later); maxmemory is set half of that below what is then used: full."""
@@ -70,35 +55,12 @@ def _fill(client: redis.Redis) -> None:
         client.set("probe", "x")
 
 
-def _where(client: redis.Redis, queue: str, ids: list[str], node: str) -> dict[str, int]:
-    """How many of ``ids`` are waiting, unacked (held or left for the reclaim), in the in-flight lists of
-    worker ``node``, or answered, read in one atomic step (a script: a full Redis refuses MULTI); a job in none
-    of them is lost."""
-    in_flight = [f"rerankq:inflight:{node}:{queue}{lane}" for lane in ("", ".bulk")]
-    read = """#!lua flags=no-writes
-    local lists = {}
-    for i = 2, #KEYS do lists[#lists + 1] = redis.call('LRANGE', KEYS[i], 0, -1) end
-    local answered = {}
-    for i = 1, #ARGV do answered[i] = redis.call('EXISTS', 'celery-task-meta-' .. ARGV[i]) end
-    return {redis.call('HVALS', KEYS[1]), lists, answered}"""
-    unacked, lists, answered = client.eval(read, 2 + len(in_flight), "unacked", queue, *in_flight, *ids)  # type: ignore[misc]
-    waiting, flight = lists[0], [raw for items in lists[1:] for raw in items]
-
-    def present(raws: list[bytes]) -> set[str]:
-        return {job for job in ids for raw in raws if job.encode() in raw}
-
-    done = {job for job, flag in zip(ids, answered, strict=True) if flag}
-    seen = [present(waiting), present(unacked), present(flight), done]
-    return {"waiting": len(seen[0]), "unacked": len(seen[1]), "in flight": len(seen[2]), "answered": len(done),
-            "lost": len(set(ids).difference(*seen))}
-
-
 def test_a_worker_started_on_a_full_redis_serves_keeps_every_job_and_answers_once_there_is_room(
         broker: RedisServer, tmp_path: Path) -> None:
     queue = new_queue()
     env = {"RERANKQ_BROKER_URL": broker.url, "RERANKQ_GPU_QUEUE": queue}
     client = redis.Redis.from_url(broker.url)
-    ids = _send(env, queue, JOBS)
+    ids = send(env, queue, JOBS)
     _fill(client)
     port = free_port()
     node = f"full.{queue}@h"
@@ -111,8 +73,8 @@ def test_a_worker_started_on_a_full_redis_serves_keeps_every_job_and_answers_onc
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline:  # while full: the worker lives, and every job is somewhere
             assert worker.proc.poll() is None, worker.log()[-3000:]
-            where = _where(client, queue, ids, node)
-            assert where["lost"] == 0 and where["answered"] == 0, where
+            seen = where(client, queue, ids, node)
+            assert seen["lost"] == 0 and seen["answered"] == 0, seen
             time.sleep(0.5)
         assert "rerankq_redis_full 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 
@@ -128,7 +90,7 @@ def test_a_worker_started_on_a_full_redis_serves_keeps_every_job_and_answers_onc
         assert "FULL" in status.stdout, status.stdout + status.stderr
 
         client.delete(FILLER)  # memory comes back (DEL is never refused)
-        eventually(lambda: _where(client, queue, ids, node)["answered"] == JOBS, 60, "every job answered")
+        eventually(lambda: where(client, queue, ids, node)["answered"] == JOBS, 60, "every job answered")
         for job in ids:
             meta = json.loads(client.get(f"celery-task-meta-{job}"))  # type: ignore[arg-type]
             assert meta["status"] == "SUCCESS" and len(meta["result"]["scores"]) == 2
@@ -145,7 +107,7 @@ def test_a_worker_drains_a_full_broker_into_a_backend_with_room(
     env = {"RERANKQ_BROKER_URL": broker.url, "RERANKQ_RESULT_BACKEND": separate_backend.url,
            "RERANKQ_GPU_QUEUE": queue}
     client, results = redis.Redis.from_url(broker.url), redis.Redis.from_url(separate_backend.url)
-    ids = _send(env, queue, JOBS)
+    ids = send(env, queue, JOBS)
     _fill(client)
     worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=1,token_us=0"], env,
                            tmp_path / "worker.log", f"drain.{queue}@h")

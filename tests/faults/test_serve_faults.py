@@ -5,8 +5,6 @@ connection open at the time, while new ones reach Redis."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,40 +15,11 @@ import pytest
 from rerankq.local import ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, free_port
 from tests.conftest import eventually, new_queue
+from tests.faults.proxy import BlackHoleProxy
 
 pytestmark = pytest.mark.integration
 
 BODY = {"query": "bread", "documents": ["flour and water", "a river bank"]}
-
-
-class BlackHoleProxy:
-    """Forwards TCP to ``target``; ``swallow()`` makes every connection open now go silent in both directions
-    (held open, nothing passed on), while connections made afterwards are forwarded as before."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port, self._target = free_port(), target_port
-        self._generation = 0
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def swallow(self) -> None:
-        self._generation += 1
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self._target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b, self._generation), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, generation: int) -> None:
-        try:
-            while data := source.recv(65536):
-                while generation != self._generation:  # swallowed: hold the connection, pass nothing on
-                    time.sleep(3600)
-                sink.sendall(data)
-        except OSError:
-            pass
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def survive_redis_outage() -> None:
 
     def ack(self: Any, delivery_tag: str) -> None:
         """The consumer acks a job received before a reconnect on its old, closed channel: the chunk
-        consumer has already removed it from Redis (``_ack_in_redis``), so forget it instead of raising."""
+        consumer has already removed it from Redis (worker/settle.py ``ack_all``), so forget it instead of raising."""
         if self.channel.closed:
             self._delivered.pop(delivery_tag, None)
             return

@@ -26,11 +26,10 @@ moved nothing, or leaves its jobs in flight to be put back.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import redis
 from kombu import transport as kombu_transports
@@ -40,7 +39,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from tasks import clock, lanes, memory
-from tasks.connections import rerankq_key, restore_unacked
+from tasks.connections import delivery_window, rerankq_key, restore_unacked
 from worker import inflight, metrics
 
 logger = logging.getLogger(__name__)
@@ -59,10 +58,80 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if getattr(self._delivered.get(delivery_tag), "acked_in_redis", False):  # by ack_in_redis
+        message = self._delivered.get(delivery_tag)
+        if getattr(message, "acked_in_redis", False):  # by ack_in_redis
+            virtual.QoS.ack(self, delivery_tag)
+        elif getattr(message, "delivered_at", None) is not None and not self.channel.closed:
+            ack_in_redis(self.channel._plain_client(), _unacked_keys(self.channel), [message])
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
+
+    def can_consume(self) -> bool:
+        room = self.can_consume_max_estimate()
+        return room is None or room > 0
+
+    def can_consume_max_estimate(self) -> int | None:
+        """kombu's, less the jobs the consumer still serves from a channel closed by a reconnect: the new
+        channel does not count them, and would take a whole prefetch more."""
+        room = super().can_consume_max_estimate()
+        return None if room is None else max(0, room - (_keeper.carried()[0] if _keeper else 0))
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        """As the channel closes (a shutdown, or a lost connection), put its unacked jobs back, except those
+        a consumer still serves: after a lost connection (a network blip, ``CLIENT KILL``) Celery closes the
+        channel while the chunk consumer goes on scoring its jobs, and kombu put every one of them back to be
+        scored again elsewhere. Their records stay in Redis (reclaimed if this worker dies) and the consumer
+        acks them on a connection of its own. The others go back to the head of their queue, each only if
+        its record is still this delivery's (kombu's puts back by tag, whatever delivery the record is of)."""
+        for tag in list(self._dirty):  # acked already
+            self._delivered.pop(tag, None)
+        kept = _keeper.keep(list(self._delivered)) if _keeper else set()
+        for tag in kept:
+            del self._delivered[tag]
+        if kept:
+            logger.warning("the connection closed while %d job(s) were being served: they stay unacked in Redis "
+                           "until served, not put back to be served twice", len(kept))
+        if client is None and getattr(self.channel.connection, "client", None) is None:
+            return super().restore_unacked(client)  # no connection left to put anything back on (patches.py)
+        own = [(tag, m.delivered_at) for tag, m in list(self._delivered.items())
+               if getattr(m, "delivered_at", None) is not None]
+        for tag, _ in own:
+            del self._delivered[tag]
+        for done, (tag, delivered_at) in enumerate(own):
+            try:
+                restore_unacked(self.channel, self.channel._plain_client(), tag, *delivery_window(delivered_at))
+            except redis.RedisError as exc:  # the first error ends it: a Redis gone would cost a timeout per job
+                logger.warning("could not put %d job(s) back as the channel closed (%r); their records stay, "
+                               "to be reclaimed", len(own) - done, exc)
+                break
+        if own and self.channel.closed:
+            self.channel._disconnect_pools()  # the pool the put-backs opened, after close dropped its own
+        return super().restore_unacked(client)  # what kombu's own receive recorded (several queues)
+
+
+class Keeper(Protocol):
+    """A consumer that serves its jobs whatever becomes of the channel they came on (worker/consumer.py)."""
+
+    def keep(self, tags: list[str]) -> set[str]:
+        """Of these delivery tags of a channel closing, those whose jobs it goes on serving."""
+
+    def carried(self) -> tuple[int, int]:
+        """How many jobs it serves from closed channels: in all, and bulk ones."""
+
+
+_keeper: Keeper | None = None
+
+
+def serve_across_reconnects(keeper: Keeper) -> None:
+    """Jobs ``keeper`` keeps are not put back as their channel closes (``QoS.restore_unacked``) and count
+    against the prefetch of the channel after it."""
+    global _keeper
+    _keeper = keeper
+
+
+def _unacked_keys(channel: Any) -> tuple[str, str]:
+    return channel.global_keyprefix + channel.qos.unacked_index_key, channel.global_keyprefix + channel.qos.unacked_key
 
 
 class Delivery(virtual.Message):  # type: ignore[misc]
@@ -73,27 +142,65 @@ class Delivery(virtual.Message):  # type: ignore[misc]
     #: Set by worker/settle.py ``requeue``: rejected, it goes back to the head of its queue through ``put_back``.
     to_head = False
 
-    def reject(self, requeue: bool = False) -> None:
-        if not (requeue and self.to_head and self.delivered_at is not None) or self.acknowledged:
-            super().reject(requeue)
+    def ack(self, multiple: bool = False) -> None:
+        if self._superseded():
+            self._state = "ACK"  # as kombu's ack leaves it
             return
-        self.channel.put_back(self)
-        self._state = "REJECTED"  # as kombu's reject leaves it
+        super().ack(multiple)
+
+    def reject(self, requeue: bool = False) -> None:
+        if self._superseded():
+            self._state = "REJECTED"  # as kombu's reject leaves it
+        elif requeue and self.to_head and self.delivered_at is not None and not self.acknowledged:
+            self.channel.put_back(self)
+            self._state = "REJECTED"
+        else:
+            super().reject(requeue)
+
+    def _superseded(self) -> bool:
+        """Its job was put back (reclaimed) and received again on this channel since: the delivery tag, and
+        kombu's bookkeeping under it, are the new delivery's, which this one's ack or reject must not touch."""
+        if self.acknowledged or self.channel is None or self.channel.closed:
+            return False
+        return self.channel.qos._delivered.get(self.delivery_tag, self) is not self
 
 
 def ack_in_redis(client: redis.Redis, keys: tuple[str, str], messages: list[Any]) -> None:
     """The Redis side of kombu's ack for many messages in one round trip (``keys``: kombu's unacked index and
     hash, prefixed). Each message's own ``ack()`` then only does kombu's bookkeeping. The keys are the same
-    for every channel, so messages received before a reconnect are acked here too."""
-    tags = [message.delivery_tag for message in messages]
-    if not tags:
+    for every channel, so messages received before a reconnect are acked here too.
+
+    Each message removes its own delivery's record only: a job put back (by a reconnect, or a reclaim from a
+    worker taken for dead) and received again carries the same delivery tag, and kombu's ack by tag deleted
+    the new delivery's record, so that if its holder died the job was in no list and no hash."""
+    if not messages:
         return
-    with client.pipeline(transaction=False) as pipe:
-        pipe.zrem(keys[0], *tags)
-        pipe.hdel(keys[1], *tags)
-        pipe.execute()
+    args: list[str] = []
+    for message in messages:
+        at = getattr(message, "delivered_at", None)
+        args += [message.delivery_tag, *(map(repr, delivery_window(at)) if at is not None else ("", ""))]
+    client.eval(memory.script(client, _ACK), 2, *keys, *args)  # type: ignore[arg-type]
     for message in messages:
         message.acked_in_redis = True
+
+
+#: KEYS: kombu's unacked index and hash; ARGV: per message its tag and the window its record's time must be in
+#: ('' '': any record of the tag, for a delivery whose time is not known).
+_ACK = """
+for i = 1, #ARGV, 3 do
+  local tag, from = ARGV[i], ARGV[i + 1]
+  local own = from == ''
+  if not own then
+    local score = redis.call('ZSCORE', KEYS[1], tag)
+    own = score and tonumber(score) >= tonumber(from) and tonumber(score) < tonumber(ARGV[i + 2])
+  end
+  if own then
+    redis.call('ZREM', KEYS[1], tag)
+    redis.call('HDEL', KEYS[2], tag)
+  end
+end
+return 0
+"""
 
 
 class Source(NamedTuple):
@@ -164,8 +271,7 @@ class Channel(kombu_redis.Channel):
         if self.qos._delivered.get(tag) is not message:
             return  # received again since: this delivery's record is gone, the new one is not ours to touch
         if not self.closed:  # closed: its record stays for the reclaim
-            at = float(message.delivered_at or 0.0)
-            restore_unacked(self, self._plain_client(), tag, at, math.nextafter(at, math.inf))
+            restore_unacked(self, self._plain_client(), tag, *delivery_window(float(message.delivered_at or 0.0)))
         virtual.QoS.ack(self.qos, tag)  # kombu's bookkeeping alone: the Redis side is done
 
     def _source(self, queue: str) -> str:
@@ -193,6 +299,7 @@ class Channel(kombu_redis.Channel):
         delivered, dirty = self.qos._delivered, self.qos._dirty
         bulk_held = sum(1 for tag, message in list(delivered.items())
                         if tag not in dirty and lanes.lane_of(_routing_key(message)) == lanes.BULK)
+        bulk_held += _keeper.carried()[1] if _keeper else 0
         bulk_room = max(0, _bulk_limit - bulk_held)
         return total, [bulk_room if lanes.lane_of(s.queue) == lanes.BULK else total for s in sources]
 
@@ -329,8 +436,7 @@ class Channel(kombu_redis.Channel):
             parsed[tag] = (source.queue, payload)
             args += [source.key, raw, tag, record]
         now = clock.now()  # the watchdog's reclaim compares it with its own clock.now()
-        index_key = self.global_keyprefix + self.qos.unacked_index_key
-        hash_key = self.global_keyprefix + self.qos.unacked_key
+        index_key, hash_key = _unacked_keys(self)
         client = self._plain_client()
         recorded = client.eval(memory.script(client, _RECORD), 2, index_key, hash_key, repr(now), *args)  # type: ignore[arg-type]
         received = [(*parsed[tag], tag) for tag in map(bytes_to_str, recorded)]  # type: ignore[union-attr]
