@@ -120,10 +120,17 @@ class Settings:
                               "`rerankq serve`: when set, rerank requests need `Authorization: Bearer <key>` "
                               "(401 without); `/health` and `/metrics` stay open.")
     socket_timeout_s: float = _env("RERANKQ_SOCKET_TIMEOUT_S", 5.0,
-                                   "`rerankq serve`'s Redis connections: a connect, read or write that takes longer "
-                                   "fails and the next try takes a new connection; TCP keepalive on. A Redis gone "
-                                   "silent (its host down, a failover) costs a request one timeout, never a thread "
-                                   "for good. Workers keep kombu's blocking reads.")
+                                   "Every Redis connection of every rerankq process (jobs, results, rerankq's own "
+                                   "keys): a connect, read or write that takes longer fails and the next try takes "
+                                   "a new connection; TCP keepalive on. A Redis gone silent (its host down, a "
+                                   "failover) costs a request one timeout and a worker one reconnect, never a "
+                                   "thread for good. A worker's blocking receive waits at most 1 s at a time, "
+                                   "well within it.")
+    health_check_s: float = _env("RERANKQ_HEALTH_CHECK_S", 10.0,
+                                 "A connection idle this long is checked (`PING`) before its next command, and a "
+                                 "worker drops a receive whose answer is this much overdue (kombu's check): a "
+                                 "dead receiving connection is noticed within twice this, plus 1 s. 0 turns the "
+                                 "checks off.")
     tracing: str = _env("RERANKQ_TRACING", "",
                         "OpenTelemetry traces of jobs from `rerankq worker` and `rerankq serve`: `otlp` (the "
                         "OTLP/HTTP exporter, set up by the standard `OTEL_EXPORTER_OTLP_*` variables), `console` "
@@ -226,25 +233,19 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         # (worker/upstream/transport.py). rerankq sends no priorities.
         "priority_steps": [0],
         **_prefixed(settings),
+        **_timeouts(settings),
     }
+
+
+def _timeouts(settings: Settings) -> dict[str, Any]:
+    """redis-py's and kombu's names for the connection timeouts and health checks."""
+    return {"socket_timeout": settings.socket_timeout_s, "socket_connect_timeout": settings.socket_timeout_s,
+            "socket_keepalive": True, "health_check_interval": settings.health_check_s}
 
 
 def backend_options(settings: Settings) -> dict[str, Any]:
     """Celery's ``result_backend_transport_options`` for these settings."""
     return {"visibility_timeout": settings.visibility_timeout, **_prefixed(settings)}
-
-
-def producer_timeouts(settings: Settings) -> dict[str, Any]:
-    """Celery settings for a process that only sends jobs and reads results (``rerankq serve``): every Redis
-    connection, broker and backend, times out and keeps alive (the workers' blocking receive would not)."""
-    seconds = settings.socket_timeout_s
-    return {
-        "broker_transport_options": {**broker_options(settings), "socket_timeout": seconds,
-                                     "socket_connect_timeout": seconds, "socket_keepalive": True},
-        "redis_socket_timeout": seconds,
-        "redis_socket_connect_timeout": seconds,
-        "redis_socket_keepalive": True,
-    }
 
 
 def verified(url: str) -> str:
@@ -304,6 +305,11 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 broker_transport_options = broker_options(settings)
 result_backend_transport_options = backend_options(settings)
+# The result backend's connections, as the broker's: a Redis gone silent costs a timeout, not a thread for good.
+redis_socket_timeout = settings.socket_timeout_s
+redis_socket_connect_timeout = settings.socket_timeout_s
+redis_socket_keepalive = True
+redis_backend_health_check_interval = settings.health_check_s
 result_expires = settings.result_expires
 # The worker runs one consumer process (solo pool), so the multiplier is the prefetch count itself.
 worker_prefetch_multiplier = settings.prefetch_count

@@ -46,9 +46,7 @@ RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 
 
 def create_app(settings: Settings | None = None, queue: str | None = None) -> FastAPI:
-    """The app; ``queue`` sends every request to that queue instead of letting rerankq's router pick. Hosted
-    in a process of your own, give its Celery app ``celeryconfig.producer_timeouts`` as ``rerankq serve``
-    does (``server/main.py``)."""
+    """The app; ``queue`` sends every request to that queue instead of letting rerankq's router pick."""
     if settings is None:
         from celeryconfig import settings as configured
 

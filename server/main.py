@@ -8,13 +8,11 @@ import sys
 def run_serve(host: str, port: int, loglevel: str) -> int:
     import uvicorn
 
-    from celeryconfig import producer_timeouts, settings
+    from celeryconfig import settings
     from server.app import create_app
-    from tasks import app, tracing
+    from tasks import tracing
 
     tracing.setup(settings.tracing, "rerankq-serve")
-    # Before any connection opens: a Redis that goes silent costs a request a timeout, not a thread for good.
-    app.conf.update(producer_timeouts(settings))
 
     exposed = host not in ("127.0.0.1", "localhost", "::1")
     if exposed and not settings.serve_api_key:

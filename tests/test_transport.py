@@ -236,3 +236,25 @@ def test_a_late_ack_of_a_job_received_again_on_the_same_channel_leaves_the_new_d
     new.ack()
     assert broker.client.zscore(index, new.delivery_tag) is None
     assert not broker.client.hexists(unacked, new.delivery_tag)
+
+
+def test_a_job_a_late_receive_left_in_the_in_flight_list_comes_with_the_next_receive(
+        connection: Connection, broker: BrokerRedis) -> None:
+    """A receive that timed out can still run once a hung Redis wakes, after the worker gave up on it and
+    put back what it knew of: what it moved sits in the worker's in-flight list, where nothing else looks."""
+    queue = new_queue()
+    _, received = consume(connection, queue)
+    late, then = rerank.apply_async(JOB, queue=queue), rerank.apply_async(JOB, queue=queue)
+    source, in_flight = broker.queue_lists(queue)[0], inflight.list_key(broker.prefix, transport._owner, queue)
+    broker.client.lmove(source, in_flight, "RIGHT", "LEFT")  # the late move, done as Redis woke
+
+    for _ in range(2):
+        connection.drain_events(timeout=5)
+        if len(received) == 2:
+            break
+    assert [m.headers["id"] for m in received] == [late.id, then.id]
+    assert broker.client.llen(in_flight) == 0
+    _index, unacked = broker.unacked_keys()
+    assert all(broker.client.hexists(unacked, m.delivery_tag) for m in received)
+    for message in received:
+        message.ack()

@@ -10,6 +10,8 @@ import textwrap
 
 import redis
 
+from tasks import memory
+
 
 def send(env: dict[str, str], queue: str, count: int) -> list[str]:
     """Send ``count`` jobs to ``queue`` from a producer process; returns their ids."""
@@ -31,13 +33,14 @@ def where(client: redis.Redis, queue: str, ids: list[str], node: str) -> dict[st
     worker ``node``, or answered, read in one atomic step (a script: a full Redis refuses MULTI); a job in none
     of them is lost."""
     in_flight = [f"rerankq:inflight:{node}:{queue}{lane}" for lane in ("", ".bulk")]
-    read = """#!lua flags=no-writes
+    read = """
     local lists = {}
     for i = 2, #KEYS do lists[#lists + 1] = redis.call('LRANGE', KEYS[i], 0, -1) end
     local answered = {}
     for i = 1, #ARGV do answered[i] = redis.call('EXISTS', 'celery-task-meta-' .. ARGV[i]) end
     return {redis.call('HVALS', KEYS[1]), lists, answered}"""
-    unacked, lists, answered = client.eval(read, 2 + len(in_flight), "unacked", queue, *in_flight, *ids)  # type: ignore[misc]
+    keys = ["unacked", queue, *in_flight]
+    unacked, lists, answered = client.eval(memory.script(client, read), len(keys), *keys, *ids)  # type: ignore[misc]
     waiting, flight = lists[0], [raw for items in lists[1:] for raw in items]
 
     def present(raws: list[bytes]) -> set[str]:

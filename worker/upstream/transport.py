@@ -340,7 +340,7 @@ class Channel(kombu_redis.Channel):
             total, caps = self._allowance(sources)
             self._moving = ("EVAL", sources)
             connection.send_command("EVAL", self._move_script, 2 * len(sources),
-                                    *(key for s in sources for key in (s.source, s.key)), total, *caps)
+                                    *(key for s in sources for key in (s.source, s.key)), total, *caps, 0)
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares it None
 
@@ -387,7 +387,7 @@ class Channel(kombu_redis.Channel):
                     # of jobs/s, two round trips per job were most of the event loop's time (BENCHMARKS.md).
                     total, caps = self._allowance(sources)
                     caps[0] -= 1
-                    moved = [(sources[0], raw), *self._move_lanes(sources, total - 1, caps)]
+                    moved = [(sources[0], raw), *self._move_lanes(sources, total - 1, caps, held=1)]
                 else:
                     moved = _pair(sources, raw)
                     if not moved:
@@ -408,11 +408,11 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None  # type: ignore[assignment]  # kombu declares it bool
             self._flush_brpop_reauth()
 
-    def _move_lanes(self, sources: list[Source], total: int, caps: list[int]) -> list[tuple[Source, bytes]]:
+    def _move_lanes(self, sources: list[Source], total: int, caps: list[int], held: int) -> list[tuple[Source, bytes]]:
         if total <= 0:
             return []
         keys = [key for s in sources for key in (s.source, s.key)]
-        raw = self._plain_client().eval(self._move_script, len(keys), *keys, total, *caps)  # type: ignore[arg-type]
+        raw = self._plain_client().eval(self._move_script, len(keys), *keys, total, *caps, held)  # type: ignore[arg-type]
         return _pair(sources, raw)
 
     def _record(self, moved: list[tuple[Source, bytes]]) -> tuple[list[tuple[str, str, dict[str, Any]]], float]:
@@ -511,19 +511,27 @@ FULL_PAUSE_S = 0.5
 LANE_POLL_S = 0.05
 
 #: Move up to ARGV[1] jobs in all from the sources KEYS[1], KEYS[3], ... (in that order) to their in-flight
-#: lists KEYS[2], KEYS[4], ..., at most ARGV[1 + i] from source i. Returns one list of moved items per source.
+#: lists KEYS[2], KEYS[4], ..., at most ARGV[1 + i] from source i. Returns one list of items per source: first
+#: what its in-flight list held already, but for the ARGV[#ARGV] newest items of the first one (which this
+#: receive holds: the job a BLMOVE just moved), then what moved. Between two receives a worker's in-flight lists
+#: are empty: anything there was left by a receive that never completed (its answer lost with its
+#: connection, or a command that timed out and ran late, once a hung Redis woke), and comes with this one.
 _MOVE_LANES = """
+local n = #KEYS / 2
 local left = tonumber(ARGV[1])
 local replies = {}
-for i = 1, #KEYS / 2 do
+for i = 1, n do
+  local items = redis.call('LRANGE', KEYS[2 * i], 0, -1)
   local moved = {}
-  local cap = math.min(left, tonumber(ARGV[1 + i]))
-  while #moved < cap do
+  for j = #items, (i == 1 and tonumber(ARGV[#ARGV]) or 0) + 1, -1 do moved[#moved + 1] = items[j] end
+  local cap, taken = math.min(left, tonumber(ARGV[1 + i])), 0
+  while taken < cap do
     local item = redis.call('LMOVE', KEYS[2 * i - 1], KEYS[2 * i], 'RIGHT', 'LEFT')
     if not item then break end
     moved[#moved + 1] = item
+    taken = taken + 1
   end
-  left = left - #moved
+  left = left - taken
   replies[i] = moved
 end
 return replies

@@ -1,0 +1,101 @@
+"""A Redis that hangs (SIGSTOP) or goes silent for good on a worker's open connections (its host lost, a
+failover to the same address) while the worker scores: every connection times out, the worker carries on
+over new connections, and every job gets exactly one outcome. Real Redis, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rerankq.local import RerankqProcess, WorkerProcess
+from rerankq.redis_server import RedisServer
+from tasks.connections import rerankq_key
+from tests.conftest import eventually, new_queue
+from tests.faults.jobs import send, where
+from tests.faults.proxy import BlackHoleProxy
+from worker.stats import WorkerStats
+
+pytestmark = pytest.mark.integration
+
+#: One forward batch of the test's jobs takes this long: long enough to hang Redis in the middle of it.
+BATCH_MS = 1500
+TIMEOUTS = {"RERANKQ_SOCKET_TIMEOUT_S": "1", "RERANKQ_HEALTH_CHECK_S": "1", "RERANKQ_POLL_MS": "100"}
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def served(client: redis.Redis, queue: str, node: str) -> int:
+    raw = client.hget(rerankq_key("", "workers", queue), node)
+    return WorkerStats.decode(raw).served if raw else 0  # type: ignore[arg-type]
+
+
+def start_worker(url: str, queue: str, tmp_path: Path) -> WorkerProcess:
+    env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_GPU_QUEUE": queue, **TIMEOUTS}
+    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", f"latency_ms={BATCH_MS},token_us=0"], env,
+                           tmp_path / "worker.log", f"hung.{queue}@localhost")
+    eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+    return worker
+
+
+def answered_once(client: redis.Redis, queue: str, ids: list[str], node: str, timeout: float) -> None:
+    """Every job of ``ids`` answered, none left anywhere, and the worker scored each once."""
+    eventually(lambda: where(client, queue, ids, node)["answered"] == len(ids), timeout, "every job answered")
+    eventually(lambda: where(client, queue, ids, node)["unacked"] == 0, 10, "every job acked")
+    seen = where(client, queue, ids, node)
+    assert seen["waiting"] == seen["in flight"] == 0, seen
+
+
+def test_a_redis_gone_silent_on_a_workers_connections_mid_batch_costs_a_timeout_not_a_job(
+        server: RedisServer, tmp_path: Path) -> None:
+    queue, client = new_queue(), redis.Redis.from_url(server.url)
+    proxy = BlackHoleProxy(server.port)
+    worker = start_worker(f"redis://127.0.0.1:{proxy.port}/0", queue, tmp_path)
+    try:
+        ids = send({"RERANKQ_BROKER_URL": server.url}, queue, 6)
+        eventually(lambda: where(client, queue, ids, worker.node)["unacked"] == 6, 30, "the worker took every job")
+        time.sleep(0.3)  # in their forward batch
+        proxy.swallow()  # nothing the worker sends on any connection it has reaches Redis any more, or answers
+        # Without timeouts the worker waited for good on its dead connections: no job was ever answered.
+        answered_once(client, queue, ids, worker.node, 60)
+        more = send({"RERANKQ_BROKER_URL": server.url}, queue, 6)
+        answered_once(client, queue, more, worker.node, 60)  # served again, over new connections
+        eventually(lambda: served(client, queue, worker.node) == 12, 10, "each job scored exactly once")
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+def test_a_redis_hung_mid_batch_for_longer_than_the_timeouts_costs_no_job_and_no_second_scoring(
+        server: RedisServer, tmp_path: Path) -> None:
+    queue, client = new_queue(), redis.Redis.from_url(server.url)
+    worker = start_worker(server.url, queue, tmp_path)
+    watchdog = RerankqProcess(["watchdog"], {"RERANKQ_BROKER_URL": server.url, "RERANKQ_GPU_QUEUE": queue,
+                                             **TIMEOUTS}, tmp_path / "watchdog.log")
+    try:
+        ids = send({"RERANKQ_BROKER_URL": server.url}, queue, 6)
+        eventually(lambda: where(client, queue, ids, worker.node)["unacked"] == 6, 30, "the worker took every job")
+        time.sleep(0.3)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        time.sleep(4)  # past every timeout: the worker's writes and receives give up and reconnect
+        os.kill(server.pid, signal.SIGCONT)
+        answered_once(client, queue, ids, worker.node, 60)
+        more = send({"RERANKQ_BROKER_URL": server.url}, queue, 6)
+        answered_once(client, queue, more, worker.node, 60)
+        eventually(lambda: served(client, queue, worker.node) == 12, 10, "each job scored exactly once")
+        assert worker.proc.poll() is None and watchdog.proc.poll() is None
+    finally:
+        if server.pid is not None:
+            os.kill(server.pid, signal.SIGCONT)
+        worker.stop()
+        watchdog.stop()
