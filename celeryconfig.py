@@ -26,9 +26,14 @@ def _env(name: str, default: Any, doc: str) -> Any:
 class Settings:
     broker_url: str = _env("RERANKQ_BROKER_URL", "redis://localhost:6379/0",
                            "Redis URL of the job queues (`redis://`, `redis+socket://`, or `rediss://` for TLS: "
-                           "the server's certificate is verified, against `?ssl_ca_certs=/path/ca.pem` if given).")
+                           "the server's certificate is verified, against `?ssl_ca_certs=/path/ca.pem` if given), "
+                           "or the sentinels of a Redis Sentinel deployment, `;`-separated: "
+                           "`sentinel://h1:26379;sentinel://h2:26379`. Redis Cluster is not supported (kombu's "
+                           "Redis transport cannot use one).")
     result_backend: str = _env("RERANKQ_RESULT_BACKEND", "",
-                               "Redis URL for result keys; empty means the broker URL.")
+                               "Redis URL (or `sentinel://` URLs) for result keys; empty means the broker URL.")
+    sentinel_master: str = _env("RERANKQ_SENTINEL_MASTER", "mymaster",
+                                "With `sentinel://` URLs: the name the sentinels know the master by.")
     key_prefix: str = _env("RERANKQ_KEY_PREFIX", "",
                            "Prefix of every key this deployment keeps in Redis: queues, unacked jobs, events "
                            "and control (kombu's `global_keyprefix`), results, and rerankq's own keys, so that "
@@ -152,6 +157,9 @@ class Settings:
                      "socket_timeout_s"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
+        if self.socket_timeout_s < 1:
+            raise ConfigError(f"RERANKQ_SOCKET_TIMEOUT_S={self.socket_timeout_s} must be at least 1: a worker's "
+                              "blocking receive waits up to 1 s for its answer")
         if self.prefetch and self.prefetch < 2 * self.max_chunk_jobs:
             raise ConfigError(
                 f"RERANKQ_PREFETCH={self.prefetch} cannot hold twice the window of RERANKQ_MAX_CHUNK_JOBS="
@@ -181,7 +189,10 @@ class Settings:
             raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):
             url = getattr(self, name)
-            if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+            if "cluster" in url.split("://", 1)[0]:
+                raise ConfigError(f"{_env_of(name)}={url!r}: Redis Cluster is not supported (kombu's Redis "
+                                  "transport cannot use one); use one Redis, or Redis Sentinel for failover")
+            if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://", "sentinel://")):
                 raise ConfigError(f"{_env_of(name)}={url!r} is not a Redis URL: rerankq runs on Redis")
 
     @property
@@ -234,7 +245,13 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         "priority_steps": [0],
         **_prefixed(settings),
         **_timeouts(settings),
+        **_sentinel(settings, settings.broker_url),
     }
+
+
+def _sentinel(settings: Settings, url: str) -> dict[str, Any]:
+    """kombu's and Celery's transport option naming the Sentinel master, for a ``sentinel://`` URL."""
+    return {"master_name": settings.sentinel_master} if url.startswith("sentinel://") else {}
 
 
 def _timeouts(settings: Settings) -> dict[str, Any]:
@@ -245,7 +262,8 @@ def _timeouts(settings: Settings) -> dict[str, Any]:
 
 def backend_options(settings: Settings) -> dict[str, Any]:
     """Celery's ``result_backend_transport_options`` for these settings."""
-    return {"visibility_timeout": settings.visibility_timeout, **_prefixed(settings)}
+    return {"visibility_timeout": settings.visibility_timeout, **_prefixed(settings),
+            **_sentinel(settings, settings.backend_url)}
 
 
 def verified(url: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
 
 from tasks.records import Result
 
@@ -152,7 +153,7 @@ class AsyncWaiter:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
-        self._client = redis.asyncio.Redis(**async_params(backend.connparams))
+        self._client = async_client(backend)
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         self._futures: dict[str, asyncio.Future[Outcome]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -227,6 +228,19 @@ class AsyncWaiter:
             self._reader.cancel()
         await self._pubsub.aclose()
         await self._client.aclose()
+
+
+def async_client(backend: Any) -> redis.asyncio.Redis:
+    """An asyncio client on Celery's result backend: the same server, or the master its sentinels name."""
+    params = async_params(backend.connparams)
+    hosts = params.pop("hosts", None)
+    if hosts is None:
+        return redis.asyncio.Redis(**params)
+    options = backend.app.conf.result_backend_transport_options or {}
+    sentinel = redis.asyncio.sentinel.Sentinel([(host["host"], host["port"]) for host in hosts],
+                                               sentinel_kwargs=options.get("sentinel_kwargs"), **params)
+    client: redis.asyncio.Redis = sentinel.master_for(options["master_name"])
+    return client
 
 
 def async_params(connparams: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def cli() -> None:
 def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
            hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
     """Serve rerank jobs: load the model once, then score many jobs' pairs together in forward batches."""
-    _refuse_bad_tls()
+    _refuse_unusable()
     from celeryconfig import settings
 
     if gpus is not None:
@@ -91,7 +91,7 @@ def demo(model: str, redis_url: str) -> None:
                    "for none.")
 def watchdog(loglevel: str, metrics_port: int | None) -> None:
     """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
-    _refuse_bad_tls()
+    _refuse_unusable()
     from worker.watchdog import run_watchdog
 
     sys.exit(run_watchdog(loglevel, _metrics_port(metrics_port, "watchdog")))
@@ -101,7 +101,7 @@ def watchdog(loglevel: str, metrics_port: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def status(as_json: bool) -> None:
     """Print queues, backlogs, estimated waits, the route state and live workers."""
-    _refuse_bad_tls()
+    _refuse_unusable()
     from rerankq.status import run_status
 
     sys.exit(run_status(as_json))
@@ -123,7 +123,7 @@ def status(as_json: bool) -> None:
 def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
            lane: str, progress: bool | None) -> None:
     """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs"]} per line)."""
-    _refuse_bad_tls()
+    _refuse_unusable()
     from producer.runner import run_submit
 
     sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane))
@@ -136,7 +136,7 @@ def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, 
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def serve(port: int, host: str, loglevel: str) -> None:
     """The rerank HTTP API: Cohere's and Jina's POST /v1/rerank, TEI's POST /rerank, /health, /metrics."""
-    _refuse_bad_tls()
+    _refuse_unusable()
     from server.main import run_serve
 
     sys.exit(run_serve(host, port, loglevel))
@@ -159,7 +159,7 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     if not no_auth and ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
         raise ConfigError("Flower shows every job's arguments: set FLOWER_BASIC_AUTH=user:password (or pass "
                           "--no-auth on a machine nobody else reaches)")
-    _refuse_bad_tls()
+    _refuse_unusable()
     env = {k: v for k, v in os.environ.items() if not (no_auth and k == "FLOWER_BASIC_AUTH")}
     # Flower is a Celery sub-command: exec it, so signals reach it directly.
     os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower", f"--port={port}",
@@ -185,11 +185,11 @@ def up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int,
     sys.exit(run_up(redis_url, model, cpu, flower_port, serve_port, _metrics_port(metrics_port, "up"), log_dir))
 
 
-def _refuse_bad_tls() -> None:
+def _refuse_unusable() -> None:
     from tasks import app
-    from tasks.connections import refuse_bad_tls
+    from tasks.connections import refuse_unusable
 
-    refuse_bad_tls(app)
+    refuse_unusable(app)
 
 
 def _metrics_port(option: int | None, kind: str) -> int:

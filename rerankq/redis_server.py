@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -79,13 +80,15 @@ class RedisServer:
     """``with RedisServer() as server: server.url`` — started on enter, stopped and removed on exit."""
 
     def __init__(self, password: str | None = None, appendonly: bool = False, supervised: bool = False,
-                 tls: TlsFiles | None = None, system: bool = False) -> None:
-        """``tls``: listen with TLS only; ``system``: run ``system_redis_server()`` (implied by ``tls``)."""
+                 tls: TlsFiles | None = None, system: bool = False, options: Sequence[str] = ()) -> None:
+        """``tls``: listen with TLS only; ``system``: run ``system_redis_server()`` (implied by ``tls``);
+        ``options``: more command-line options of redis-server's."""
         self.password = password
         self.tls = tls
         self.system = system or tls is not None
         self.appendonly = appendonly
         self.supervised = supervised
+        self.options = list(options)
         self.port = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -117,6 +120,7 @@ class RedisServer:
                 "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.options
         from rerankq.local import supervised_options
 
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -119,16 +119,28 @@ return 1
 """
 
 
-def refuse_bad_tls(app: Any) -> None:
-    """Raise ``ConfigError`` at once when a ``rediss://`` server's certificate does not verify.
+def refuse_unusable(app: Any) -> None:
+    """Raise ``ConfigError`` at once for a Redis rerankq can never use: a ``rediss://`` server whose
+    certificate does not verify, or a Redis Cluster node.
 
-    Every rerankq process retries a Redis it cannot reach (it may be starting, or failing over); a certificate
-    that does not verify never will, so the process says so and exits instead of retrying for good. Any other
-    connection error is left to those retries.
+    Every rerankq process retries a Redis it cannot reach (it may be starting, or failing over); these never
+    will work, so the process says so and exits instead of retrying for good. Any other connection error is
+    left to those retries.
     """
-    if str(app.conf.broker_url).startswith("rediss://"):
+    broker, clustered = None, False
+    try:
+        # A connection error other than TLS's is left to the process's retries (``_failing_tls``).
         with _failing_tls("RERANKQ_BROKER_URL", app.connection_for_write().as_uri()):
-            BrokerRedis(app).close()  # opening kombu's channel connects
+            broker = BrokerRedis(app)
+            clustered = str(broker.client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except redis.ResponseError:  # a server that hides INFO
+        pass
+    finally:
+        if broker is not None:
+            broker.close()
+    if clustered:
+        raise ConfigError("RERANKQ_BROKER_URL names a Redis Cluster node: rerankq is not supported on Redis Cluster "
+                          "(kombu's Redis transport cannot use one); use one Redis, or Redis Sentinel for failover")
     if str(app.conf.result_backend).startswith("rediss://"):
         with _failing_tls("RERANKQ_RESULT_BACKEND", "the result backend"):
             app.backend.client.ping()
@@ -136,9 +148,10 @@ def refuse_bad_tls(app: Any) -> None:
 
 @contextlib.contextmanager
 def _failing_tls(variable: str, where: str) -> Iterator[None]:
+    """Turn a TLS verification failure into ``ConfigError``; swallow any other connection error."""
     try:
         yield
-    except (redis.ConnectionError, OperationalError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
         cause = next((seen for seen in causes(exc) if isinstance(seen, ssl.SSLError)), None)
         if cause is not None:
             raise ConfigError(f"TLS with Redis at {where} failed: {cause}. If a private CA signed the server's "

@@ -33,6 +33,7 @@ def test_every_setting_reads_its_environment_variable() -> None:
     ({"RERANKQ_PASSTHROUGH": "maybe"}, "RERANKQ_PASSTHROUGH='maybe' is not a valid bool"),
     ({"RERANKQ_BULK_SUFFIX": ""}, "RERANKQ_BULK_SUFFIX must not be empty"),
     ({"RERANKQ_BACKEND": "tensorrt"}, "RERANKQ_BACKEND='tensorrt': use 'torch' or 'onnx-int8'"),
+    ({"RERANKQ_BROKER_URL": "redis+cluster://h:7000"}, "Redis Cluster is not supported"),
 ])
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
@@ -88,3 +89,13 @@ def test_kombu_checks_the_certificate_of_a_bare_tls_url_given_to_rerankq() -> No
 
     assert Connection("rediss://host:6380/0").ssl == {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu on its own
     assert Connection(celeryconfig.verified("rediss://host:6380/0")).ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def test_sentinel_urls_name_the_master_for_kombu_and_celery_and_plain_urls_do_not() -> None:
+    sentinels = Settings.from_env({"RERANKQ_BROKER_URL": "sentinel://h1:26379;sentinel://h2:26379",
+                                   "RERANKQ_SENTINEL_MASTER": "cache"})
+    assert celeryconfig.broker_options(sentinels)["master_name"] == "cache"
+    assert celeryconfig.backend_options(sentinels)["master_name"] == "cache"  # results on the broker's URL
+    split = sentinels.with_(result_backend="redis://results:6379/0")
+    assert "master_name" not in celeryconfig.backend_options(split)
+    assert "master_name" not in celeryconfig.broker_options(Settings.from_env({}))

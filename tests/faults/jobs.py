@@ -1,4 +1,5 @@
-"""Jobs sent from a producer process to a Redis of a test's own, and where each of them is."""
+"""Jobs sent from a producer process to a Redis of a test's own, where each of them is, and Flower showing
+one."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import httpx
 import redis
 
+from rerankq.local import RerankqProcess
+from rerankq.redis_server import free_port
 from tasks import memory
+from tests.conftest import eventually, rerankq
+
+AUTH = ("ops", "s3cret-for-tests")
 
 
 def send(env: dict[str, str], queue: str, count: int) -> list[str]:
@@ -50,3 +58,33 @@ def where(client: redis.Redis, queue: str, ids: list[str], node: str) -> dict[st
     seen = [present(waiting), present(unacked), present(flight), done]
     return {"waiting": len(seen[0]), "unacked": len(seen[1]), "in flight": len(seen[2]), "answered": len(done),
             "lost": len(set(ids).difference(*seen))}
+
+
+def flower_shows_a_job(env: dict[str, str], node: str, tmp_path: Path) -> None:
+    """``rerankq flower`` on ``env``'s Redis lists a job a ``rerankq submit`` run sent as done by ``node``."""
+    port = free_port()
+    flower = RerankqProcess(["flower", "--port", str(port), "--address", "127.0.0.1"],
+                            {**env, "FLOWER_BASIC_AUTH": ":".join(AUTH)}, tmp_path / "flower.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def answered() -> bool:
+            assert flower.proc.poll() is None, flower.log()
+            try:
+                return httpx.get(url, timeout=1).status_code in (200, 401)
+            except httpx.TransportError:
+                return False
+
+        eventually(answered, 60, "Flower answers")
+        source = tmp_path / "one.jsonl"
+        source.write_text(json.dumps({"id": "flower", "query": "q", "docs": ["q d"]}) + "\n")
+        sent = rerankq("submit", str(source), "-o", str(tmp_path / "flower-out.jsonl"), env=env)
+        assert sent.returncode == 0, sent.stderr
+
+        def shown() -> bool:
+            tasks = httpx.get(f"{url}/api/tasks", auth=AUTH, timeout=5).json()
+            return any(t.get("state") == "SUCCESS" and t.get("worker") == node for t in tasks.values())
+
+        eventually(shown, 30, "Flower lists the job as done by the worker")
+    finally:
+        flower.stop()

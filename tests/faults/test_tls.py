@@ -21,10 +21,10 @@ import pytest
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, TlsFiles, free_port
 from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
+from tests.faults.jobs import flower_shows_a_job
 
 pytestmark = [pytest.mark.integration, needs_system_redis]
 
-AUTH = ("ops", "s3cret-for-tests")
 
 
 def _issue(directory: Path) -> tuple[TlsFiles, Path]:
@@ -111,30 +111,7 @@ def test_the_watchdog_and_status_work_over_tls(worker: WorkerProcess, env: dict[
 
 
 def test_flower_shows_jobs_over_tls(worker: WorkerProcess, env: dict[str, str], tmp_path: Path) -> None:
-    port = free_port()
-    flower = RerankqProcess(["flower", "--port", str(port), "--address", "127.0.0.1"],
-                            {**env, "FLOWER_BASIC_AUTH": ":".join(AUTH)}, tmp_path / "flower.log")
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def answered() -> bool:
-            assert flower.proc.poll() is None, flower.log()
-            try:
-                return httpx.get(url, timeout=1).status_code in (200, 401)
-            except httpx.TransportError:
-                return False
-
-        eventually(answered, 60, "Flower answers")
-        sent = rerankq("submit", str(_one_job(tmp_path)), "-o", str(tmp_path / "out.jsonl"), env=env)
-        assert sent.returncode == 0, sent.stderr
-
-        def shown() -> bool:
-            tasks = httpx.get(f"{url}/api/tasks", auth=AUTH, timeout=5).json()
-            return any(t.get("state") == "SUCCESS" and t.get("worker") == worker.node for t in tasks.values())
-
-        eventually(shown, 30, "Flower lists the job as done by the worker")
-    finally:
-        flower.stop()
+    flower_shows_a_job(env, worker.node, tmp_path)
 
 
 def test_rerankq_serve_answers_over_tls(worker: WorkerProcess, env: dict[str, str], tmp_path: Path) -> None:
@@ -159,9 +136,3 @@ def test_the_wrong_ca_fails_at_once_saying_so(tls: tuple[RedisServer, Path], com
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in done.stderr and "ssl_ca_certs=" in done.stderr
     assert time.monotonic() - started < 30  # not a retry loop
-
-
-def _one_job(tmp_path: Path) -> Path:
-    source = tmp_path / "one.jsonl"
-    source.write_text(json.dumps({"id": "flower", "query": "q", "docs": ["q d"]}) + "\n")
-    return source

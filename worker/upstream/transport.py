@@ -524,14 +524,13 @@ for i = 1, n do
   local items = redis.call('LRANGE', KEYS[2 * i], 0, -1)
   local moved = {}
   for j = #items, (i == 1 and tonumber(ARGV[#ARGV]) or 0) + 1, -1 do moved[#moved + 1] = items[j] end
-  local cap, taken = math.min(left, tonumber(ARGV[1 + i])), 0
-  while taken < cap do
+  local cap = math.min(left, tonumber(ARGV[1 + i]))  -- leftovers count against what this receive may take
+  while #moved < cap do
     local item = redis.call('LMOVE', KEYS[2 * i - 1], KEYS[2 * i], 'RIGHT', 'LEFT')
     if not item then break end
     moved[#moved + 1] = item
-    taken = taken + 1
   end
-  left = left - taken
+  left = left - #moved
   replies[i] = moved
 end
 return replies
@@ -556,11 +555,20 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(kombu_redis.SentinelChannel, Channel):
+    """kombu's Sentinel channel (its pools reach whichever server the sentinels name master), receiving as
+    ``Channel`` does."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def install(owner: str, bulk_limit: int | None) -> None:
-    """Receive with this transport in this process (``redis://`` and ``rediss://`` URLs alike), naming its
+    """Receive with this transport in this process (``redis://``, ``rediss://`` and ``sentinel://`` URLs), naming its
     in-flight lists after ``owner`` (the worker's node name), holding at most ``bulk_limit`` bulk jobs."""
     global _owner, _bulk_limit
     _owner, _bulk_limit = owner, bulk_limit
-    for scheme in ("redis", "rediss"):
-        kombu_transports.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    for scheme, transport in (("redis", "Transport"), ("rediss", "Transport"), ("sentinel", "SentinelTransport")):
+        kombu_transports.TRANSPORT_ALIASES[scheme] = f"{__name__}:{transport}"
         kombu_transports._transport_cache.pop(scheme, None)

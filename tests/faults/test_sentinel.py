@@ -1,0 +1,230 @@
+"""Redis Sentinel: a master, a replica and three sentinels (the same redis-server binary, run with
+``--sentinel``), every rerankq process given ``sentinel://`` URLs, then the master SIGKILLed: after the
+failover jobs keep flowing, and no rerankq process is restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import redis.sentinel
+
+from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
+from rerankq.redis_server import RedisServer, free_port, redis_server_binary
+from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
+from tests.faults.jobs import flower_shows_a_job, send, where
+
+pytestmark = pytest.mark.integration
+
+MASTER = "mymaster"
+
+
+class Sentinels:
+    """Three sentinels watching ``master`` (quorum 2), quick to call it down (1 s) and to fail over."""
+
+    def __init__(self, master_port: int) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="rerankq-sentinel-")
+        self.ports = [free_port() for _ in range(3)]
+        self._procs = []
+        for port in self.ports:
+            conf = Path(self._dir.name) / f"sentinel-{port}.conf"
+            conf.write_text(textwrap.dedent(f"""\
+                port {port}
+                bind 127.0.0.1
+                dir {self._dir.name}
+                sentinel monitor {MASTER} 127.0.0.1 {master_port} 2
+                sentinel down-after-milliseconds {MASTER} 1000
+                sentinel failover-timeout {MASTER} 5000
+                sentinel parallel-syncs {MASTER} 1
+                """))
+            self._procs.append(subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.sentinel = redis.sentinel.Sentinel([("127.0.0.1", port) for port in self.ports], socket_timeout=1)
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.ports)
+
+    def master_port(self) -> int | None:
+        try:
+            return int(self.sentinel.discover_master(MASTER)[1])
+        except redis.sentinel.MasterNotFoundError:
+            return None
+
+    def ready(self) -> bool:
+        """Each sentinel knows the master, its replica and the two other sentinels."""
+        try:
+            for port in self.ports:
+                client = redis.Redis(port=port, socket_timeout=1)
+                replicas, others = client.sentinel_slaves(MASTER), client.sentinel_sentinels(MASTER)
+                if len(replicas) < 1 or len(others) < 2:  # type: ignore[arg-type]
+                    return False
+            return True
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
+        self._dir.cleanup()
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[RedisServer, RedisServer, Sentinels]]:
+    with RedisServer() as master, RedisServer() as replica:
+        replica_client = redis.Redis(port=replica.port)
+        replica_client.replicaof("127.0.0.1", master.port)
+        eventually(lambda: replica_client.info("replication")["master_link_status"] == "up", 20, "the replica syncs")
+        sentinels = Sentinels(master.port)
+        try:
+            eventually(sentinels.ready, 30, "the sentinels know the master, its replica and each other")
+            yield master, replica, sentinels
+        finally:
+            sentinels.stop()
+
+
+def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted(
+        cluster: tuple[RedisServer, RedisServer, Sentinels], tmp_path: Path) -> None:
+    master, replica, sentinels = cluster
+    queue = new_queue()
+    env = {"RERANKQ_BROKER_URL": sentinels.url, "RERANKQ_RESULT_BACKEND": sentinels.url,
+           "RERANKQ_SENTINEL_MASTER": MASTER, "RERANKQ_GPU_QUEUE": queue, "RERANKQ_POLL_MS": "100",
+           "RERANKQ_SOCKET_TIMEOUT_S": "1", "RERANKQ_HEALTH_CHECK_S": "1"}
+    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=5,token_us=0"], env,
+                           tmp_path / "worker.log", f"sentinel.{queue}@localhost")
+    watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log")
+    client = sentinels.sentinel.master_for(MASTER, socket_timeout=1)
+    try:
+        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+        before = send(env, queue, 20)
+        eventually(lambda: where(client, queue, before, worker.node)["answered"] == 20, 30, "served via the sentinels")
+        status = rerankq("status", env=env)
+        assert status.returncode == 0 and worker.node in status.stdout, status.stdout + status.stderr
+        assert _awaited(env, queue) == 5  # await arerank(): the async waiter finds the master too
+
+        sent, failed = _steady_sends(env, queue, lambda: os.kill(master.pid or 0, signal.SIGKILL),
+                                     until=lambda: sentinels.master_port() == replica.port)
+        after = send(env, queue, 20)
+        fresh = sentinels.sentinel.master_for(MASTER, socket_timeout=1)
+        eventually(lambda: where(fresh, queue, after, worker.node)["answered"] == 20, 60,
+                   "served after the failover")
+        eventually(lambda: where(fresh, queue, sent, worker.node)["answered"]
+                   + _missing(fresh, queue, sent, worker.node) == len(sent), 30,
+                   "every job sent during the failover answered or gone")
+        lost = _missing(fresh, queue, sent, worker.node)
+        print(f"\nfailover: {len(sent)} jobs accepted while it ran, {failed} sends refused, {lost} accepted and lost")
+        assert _awaited(env, queue) == 5
+        assert worker.proc.poll() is None and watchdog.proc.poll() is None  # never restarted
+        # The watchdog sees the worker live again on the new master and routes new jobs to it.
+        eventually(lambda: _route(env) == f"new jobs go to {queue}", 30, "routed to the worker again")
+    finally:
+        worker.stop()
+        watchdog.stop()
+
+
+def test_a_bulk_run_flower_and_serve_work_through_the_sentinels(
+        cluster: tuple[RedisServer, RedisServer, Sentinels], tmp_path: Path) -> None:
+    _, _, sentinels = cluster
+    queue = new_queue()
+    env = {"RERANKQ_BROKER_URL": sentinels.url, "RERANKQ_SENTINEL_MASTER": MASTER, "RERANKQ_GPU_QUEUE": queue}
+    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=1,token_us=0"], env,
+                           tmp_path / "worker.log", f"sentinel-tools.{queue}@localhost")
+    server = ServerProcess(free_port(), env, tmp_path / "serve.log")
+    try:
+        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+        source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
+        source.write_text("".join(json.dumps({"id": i, "query": f"q {i}", "docs": ["d one", "d two"]}) + "\n"
+                                  for i in range(20)))
+        done = rerankq("submit", str(source), "-o", str(output), env=env)
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == list(range(20))
+        flower_shows_a_job(env, worker.node, tmp_path)
+        server.wait_ready()
+        answer = httpx.post(f"{server.url}/v1/rerank", json={"query": "q", "documents": ["q d", "x"]}, timeout=60)
+        assert answer.status_code == 200, answer.text + server.log()[-2000:]
+    finally:
+        server.stop()
+        worker.stop()
+
+
+def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) -> tuple[list[str], int]:
+    """Jobs sent one every 20 ms by a producer process while the master is killed and a replica promoted;
+    returns the ids the sends accepted and how many sends raised."""
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        from tasks import rerank
+        deadline = time.monotonic() + float(sys.argv[1])
+        while time.monotonic() < deadline:
+            try:
+                print(json.dumps(rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r},
+                                                    retry=False).id), flush=True)
+            except Exception as exc:
+                print(json.dumps({{"failed": repr(exc)}}), flush=True)
+            time.sleep(0.02)
+    """)
+    producer = subprocess.Popen([sys.executable, "-c", script, "20"], env={**os.environ, **env},
+                                stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(producer.stdout or []), daemon=True)
+    reader.start()
+    time.sleep(2)
+    kill()  # type: ignore[operator]
+    eventually(until, 30, "a replica promoted")  # type: ignore[arg-type]
+    time.sleep(3)
+    producer.kill()
+    producer.wait()
+    reader.join(5)
+    answers = [json.loads(line) for line in lines if line.strip()]
+    return [a for a in answers if isinstance(a, str)], sum(1 for a in answers if isinstance(a, dict))
+
+
+def _route(env: dict[str, str]) -> str:
+    """Where the last route change ``rerankq status`` shows sends new jobs."""
+    status = rerankq("status", env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    changes = [line for line in status.stdout.splitlines() if "new jobs go to" in line]
+    return changes[0].rsplit("; ", 1)[-1].strip() if changes else ""
+
+
+def _missing(client: redis.Redis, queue: str, ids: list[str], node: str) -> int:
+    """Jobs in no queue, no unacked record and with no result (``where`` counts them as lost)."""
+    return int(where(client, queue, ids, node)["lost"]) if ids else 0
+
+
+def _awaited(env: dict[str, str], queue: str) -> int:
+    script = textwrap.dedent(f"""
+        import asyncio
+        from producer import arerank
+        async def main():
+            results = await asyncio.gather(*(arerank("bread", ["bread", "flour"], timeout=30, queue={queue!r})
+                                              for _ in range(5)))
+            print(sum(1 for r in results if r.scores))
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.splitlines()[-1])
+
+
+@needs_system_redis  # 7.0+: a cluster bus port of its own (6.2 takes the port + 10000, often past 65535)
+@pytest.mark.parametrize("command", [["worker", "--ranker", "simulated"], ["watchdog"], ["status"]])
+def test_a_redis_cluster_node_is_refused_at_once_saying_so(command: list[str]) -> None:
+    options = ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
+    with RedisServer(system=True, options=options) as node:
+        done = rerankq(*command, env={"RERANKQ_BROKER_URL": node.url}, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "Redis Cluster" in done.stderr and "Sentinel" in done.stderr
