@@ -192,6 +192,9 @@ class Settings:
             if "cluster" in url.split("://", 1)[0]:
                 raise ConfigError(f"{_env_of(name)}={url!r}: Redis Cluster is not supported (kombu's Redis "
                                   "transport cannot use one); use one Redis, or Redis Sentinel for failover")
+            if url.startswith("sentinel://") and "ssl" in url:
+                raise ConfigError(f"{_env_of(name)}: TLS with Redis Sentinel is not supported yet (the connections "
+                                  "would go unencrypted); use `rediss://` to one Redis, or Sentinel without TLS")
             if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://", "sentinel://")):
                 raise ConfigError(f"{_env_of(name)}={url!r} is not a Redis URL: rerankq runs on Redis")
 
@@ -250,8 +253,18 @@ def broker_options(settings: Settings) -> dict[str, Any]:
 
 
 def _sentinel(settings: Settings, url: str) -> dict[str, Any]:
-    """kombu's and Celery's transport option naming the Sentinel master, for a ``sentinel://`` URL."""
-    return {"master_name": settings.sentinel_master} if url.startswith("sentinel://") else {}
+    """kombu's and Celery's transport options for a ``sentinel://`` URL: the master's name, and the sentinels'
+    own connections timed out and not retried (redis-py retries each 10 times; one hung sentinel held every
+    new connection about a minute before the next sentinel was asked)."""
+    if not url.startswith("sentinel://"):
+        return {}
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    seconds = settings.socket_timeout_s
+    return {"master_name": settings.sentinel_master,
+            "sentinel_kwargs": {"socket_timeout": seconds, "socket_connect_timeout": seconds,
+                                "retry": Retry(NoBackoff(), 0)}}
 
 
 def _timeouts(settings: Settings) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def test_every_setting_reads_its_environment_variable() -> None:
     ({"RERANKQ_BULK_SUFFIX": ""}, "RERANKQ_BULK_SUFFIX must not be empty"),
     ({"RERANKQ_BACKEND": "tensorrt"}, "RERANKQ_BACKEND='tensorrt': use 'torch' or 'onnx-int8'"),
     ({"RERANKQ_BROKER_URL": "redis+cluster://h:7000"}, "Redis Cluster is not supported"),
+    ({"RERANKQ_BROKER_URL": "sentinel://h:26379?ssl_cert_reqs=required"}, "TLS with Redis Sentinel is not supported"),
 ])
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
@@ -95,6 +96,8 @@ def test_sentinel_urls_name_the_master_for_kombu_and_celery_and_plain_urls_do_no
     sentinels = Settings.from_env({"RERANKQ_BROKER_URL": "sentinel://h1:26379;sentinel://h2:26379",
                                    "RERANKQ_SENTINEL_MASTER": "cache"})
     assert celeryconfig.broker_options(sentinels)["master_name"] == "cache"
+    asked = celeryconfig.broker_options(sentinels)["sentinel_kwargs"]
+    assert asked["socket_timeout"] == sentinels.socket_timeout_s and asked["retry"].get_retries() == 0
     assert celeryconfig.backend_options(sentinels)["master_name"] == "cache"  # results on the broker's URL
     split = sentinels.with_(result_backend="redis://results:6379/0")
     assert "master_name" not in celeryconfig.backend_options(split)

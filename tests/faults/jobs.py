@@ -88,3 +88,13 @@ def flower_shows_a_job(env: dict[str, str], node: str, tmp_path: Path) -> None:
         eventually(shown, 30, "Flower lists the job as done by the worker")
     finally:
         flower.stop()
+
+
+def a_bulk_run_completes(env: dict[str, str], tmp_path: Path) -> None:
+    """A ``rerankq submit`` run of 20 jobs on ``env``'s Redis writes every id once."""
+    source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "query": f"q {i}", "docs": ["d one", "d two"]}) + "\n"
+                              for i in range(20)))
+    done = rerankq("submit", str(source), "-o", str(output), env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == list(range(20))

@@ -24,7 +24,8 @@ import redis.sentinel
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, free_port, redis_server_binary
 from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
-from tests.faults.jobs import flower_shows_a_job, send, where
+from tests.faults.jobs import a_bulk_run_completes, flower_shows_a_job, send, where
+from tests.faults.test_hung_redis import served
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +127,11 @@ def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted
                    "every job sent during the failover answered or gone")
         lost = _missing(fresh, queue, sent, worker.node)
         print(f"\nfailover: {len(sent)} jobs accepted while it ran, {failed} sends refused, {lost} accepted and lost")
+        assert len(sent) > 50  # sends went on across the failover, not only before it
         assert _awaited(env, queue) == 5
+        # Each job answered was scored once: 20 before, 5 awaited, those of the failover, 20 after, 5 awaited.
+        expected = 50 + len(sent) - lost
+        eventually(lambda: served(fresh, queue, worker.node) == expected, 10, "each job scored exactly once")
         assert worker.proc.poll() is None and watchdog.proc.poll() is None  # never restarted
         # The watchdog sees the worker live again on the new master and routes new jobs to it.
         eventually(lambda: _route(env) == f"new jobs go to {queue}", 30, "routed to the worker again")
@@ -145,12 +150,7 @@ def test_a_bulk_run_flower_and_serve_work_through_the_sentinels(
     server = ServerProcess(free_port(), env, tmp_path / "serve.log")
     try:
         eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
-        source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
-        source.write_text("".join(json.dumps({"id": i, "query": f"q {i}", "docs": ["d one", "d two"]}) + "\n"
-                                  for i in range(20)))
-        done = rerankq("submit", str(source), "-o", str(output), env=env)
-        assert done.returncode == 0, done.stderr
-        assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == list(range(20))
+        a_bulk_run_completes(env, tmp_path)
         flower_shows_a_job(env, worker.node, tmp_path)
         server.wait_ready()
         answer = httpx.post(f"{server.url}/v1/rerank", json={"query": "q", "documents": ["q d", "x"]}, timeout=60)

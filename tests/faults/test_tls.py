@@ -21,7 +21,7 @@ import pytest
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, TlsFiles, free_port
 from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
-from tests.faults.jobs import flower_shows_a_job
+from tests.faults.jobs import a_bulk_run_completes, flower_shows_a_job
 
 pytestmark = [pytest.mark.integration, needs_system_redis]
 
@@ -88,12 +88,7 @@ def test_rerank_and_arerank_are_answered_over_tls(worker: WorkerProcess, env: di
 
 
 def test_a_bulk_run_completes_over_tls(worker: WorkerProcess, env: dict[str, str], tmp_path: Path) -> None:
-    source, output = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps({"id": i, "query": f"q {i}", "docs": ["d one", "d two"]}) + "\n"
-                              for i in range(20)))
-    done = rerankq("submit", str(source), "-o", str(output), env=env)
-    assert done.returncode == 0, done.stderr
-    assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == list(range(20))
+    a_bulk_run_completes(env, tmp_path)
 
 
 def test_the_watchdog_and_status_work_over_tls(worker: WorkerProcess, env: dict[str, str], tmp_path: Path) -> None:
