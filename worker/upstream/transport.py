@@ -3,12 +3,17 @@
 kombu pops a job with ``BRPOP`` and only then records it in its unacked hash: a worker killed between
 the two, with the reply in its socket, loses that job (the soak in RELIABILITY.md lost one in about
 6,000 over eight kills). Here the job moves atomically into this worker's in-flight list
-(worker/inflight.py), and its unacked record and its removal from that list are one ``MULTI``. Everything
-else is kombu's: acks, the visibility timeout, restoring unacked jobs.
+(worker/inflight.py), and its unacked record and its removal from that list are one script. The visibility
+timeout is kombu's.
+
+Every delivery of a job carries one delivery tag, so a job put back (a reclaim) and received again has a new
+record under the same tag: an ack or a put-back here touches only its own delivery's record, named by the
+record's exact time. A lost connection (a network blip) closes the channel while the chunk consumer goes on
+scoring its jobs: those are not put back as kombu would (``QoS.restore_unacked``, ``Keeper``).
 
 It is also faster: one receive takes every job waiting, up to what prefetch allows (one script moves
-them), and records them all in one ``MULTI``; a batch of settled jobs' acks are one round trip (``ack_in_redis``) where
-kombu makes one per job.
+them), and records them all in one script; a batch of settled jobs' acks are one round trip (``ack_in_redis``)
+where kombu makes one per job.
 
 A worker serves the two lanes of its queue (tasks/lanes.py), each with its own in-flight list. A receive
 first looks at every lane without blocking (one script: interactive lanes first, then bulk ones up to the
