@@ -45,9 +45,7 @@ class BrokerRedis:
         return sorted(self.prefix + name for name in names)
 
     def unacked_keys(self) -> tuple[str, str]:
-        """kombu's index (delivery tag -> delivery time) and hash (delivery tag -> message) of unacked jobs."""
-        qos = self._channel.qos
-        return self.prefix + qos.unacked_index_key, self.prefix + qos.unacked_key
+        return unacked_keys(self._channel)
 
     def restore(self, tag: str, delivered_before: float) -> bool:
         """Put an unacked job back at the head of its queue (the end workers take next; kombu's
@@ -64,6 +62,13 @@ class BrokerRedis:
         self._connection.release()
 
 
+def unacked_keys(channel: Any) -> tuple[str, str]:
+    """kombu's index (delivery tag -> delivery time) and hash (delivery tag -> message) of unacked jobs, under
+    ``channel``'s key prefix (a kombu Redis channel of the broker)."""
+    prefix, qos = channel.global_keyprefix, channel.qos
+    return prefix + qos.unacked_index_key, prefix + qos.unacked_key
+
+
 def delivery_window(delivered_at: float) -> tuple[float, float]:
     """The [from, before) window that names one delivery of a job by its record's exact time: every
     delivery of a job carries the same delivery tag, so the time is what tells them apart."""
@@ -76,13 +81,12 @@ def restore_unacked(channel: Any, client: redis.Redis, tag: str, delivered_from:
     time in [``delivered_from``, ``delivered_before``), as one script that a full Redis still runs (it only
     moves the job). kombu's own deletes the record and then pushes, so a push a full Redis refused lost the
     job. ``channel``: a kombu Redis channel of the broker, ``client`` a plain client on its pool."""
-    prefix, qos = channel.global_keyprefix, channel.qos
-    index_key, hash_key = prefix + qos.unacked_index_key, prefix + qos.unacked_key
+    index_key, hash_key = unacked_keys(channel)
     raw = client.hget(hash_key, tag)
     if raw is None:
         return False
     message, exchange, routing_key = loads(bytes_to_str(raw))  # type: ignore[arg-type]
-    pushes = _Pushes(prefix)
+    pushes = _Pushes(channel.global_keyprefix)
     channel._do_restore_message(message, exchange, routing_key, pushes, False)
     if not pushes.items:  # kombu found no queue for it (and logged why): leave it unacked
         return False

@@ -44,7 +44,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from tasks import clock, lanes, memory
-from tasks.connections import delivery_window, rerankq_key, restore_unacked
+from tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
 from worker import inflight, metrics
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class QoS(kombu_redis.QoS):
         if getattr(message, "acked_in_redis", False):  # by ack_in_redis
             virtual.QoS.ack(self, delivery_tag)
         elif getattr(message, "delivered_at", None) is not None and not self.channel.closed:
-            ack_in_redis(self.channel._plain_client(), _unacked_keys(self.channel), [message])
+            ack_in_redis(self.channel._plain_client(), unacked_keys(self.channel), [message])
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
@@ -133,10 +133,6 @@ def serve_across_reconnects(keeper: Keeper) -> None:
     against the prefetch of the channel after it."""
     global _keeper
     _keeper = keeper
-
-
-def _unacked_keys(channel: Any) -> tuple[str, str]:
-    return channel.global_keyprefix + channel.qos.unacked_index_key, channel.global_keyprefix + channel.qos.unacked_key
 
 
 class Delivery(virtual.Message):  # type: ignore[misc]
@@ -441,7 +437,7 @@ class Channel(kombu_redis.Channel):
             parsed[tag] = (source.queue, payload)
             args += [source.key, raw, tag, record]
         now = clock.now()  # the watchdog's reclaim compares it with its own clock.now()
-        index_key, hash_key = _unacked_keys(self)
+        index_key, hash_key = unacked_keys(self)
         client = self._plain_client()
         recorded = client.eval(memory.script(client, _RECORD), 2, index_key, hash_key, repr(now), *args)  # type: ignore[arg-type]
         received = [(*parsed[tag], tag) for tag in map(bytes_to_str, recorded)]  # type: ignore[union-attr]
