@@ -141,6 +141,38 @@ def test_a_saturated_worker_sweeps_by_length_wasting_as_little_padding_as_a_sort
     assert sweep <= 1.03 * chunk_padded < least_left_first
 
 
+def sorted_chunks_padded(jobs: list[list[int]], tokens: int, window_tokens: int, window_jobs: int) -> int:
+    """What the chunk runner padded: chunks of the window's size in arrival order, each sorted by length."""
+    padding, ready = 0, deque(jobs)
+    while ready:
+        chunk = [ready.popleft()]
+        used = sum(chunk[0])
+        while ready and len(chunk) < window_jobs and used + sum(ready[0]) <= window_tokens:
+            used += sum(ready[0])
+            chunk.append(ready.popleft())
+        for batch in drain([W(sorted((c for job in chunk for c in job), reverse=True))], tokens, sweep=True):
+            padding += padded(batch)
+    return padding
+
+
+def test_a_window_that_refills_from_a_backlog_pads_no_more_than_sorted_chunks() -> None:
+    # Saturated, the window takes a new job whenever pairs are scored: long pairs keep coming in, and a
+    # sweep that always started at the longest padded each batch down to the short pairs left behind.
+    rng = random.Random(7)
+    jobs = [[rng.randint(25, 135) for _ in range(10)] for _ in range(300)]
+    ready, batches, padding = deque(W(job) for job in jobs), 0, 0
+    window: list[W] = []
+    while ready or window:
+        window += admit(ready, deque(), window, 16384, 64)
+        batch = next_batch(window, budgets(8192, None, {INTERACTIVE: bool(ready)}), Turns.after(batches, 0))
+        padding += padded(batch)
+        for work in {id(w): w for w, _ in batch}.values():
+            work.take([i for w, i in batch if w is work])
+        window = [w for w in window if w.left]
+        batches += 1
+    assert padding <= sorted_chunks_padded(jobs, 8192, 16384, 64)
+
+
 def test_away_from_a_sweep_an_anchors_short_pairs_wait_for_a_batch_of_their_length() -> None:
     anchor, other = W([100, 90, 30, 20]), W([100] * 10)
     other.take(other.left[:1])  # started: no pair of it joins as a newcomer would

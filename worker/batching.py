@@ -19,12 +19,18 @@ done. A batch is built around an *anchor* job:
   pack together later); if room is left, the shortest longer pairs widen the batch while it stays in
   budget.
 
-A saturated lane (jobs waiting that the window cannot take) sweeps instead: full batches of its longest
-pairs, with no pair per job not started (which would only add padding where the wait is the backlog's).
+A saturated lane (jobs waiting that the window cannot take) sweeps instead: full batches of pairs of like
+length, with no pair per job not started (which would only add padding where the wait is the backlog's).
+Its batch starts at the length whose full batch wastes the least padding (``_sweep_start``), not always at
+the window's longest pair: the window refills as it drains, with long pairs coming in all the time, so
+always taking the longest padded a batch from near the longest length there is down to the short pairs the
+window had kept (6% more padding than sorted chunks on the simulated GPU's workload, BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -159,14 +165,14 @@ def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns =
     if turns.oldest:
         anchor = lane_jobs[0]
     elif sweep:
-        anchor = max(lane_jobs, key=lambda w: w.costs[w.left[0]])
+        anchor, start = _sweep_start(lane_jobs, interactive + bulk, limit)
     else:
         anchor = min(lane_jobs, key=lambda w: w.left_tokens)
-    longest = max(1, anchor.costs[anchor.left[0]])
     if sweep and not turns.oldest:
-        lead = anchor.left[:1]
+        lead = [start]
     else:
-        lead = [i for i in anchor.left if anchor.costs[i] >= LEAD_SHARE * longest]
+        lead = [i for i in anchor.left if anchor.costs[i] >= LEAD_SHARE * anchor.costs[anchor.left[0]]]
+    longest = max(1, anchor.costs[lead[0]])
     openers: list[tuple[W, int]] = []
     if not budget[INTERACTIVE].sweep:  # a saturated lane's wait is its backlog's: no padding spent on it
         for work in interactive:
@@ -192,6 +198,25 @@ def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns =
             break
         batch.append((work, index))
     return batch
+
+
+def _sweep_start(lane_jobs: Sequence[W], window: Sequence[W], limit: int) -> tuple[W, int]:
+    """The pair a sweep's batch starts at: of the lane's pair lengths, the one whose full batch (the longest
+    window pairs of at most that length, as many as ``limit`` holds) has the most real tokens per padded
+    one; the lane's longest pair where no length fills a batch."""
+    negated = sorted(-w.costs[i] for w in window for i in w.left)  # longest first, for bisect
+    before = [0, *itertools.accumulate(-c for c in negated)]
+    best, chosen = -1.0, max(w.costs[w.left[0]] for w in lane_jobs)
+    for length in sorted({w.costs[i] for w in lane_jobs for i in w.left}, reverse=True):
+        first = bisect.bisect_left(negated, -length)  # the first pair of at most ``length``
+        size = max(1, limit // max(1, length))
+        if first + size > len(negated):
+            break  # a shorter start needs more pairs and has fewer
+        efficiency = (before[first + size] - before[first]) / (size * max(1, length))
+        if efficiency > best:
+            best, chosen = efficiency, length
+    anchor = next(w for w in lane_jobs if any(w.costs[i] == chosen for i in w.left))
+    return anchor, next(i for i in anchor.left if anchor.costs[i] == chosen)
 
 
 class Pace:
