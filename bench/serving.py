@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     add_arguments(parser)
     parser.add_argument("--rate", type=float, default=2.0, help="requests/s of the latency run")
+    parser.add_argument("--baseline", default="", help="also run rerankq serve as of this git commit, side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
 
@@ -49,6 +50,8 @@ def main() -> None:
         completions = Completions(server.url)
         systems = [serve_system(server.url, model, args.device, logdir, completions),
                    infinity_system(args.infinity, model, args.device, logdir, completions)]
+        if args.baseline:
+            systems.append(serve_system(server.url, model, args.device, logdir, completions, args.baseline))
         try:
             for system in systems:
                 saturate(system, requests[:4], completions)  # warm-up

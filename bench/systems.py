@@ -191,26 +191,32 @@ def infinity_system(binary: str, model: str, device: str, logdir: Path, completi
     return http_system("infinity-emb", f"{url}/rerank", completions, lambda: [proc.pid], lambda: _stop(proc))
 
 
-def serve_system(url: str, model: str, device: str, logdir: Path, completions: Completions) -> System:
-    """``rerankq serve`` in front of one rerankq worker, timed per HTTP request as infinity-emb is."""
+def serve_system(url: str, model: str, device: str, logdir: Path, completions: Completions,
+                 baseline: str = "") -> System:
+    """``rerankq serve`` in front of one rerankq worker, timed per HTTP request as infinity-emb is; with
+    ``baseline``, both of that git commit's build, named ``rerankq serve @<commit>``."""
     from rerankq.local import ServerProcess, WorkerProcess
     from tasks import app
 
     app.conf.update(broker_url=url, result_backend=url)
     env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url}
-    queue = f"bench.serve.{os.getpid()}"
+    name = f"rerankq serve @{baseline}" if baseline else "rerankq serve"
+    if baseline:
+        env.update(checkout(baseline, logdir / f"serve-{baseline}"))
+    tag = f"{os.getpid()}{baseline}"
+    queue = f"bench.serve.{tag}"
     worker = WorkerProcess(queue, ["--model", model, "--device", device, "--loglevel", "WARNING"], env,
-                           logdir / "serve-worker.log", f"bench-serve-{os.getpid()}@localhost")
+                           logdir / f"serve-worker-{tag}.log", f"bench-serve-{tag}@localhost")
     worker.wait_ready(app)
     server = ServerProcess(free_port(), {**env, "RERANKQ_GPU_QUEUE": queue, "RERANKQ_SERVE_TIMEOUT_S": "1800"},
-                           logdir / "serve.log")
+                           logdir / f"serve-{tag}.log")
     server.wait_ready()
 
     def stop() -> None:
         server.stop()
         worker.stop()
 
-    return http_system("rerankq serve", f"{server.url}/rerank", completions,
+    return http_system(name, f"{server.url}/rerank", completions,
                        lambda: [worker.proc.pid, server.proc.pid], stop)
 
 

@@ -13,7 +13,9 @@ from tasks.lanes import BULK, INTERACTIVE
 from worker.batching import (
     AGE_EVERY,
     BULK_EVERY,
+    KEEP,
     MAX_BUSY,
+    SWEEP_AGE_EVERY,
     Budget,
     Pace,
     Turns,
@@ -238,11 +240,20 @@ def test_a_saturated_worker_sweeps_without_a_pair_for_each_job_not_started() -> 
     assert [w.costs[i] for w, i in batch] == [100, 90]
 
 
-def test_every_fourth_batch_anchors_the_oldest_job_so_a_large_one_is_never_starved() -> None:
+def test_every_other_batch_anchors_the_oldest_job_so_a_large_one_is_never_starved() -> None:
     old, small = W([100] * 10), W([10] * 2)
     assert next_batch([old, small], limit(100))[0][0] is small
     turns = Turns.after(AGE_EVERY - 1, 0)
     assert turns.oldest and next_batch([old, small], limit(100), turns=turns)[0][0] is old
+
+
+def test_a_sweep_anchors_the_oldest_job_less_often_its_wait_being_the_backlogs() -> None:
+    old, short = W([100] * 2 + [40] * 8), W([40] * 10)
+    old.take(old.left[:1])
+    assert SWEEP_AGE_EVERY > AGE_EVERY
+    for batches in range(SWEEP_AGE_EVERY):
+        batch = next_batch([old, short], limit(400, sweep=True), turns=Turns.after(batches, 0))
+        assert (old.costs[batch[0][1]] == 100) == (batches == SWEEP_AGE_EVERY - 1)  # else the 40s: no padding
 
 
 def test_interactive_pairs_go_ahead_of_bulk_pairs_and_bulk_fills_the_room_left() -> None:
@@ -310,17 +321,17 @@ def test_beside_web_traffic_a_bulk_backlog_runs_the_smallest_batches_that_keep_m
 
 def test_the_pace_sizes_a_batch_that_takes_the_target_including_its_fixed_cost() -> None:
     pace = Pace()
-    assert pace.tokens_for(0.025) is None
+    assert pace.tokens_for(0.025, 8192) is None
     fixed_s, per_token_s = 0.004, 10e-6
     rng = random.Random(2)
     tokens = 8192
     for _ in range(200):  # the runner's loop: batches of what the window holds, at most the target's size
         pace.add(fixed_s + per_token_s * tokens, tokens)
-        tokens = min(pace.tokens_for(0.025) or 8192, rng.randint(200, 8192))
+        tokens = min(pace.tokens_for(0.025, 8192) or 8192, rng.randint(200, 8192))
     fit = pace.fit()
     assert fit is not None and abs(fit[0] - fixed_s) < 1e-4 and abs(fit[1] - per_token_s) < 1e-7
-    assert pace.tokens_for(0.025) == pytest.approx(2100, abs=20)
-    assert pace.tokens_for(0) is None
+    assert pace.tokens_for(0.025, 8192) == pytest.approx(2100, abs=20)
+    assert pace.tokens_for(0, 8192) is None
 
 
 def test_a_device_near_saturation_runs_batches_of_twice_the_target() -> None:
@@ -329,17 +340,29 @@ def test_a_device_near_saturation_runs_batches_of_twice_the_target() -> None:
     assert target_tokens(None, busy=1.0) is None  # no target: the full budget already
 
 
-def test_a_fixed_cost_over_half_the_target_keeps_batches_at_the_full_budget() -> None:
+def test_a_cost_that_is_all_fixed_keeps_batches_near_the_full_budget() -> None:
     pace = Pace()
     pace.add(0.1, 224)  # 100 ms per call, whatever its size: the first shrinks the next...
-    assert pace.tokens_for(0.025) == 56
-    for tokens in (56, 14, 224) * 10:
-        pace.add(0.1, tokens)
-    assert pace.tokens_for(0.025) is None  # ...until the fit sees it is all fixed cost
+    assert pace.tokens_for(0.025, 8192) == 56
+    for size in (56, 14, 224) * 10:
+        pace.add(0.1, size)
+    tokens = pace.tokens_for(0.025, 8192)  # ...until the fit sees it is all fixed cost
+    assert tokens is not None and tokens >= int(KEEP * 8192)
+
+
+def test_a_fixed_cost_over_half_the_target_runs_the_smallest_batches_that_keep_most_throughput() -> None:
+    # MiniLM on two CPU cores: 9.5 ms per call and 0.18 ms per padded token. No batch takes 15 ms; a full
+    # one of 2048 tokens takes 375 ms, which a job that arrives waits for.
+    pace = Pace()
+    for size in (2048, 300, 900) * 20:
+        pace.add(0.0095 + 0.178e-3 * size, size)
+    tokens = pace.tokens_for(0.015, 2048)
+    assert tokens is not None and tokens == pace.keeping(KEEP, 2048)
+    assert 0.0095 + 0.178e-3 * tokens < 0.4 * (0.0095 + 0.178e-3 * 2048)
 
 
 def test_with_one_batch_size_seen_the_pace_counts_all_of_its_time_per_token() -> None:
     pace = Pace()
     pace.add(0.05, 1000)
     assert pace.fit() == pytest.approx((0.0, 0.05 / 1000))
-    assert pace.tokens_for(0.025) == 500
+    assert pace.tokens_for(0.025, 8192) == 500

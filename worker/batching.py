@@ -39,10 +39,12 @@ from typing import Protocol, TypeVar
 
 from tasks.lanes import BULK, INTERACTIVE
 
-#: A bulk backlog beside web traffic (an interactive job received within this many seconds) runs batches
-#: of ``BULK_KEEP`` of a full batch's throughput, not full ones, so web jobs wait less behind them.
+#: A bulk backlog beside web traffic (an interactive job received within this many seconds), and every
+#: batch of a model whose fixed cost per call is over half the time target (a CPU), run the smallest
+#: batches that keep ``KEEP`` of a full batch's throughput (``Pace.keeping``), not full ones, so jobs that
+#: arrive wait less behind them.
 QUIET_S = 5.0
-BULK_KEEP = 0.95
+KEEP = 0.95
 #: A device busier than this over the last ``BUSY_S`` seconds (``worker.stats.Busy``) runs batches of twice
 #: the time target: near saturation, short batches' fixed costs would make the backlog the target is there
 #: to avoid.
@@ -51,8 +53,13 @@ BUSY_S = 2.0
 #: Away from a sweep, the anchor's pairs go in down to this share of its longest; shorter ones wait for a
 #: batch of their own length (padding every pair of a job to its longest wasted a fifth of a CPU's work).
 LEAD_SHARE = 0.5
-#: Every this many batches the anchor is the oldest job rather than the one with the least work left.
-AGE_EVERY = 4
+#: Every this many batches the anchor is the oldest job rather than the one with the least work left:
+#: half the batches finish the small jobs first (the median), half the old ones (the tail; with every
+#: fourth batch, a CPU worker's p95 at 60% load was a third higher, BENCHMARKS.md). A sweep, whose wait
+#: is its backlog's, ages every ``SWEEP_AGE_EVERY``-th batch: an old job's pairs, down to half its longest,
+#: pad more than a sweep's like lengths.
+AGE_EVERY = 2
+SWEEP_AGE_EVERY = 4
 #: With bulk jobs in the window, at least one batch in this many holds bulk pairs.
 BULK_EVERY = 8
 
@@ -108,14 +115,18 @@ def admit(interactive: deque[W], bulk: deque[W], window: Sequence[W], max_tokens
 class Turns:
     """Whose turn the next batch is, from the runner's batch count."""
 
-    #: Anchor the oldest job of the lane rather than the one with the least work left.
+    #: Anchor the oldest job of the lane rather than the one with the least work left (in a sweep:
+    #: ``oldest_sweeping``).
     oldest: bool = False
+    oldest_sweeping: bool = False
     #: Anchor a bulk job even though interactive jobs are in the window.
     bulk: bool = False
 
     @classmethod
     def after(cls, batches: int, batches_without_bulk: int) -> Turns:
-        return cls(oldest=batches % AGE_EVERY == AGE_EVERY - 1, bulk=batches_without_bulk >= BULK_EVERY - 1)
+        return cls(oldest=batches % AGE_EVERY == AGE_EVERY - 1,
+                   oldest_sweeping=batches % SWEEP_AGE_EVERY == SWEEP_AGE_EVERY - 1,
+                   bulk=batches_without_bulk >= BULK_EVERY - 1)
 
 
 @dataclass(frozen=True)
@@ -154,21 +165,22 @@ def target_tokens(tokens: int | None, busy: float) -> int | None:
 def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns = Turns()) -> list[tuple[W, int]]:
     """The next forward batch as (job, pair index) pairs, within the budget of its anchor's lane; ``window``
     in arrival order. A single pair over the budget gets a batch of its own; the oldest job's pairs lead
-    every ``AGE_EVERY``-th batch, sweeping or not; interactive jobs not started yet join every batch while
-    it has room, unless the interactive lane is saturated."""
+    every ``AGE_EVERY``-th batch (``SWEEP_AGE_EVERY``-th sweeping); interactive jobs not started yet join
+    every batch while it has room, unless the interactive lane is saturated."""
     interactive = [w for w in window if w.left and w.lane == INTERACTIVE]
     bulk = [w for w in window if w.left and w.lane == BULK]
     lane_jobs = bulk if bulk and (turns.bulk or not interactive) else interactive
     if not lane_jobs:
         return []
     limit, sweep = budget[lane_jobs[0].lane].tokens, budget[lane_jobs[0].lane].sweep
-    if turns.oldest:
+    oldest = turns.oldest_sweeping if sweep else turns.oldest
+    if oldest:
         anchor = lane_jobs[0]
     elif sweep:
         anchor, start = _sweep_start(lane_jobs, interactive + bulk, limit)
     else:
         anchor = min(lane_jobs, key=lambda w: w.left_tokens)
-    if sweep and not turns.oldest:
+    if sweep and not oldest:
         lead = [start]
     else:
         lead = [i for i in anchor.left if anchor.costs[i] >= LEAD_SHARE * anchor.costs[anchor.left[0]]]
@@ -224,7 +236,10 @@ class Pace:
     (exponentially weighted least squares), to size a batch that takes ``target_s``.
 
     Where the fixed cost alone is over half the target, no batch size meets it at a sensible cost (most of
-    each call would be overhead): the batch then takes the full budget rather than shrink to nothing.
+    each call would be overhead): the batch is then the smallest that keeps most of a full batch's
+    throughput (``keeping``) rather than shrink to nothing. On a CPU, MiniLM's 9 ms per call made that
+    a full budget of 2048 tokens, 370 ms that a job arriving waited for; ``KEEP`` of its throughput is a
+    third of that.
     """
 
     def __init__(self, weight: float = 0.05) -> None:
@@ -259,12 +274,14 @@ class Pace:
         wanted = share * full
         return min(max_tokens, max(1, math.ceil(wanted * fixed / (per_token * (1 - wanted)))))
 
-    def tokens_for(self, target_s: float) -> int | None:
-        """Padded tokens a batch of ``target_s`` holds; None with no target, no measurement yet, or a fixed
-        cost over half the target."""
+    def tokens_for(self, target_s: float, max_tokens: int) -> int | None:
+        """Padded tokens a batch of ``target_s`` holds, or ``keeping(KEEP, max_tokens)`` where the fixed cost
+        is over half the target; None (the full budget) with no target, or no measurement yet."""
         fit = self.fit()
-        if target_s <= 0 or fit is None or fit[0] > target_s / 2 or fit[1] <= 0:
+        if target_s <= 0 or fit is None or fit[1] <= 0:
             return None
         fixed, per_token = fit
+        if fixed > target_s / 2:
+            return self.keeping(KEEP, max_tokens)
         return round((target_s - fixed) / per_token)
 

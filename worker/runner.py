@@ -26,7 +26,7 @@ from tasks.errors import DeadlineExceeded, RankerFailed
 from tasks.lanes import BULK, INTERACTIVE, LANES
 from tasks.records import BatchInfo
 from worker import metrics
-from worker.batching import BULK_KEEP, BUSY_S, QUIET_S, Turns, admit, budgets, next_batch, target_tokens
+from worker.batching import BUSY_S, KEEP, QUIET_S, Turns, admit, budgets, next_batch, target_tokens
 from worker.model import Model, padded_tokens
 from worker.pending import Pending
 from worker.rankers import Ranker
@@ -176,9 +176,9 @@ class Runner:
         self._expire(began)
         pace, now = self._model.pace, time.monotonic()
         web = now - self.ready.last_interactive < QUIET_S
-        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000), self._busy.ratio(now))
-        budget = budgets(self._max_batch, target, self._backlog,
-                         pace.keeping(BULK_KEEP, self._max_batch) if web else None)
+        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000, self._max_batch),
+                               self._busy.ratio(now))
+        budget = budgets(self._max_batch, target, self._backlog, pace.keeping(KEEP, self._max_batch) if web else None)
         bulk_waits = any(p.lane == BULK for p in self.window)
         batch = next_batch(self.window, budget, Turns.after(self._batches, self._without_bulk))
         if not batch:
