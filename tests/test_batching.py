@@ -128,16 +128,21 @@ def test_every_pair_is_scored_once_in_batches_within_the_padded_budget() -> None
             assert padded(batch) <= 200 or len(batch) == 1
 
 
+def sorted_chunk_padded(jobs: list[list[int]], tokens: int) -> int:
+    """What the chunk runner padded for one chunk: its pairs sorted by length, cut into batches of ``tokens``."""
+    pairs = sorted((c for job in jobs for c in job), reverse=True)
+    padding, start = 0, 0
+    while start < len(pairs):
+        size = max(1, tokens // pairs[start])
+        padding += min(size, len(pairs) - start) * pairs[start]
+        start += size
+    return padding
+
+
 def test_a_saturated_worker_sweeps_by_length_wasting_as_little_padding_as_a_sorted_chunk() -> None:
     rng = random.Random(1)
     costs = [[rng.randint(25, 135) for _ in range(10)] for _ in range(16)]
-    sorted_chunk = sorted((c for job in costs for c in job), reverse=True)  # batches of 2048 padded tokens
-    chunk_padded, start = 0, 0
-    while start < len(sorted_chunk):
-        size = 2048 // sorted_chunk[start]
-        chunk_padded += size * sorted_chunk[start] if start + size <= len(sorted_chunk) else (
-            (len(sorted_chunk) - start) * sorted_chunk[start])
-        start += size
+    chunk_padded = sorted_chunk_padded(costs, 2048)
     sweep = sum(padded(b) for b in drain([W(job) for job in costs], 2048, sweep=True))
     least_left_first = sum(padded(b) for b in drain([W(job) for job in costs], 2048))
     assert sweep <= 1.03 * chunk_padded < least_left_first
@@ -152,8 +157,7 @@ def sorted_chunks_padded(jobs: list[list[int]], tokens: int, window_tokens: int,
         while ready and len(chunk) < window_jobs and used + sum(ready[0]) <= window_tokens:
             used += sum(ready[0])
             chunk.append(ready.popleft())
-        for batch in drain([W(sorted((c for job in chunk for c in job), reverse=True))], tokens, sweep=True):
-            padding += padded(batch)
+        padding += sorted_chunk_padded(chunk, tokens)
     return padding
 
 
