@@ -14,7 +14,7 @@ from tasks import lanes, rerank
 from tasks.connections import BrokerRedis
 from tests.conftest import eventually, new_queue
 from worker import inflight
-from worker.upstream import transport
+from worker.upstream import acks, transport
 
 pytestmark = pytest.mark.integration
 
@@ -179,7 +179,7 @@ def test_a_chunk_acked_in_one_round_trip_is_not_acked_in_redis_again_job_by_job(
     connection.drain_events(timeout=5)
     index, unacked = broker.unacked_keys()
 
-    transport.ack_in_redis(broker.client, (index, unacked), received)
+    acks.ack_in_redis(broker.client, (index, unacked), received)
     assert not any(broker.client.hexists(unacked, m.delivery_tag) for m in received)
     broker.client.zadd(index, {received[0].delivery_tag: 1.0})  # a command each ack() would remove again
     for message in received:
@@ -203,14 +203,14 @@ def test_an_ack_removes_only_its_own_deliverys_record_not_a_later_one_of_the_sam
     later = first.delivered_at + 5
     broker.client.zadd(index, {first.delivery_tag: later, second.delivery_tag: later})  # received again since
 
-    transport.ack_in_redis(broker.client, (index, unacked), [first])
+    acks.ack_in_redis(broker.client, (index, unacked), [first])
     second.ack()
     assert broker.client.zscore(index, first.delivery_tag) == later
     assert broker.client.zscore(index, second.delivery_tag) == later
     assert broker.client.hexists(unacked, first.delivery_tag) and broker.client.hexists(unacked, second.delivery_tag)
 
     broker.client.zadd(index, {first.delivery_tag: first.delivered_at})  # its own record again
-    transport.ack_in_redis(broker.client, (index, unacked), [first])
+    acks.ack_in_redis(broker.client, (index, unacked), [first])
     assert broker.client.zscore(index, first.delivery_tag) is None
     assert not broker.client.hexists(unacked, first.delivery_tag)
     broker.client.zrem(index, second.delivery_tag)

@@ -31,7 +31,7 @@ from worker.rankers import Ranker
 from worker.runner import Ready, Runner
 from worker.settle import put_back
 from worker.stats import StatsReporter, WorkerStats
-from worker.upstream import transport
+from worker.upstream import acks
 from worker.upstream.patches import flush_task_events, route_task_events
 from worker.upstream.strategy import receiver
 
@@ -64,7 +64,7 @@ class ChunkConsumer:
         #: Of those, the ones whose channel a reconnect closed (``keep``).
         self._carried: set[str] = set()
         self._held_lock = threading.Lock()
-        transport.serve_across_reconnects(self)
+        acks.serve_across_reconnects(self)
         self.runner = Runner(ranker, settings, _device, backend, broker, self._ready, hostname, self._settled)
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="rerankq-preparer", daemon=True),
@@ -95,7 +95,7 @@ class ChunkConsumer:
 
     def keep(self, tags: list[str]) -> set[str]:
         """As a channel closes: the jobs of ``tags`` this consumer goes on serving (all it holds, unless it
-        is stopping), which must not be put back (worker/upstream/transport.py ``QoS.restore_unacked``)."""
+        is stopping), which must not be put back (worker/upstream/acks.py ``QoS.restore_unacked``)."""
         with self._held_lock:
             if self._ready.stopping:
                 return set()
@@ -116,7 +116,7 @@ class ChunkConsumer:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the jobs whose scoring has started; the others go back to the head of their queue: those
-        received on the channel still open as it closes (``transport.QoS.restore_unacked``), those received
+        received on the channel still open as it closes (``acks.QoS.restore_unacked``), those received
         before a reconnect here, since no open channel knows them."""
         with self._ready.cond:
             self._ready.stopping = True

@@ -24,7 +24,7 @@ from tasks.records import Result, Timings, top_indices
 from worker import metrics, windows
 from worker.pending import Pending
 from worker.rankers import Ranker
-from worker.upstream import results, transport
+from worker.upstream import acks, results
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def ack_all(broker: BrokerRedis, messages: list[Any]) -> None:
     ``acknowledge()`` on the event loop then only does kombu's bookkeeping (and, for a job received before
     a reconnect, nothing in Redis: its channel is closed)."""
     try:
-        transport.ack_in_redis(broker.client, broker.unacked_keys(), messages)
+        acks.ack_in_redis(broker.client, broker.unacked_keys(), messages)
     except Exception:
         logger.warning("could not ack %d jobs in one round trip; the event loop acks each", len(messages),
                        exc_info=True)

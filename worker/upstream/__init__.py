@@ -7,7 +7,10 @@ replaced; ``tests/test_compat.py`` and every worker's start check them, so an up
 * ``transport.py``: kombu's Redis channel receives with ``BLMOVE`` into a per-worker in-flight list, not
   ``BRPOP``, whose reply lost with a killed worker loses the job (celery/celery#4354, celery/kombu#305);
   one receive takes every waiting job of both lanes (one script, one ``MULTI`` for kombu's unacked
-  records), and settled jobs are acked in one round trip.
+  records).
+* ``acks.py``: its acks and put-backs touch only their own delivery's record (a job put back and received
+  again keeps its delivery tag), settled jobs are acked in one round trip, and the jobs the chunk consumer
+  still serves are not put back when a lost connection closes their channel.
 * ``patches.py``, ``survive_redis_outage``: a Redis restart made the channel's close put unacked jobs back
   through a released connection (``AttributeError`` on ``None.hostname``, celery/kombu#582 and #970) and
   the worker exit as "unrecoverable"; acks and rejects of jobs received before a reconnect raised on the

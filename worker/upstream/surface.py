@@ -28,6 +28,7 @@ SUPPORTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {"celery": ((5, 
                                                                   "kombu": ((5, 7), (5, 8))}
 
 _TRANSPORT = "worker/upstream/transport.py"
+_ACKS = "worker/upstream/acks.py"
 _PATCHES = "worker/upstream/patches.py"
 _STRATEGY = "worker/upstream/strategy.py"
 _RESULTS = "worker/upstream/results.py"
@@ -51,20 +52,20 @@ RELIED_ON: dict[str, str] = {
     "kombu.transport.redis:QoS.unacked_key": f"{_TRANSPORT}, {_KEYS}: kombu's unacked hash",
     "kombu.transport.redis:QoS.unacked_index_key": f"{_TRANSPORT}, {_KEYS}: kombu's unacked index",
     "kombu.transport.redis:QoS._remove_from_indices": f"{_TRANSPORT}, {_KEYS}",
-    "kombu.transport.redis:QoS.can_consume_max_estimate": f"{_TRANSPORT}: how many jobs a receive may take",
-    "kombu.transport.redis:QoS.can_consume": f"{_TRANSPORT}: overridden, counts jobs carried over a reconnect",
-    "kombu.transport.redis:Channel._disconnect_pools": f"{_TRANSPORT} QoS.restore_unacked",
-    "kombu.transport.redis:QoS.restore_unacked": f"{_PATCHES}: patched; {_TRANSPORT}: overridden, keeps what "
+    "kombu.transport.redis:QoS.can_consume_max_estimate": f"{_ACKS}, {_TRANSPORT}: how many jobs a receive may take",
+    "kombu.transport.redis:QoS.can_consume": f"{_ACKS}: overridden, counts jobs carried over a reconnect",
+    "kombu.transport.redis:Channel._disconnect_pools": f"{_ACKS} QoS.restore_unacked",
+    "kombu.transport.redis:QoS.restore_unacked": f"{_PATCHES}: patched; {_ACKS}: overridden, keeps what "
                                                  "the chunk consumer serves across a reconnect",
-    "kombu.transport.virtual:Channel().closed": f"{_TRANSPORT}, worker/settle.py: a job received before a reconnect",
+    "kombu.transport.virtual:Channel().closed": f"{_ACKS}, worker/settle.py: a job received before a reconnect",
     "kombu.transport.redis:QoS.restore_visible": f"{_PATCHES}: patched, skipped while Redis is full",
-    "kombu.transport.redis:QoS.ack": f"{_PATCHES}: patched; {_TRANSPORT}: acked in Redis in one round trip",
+    "kombu.transport.redis:QoS.ack": f"{_PATCHES}: patched; {_ACKS}: acked in Redis in one round trip",
     "kombu.transport.redis:QoS.reject": f"{_PATCHES}: patched",
     "kombu.transport.virtual:Channel.Message": f"{_TRANSPORT}: the channel's messages are Delivery",
-    "kombu.message:Message._state": f"{_TRANSPORT} Delivery.reject: left REJECTED as kombu's reject leaves it",
-    "kombu.transport.redis:QoS.append": f"{_PATCHES}: patched; {_TRANSPORT}: recorded by the receive",
-    "kombu.transport.virtual:QoS()._delivered": f"{_TRANSPORT}, {_PATCHES}: the jobs a channel holds",
-    "kombu.transport.virtual:QoS()._dirty": f"{_TRANSPORT}: held jobs already acked",
+    "kombu.message:Message._state": f"{_ACKS} Delivery.reject: left REJECTED as kombu's reject leaves it",
+    "kombu.transport.redis:QoS.append": f"{_PATCHES}: patched; {_ACKS}: recorded by the receive",
+    "kombu.transport.virtual:QoS()._delivered": f"{_ACKS}, {_TRANSPORT}, {_PATCHES}: the jobs a channel holds",
+    "kombu.transport.virtual:QoS()._dirty": f"{_ACKS}, {_TRANSPORT}: held jobs already acked",
     "kombu.transport.virtual:Transport._deliver": f"{_TRANSPORT}: hands a received job to its consumer",
     "celery.worker.request:create_request_cls": f"{_STRATEGY}",
     "celery.worker.strategy:hybrid_to_proto2": f"{_STRATEGY}",
@@ -90,23 +91,23 @@ COPIED: dict[str, tuple[str, dict[str, str]]] = {
         f"{_TRANSPORT} Channel._record: kombu's unacked record, written by the receive",
         {"kombu 5.7.0": "bdc5ddeaeea754cc"}),
     "kombu.transport.redis:QoS.ack": (
-        f"{_TRANSPORT} ack_in_redis: the Redis side of an ack, for many jobs", {"kombu 5.7.0": "c657a6451d3caea8"}),
+        f"{_ACKS} ack_in_redis: the Redis side of an ack, for many jobs", {"kombu 5.7.0": "c657a6451d3caea8"}),
     "kombu.transport.virtual:QoS.can_consume": (
-        f"{_TRANSPORT} QoS.can_consume: the same test, on the estimate", {"kombu 5.7.0": "35a6812a8f07a6a5"}),
+        f"{_ACKS} QoS.can_consume: the same test, on the estimate", {"kombu 5.7.0": "35a6812a8f07a6a5"}),
     "kombu.transport.virtual:QoS.can_consume_max_estimate": (
-        f"{_TRANSPORT} QoS.can_consume_max_estimate: kombu's, less what is carried",
+        f"{_ACKS} QoS.can_consume_max_estimate: kombu's, less what is carried",
         {"kombu 5.7.0": "74a7bc23dc124048"}),
     "kombu.message:Message.ack": (
-        f"{_TRANSPORT} Delivery.ack: the state kombu's ack leaves", {"kombu 5.7.0": "0b28dc8374c8da1e"}),
+        f"{_ACKS} Delivery.ack: the state kombu's ack leaves", {"kombu 5.7.0": "0b28dc8374c8da1e"}),
     "kombu.message:Message.reject": (
-        f"{_TRANSPORT} Delivery.reject: a requeue put back by Channel.put_back instead",
+        f"{_ACKS} Delivery.reject: a requeue put back by Channel.put_back instead",
         {"kombu 5.7.0": "bc4dcbe8e8427eb0"}),
     "kombu.transport.redis:QoS.restore_by_tag": (
         f"{_KEYS} BrokerRedis.restore: kombu's restore, with a check", {"kombu 5.7.0": "1373b798f9fc648b"}),
     "kombu.transport.redis:QoS.restore_unacked": (
         f"{_PATCHES} survive_redis_outage: when it cannot run", {"kombu 5.7.0": "c15fc0a5178b0c81"}),
     "kombu.transport.virtual:QoS.restore_unacked_once": (
-        f"{_TRANSPORT} QoS.restore_unacked: what a closing channel calls, once", {"kombu 5.7.0": "7496e5d6ab9be617"}),
+        f"{_ACKS} QoS.restore_unacked: what a closing channel calls, once", {"kombu 5.7.0": "7496e5d6ab9be617"}),
     "celery.worker.strategy:default": (
         f"{_STRATEGY} receiver: up to the point Celery runs the task",
         {"celery 5.6.3": "1679d6978c40d18b", "celery 5.7.0": "b2439c6d0f6c8627"}),
