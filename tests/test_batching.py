@@ -274,6 +274,30 @@ def test_bulk_work_gets_a_batch_of_its_own_every_so_often_under_a_stream_of_inte
     assert turns.bulk and all(w is bulk for w, _ in next_batch([bulk, web], limit(150), turns=turns))
 
 
+@pytest.mark.parametrize("backlog", [False, True], ids=["calm", "sweeping"])
+@pytest.mark.parametrize("first_batch", range(BULK_EVERY))
+def test_a_large_bulk_job_beside_web_traffic_and_smaller_bulk_jobs_finishes_whenever_it_arrives(
+        first_batch: int, backlog: bool) -> None:
+    # Its pairs never fit as filler beside the web jobs' short ones, and the smaller bulk jobs always have
+    # less work left: only a bulk turn that anchors it moves it. Such turns once fell on every 8th batch and
+    # aging on every 2nd, so whether any bulk turn aged depended on the batch count when it came.
+    large = W([400] * 32, BULK)
+    window = [large, W([400] * 4, BULK), W([40] * 10)]
+    budget = budgets(2048, 2048, {BULK: backlog})
+    batches, without_bulk = first_batch, 0
+    for _ in range(20 * BULK_EVERY):
+        batch = next_batch(window, budget, Turns.after(batches, without_bulk))
+        for work in {id(w): w for w, _ in batch}.values():
+            work.take([i for w, i in batch if w is work])
+        batches += 1
+        without_bulk = 0 if any(w.lane == BULK for w, _ in batch) else without_bulk + 1
+        if not large.left:
+            return
+        for work in [w for w in window if not w.left]:  # a finished job's place taken by one like it
+            window[window.index(work)] = W(list(work.costs), work.lane)
+    pytest.fail(f"the large bulk job still has {len(large.left)} of its 32 pairs after {20 * BULK_EVERY} batches")
+
+
 def test_shorter_pairs_ride_along_and_room_left_takes_the_shortest_longer_ones() -> None:
     anchor, shorter, longer = W([20, 10]), W([15, 5, 18, 1]), W([50, 70, 200, 1])
     shorter.take([3])

@@ -9,7 +9,9 @@ done. A batch is built around an *anchor* job:
 * the anchor is the interactive job with the least work left (it finishes soonest: what minimises the
   mean wait), except every ``AGE_EVERY``-th batch, which anchors the oldest, so a large job is never
   starved by a stream of small ones; bulk jobs anchor only when no interactive job is in the window, or
-  on a *bulk turn* (see ``Turns``), so bulk work slows down but never stops under web traffic;
+  on a *bulk turn* (see ``Turns``), so bulk work slows down but never stops under web traffic. A bulk
+  turn anchors the oldest bulk job: its pairs are the ones that find no room beside web traffic (aging on
+  the batch count alone fell on every bulk turn or on none, by the count when the job came);
 * every interactive job not started yet joins the batch with one pair (its longest of at most the
   anchor's longest, else its shortest), so a job that arrives waits for the batch running when it came
   and no more: the anchor's pairs decide when a job *finishes*, these when it *starts*;
@@ -119,7 +121,7 @@ class Turns:
     #: ``oldest_sweeping``).
     oldest: bool = False
     oldest_sweeping: bool = False
-    #: Anchor a bulk job even though interactive jobs are in the window.
+    #: Anchor the oldest bulk job even though interactive jobs are in the window.
     bulk: bool = False
 
     @classmethod
@@ -169,11 +171,12 @@ def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns =
     every batch while it has room, unless the interactive lane is saturated."""
     interactive = [w for w in window if w.left and w.lane == INTERACTIVE]
     bulk = [w for w in window if w.left and w.lane == BULK]
-    lane_jobs = bulk if bulk and (turns.bulk or not interactive) else interactive
+    bulk_turn = bool(bulk and interactive and turns.bulk)
+    lane_jobs = bulk if bulk_turn or not interactive else interactive
     if not lane_jobs:
         return []
     limit, sweep = budget[lane_jobs[0].lane].tokens, budget[lane_jobs[0].lane].sweep
-    oldest = turns.oldest_sweeping if sweep else turns.oldest
+    oldest = bulk_turn or (turns.oldest_sweeping if sweep else turns.oldest)
     if oldest:
         anchor = lane_jobs[0]
     elif sweep:
