@@ -58,23 +58,34 @@ class Settler:
     def _loop(self) -> None:
         while (jobs := self._inbox.get()) is not None:
             try:
-                written = store(jobs, self._ranker, self._backend)
-            except Exception as exc:  # Redis away past the backend's retries
-                written = Written([], [], [], 0.0, list(jobs), exc)
-            if written.refused:
-                self._put_back(written.refused, written.error)
-            else:
-                metrics.REDIS_FULL.set(0)
-            if written.jobs:
+                self._settle(jobs)
+            except Exception:  # a bug: the thread goes on, or every later job would wait for it forever
+                logger.exception("could not settle %d jobs; they stay unacked and are reclaimed once no worker "
+                                 "holds them", len(jobs))
                 try:
-                    finish(written, self._ranker, self._backend, self._broker)
-                except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
-                    logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
-                                     len(written.jobs))
-                finally:
-                    self._on_settled(written.jobs)
-            if written.refused and written.error is not None and memory.is_full(written.error):
-                time.sleep(FULL_PAUSE_S)  # nothing frees memory faster for the jobs coming round again
+                    self._on_settled(jobs)
+                except Exception:
+                    logger.exception("could not forget %d jobs as held", len(jobs))
+
+    def _settle(self, jobs: Sequence[Pending]) -> None:
+        try:
+            written = store(jobs, self._ranker, self._backend)
+        except Exception as exc:  # Redis away past the backend's retries
+            written = Written([], [], [], 0.0, list(jobs), exc)
+        if written.refused:
+            self._put_back(written.refused, written.error)
+        else:
+            metrics.REDIS_FULL.set(0)
+        if written.jobs:
+            try:
+                finish(written, self._ranker, self._backend, self._broker)
+            except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
+                logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
+                                 len(written.jobs))
+            finally:
+                self._on_settled(written.jobs)
+        if written.refused and written.error is not None and memory.is_full(written.error):
+            time.sleep(FULL_PAUSE_S)  # nothing frees memory faster for the jobs coming round again
 
     def _put_back(self, jobs: list[Pending], error: BaseException | None) -> None:
         if error is not None and memory.is_full(error):
@@ -104,10 +115,10 @@ def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
     """Write every job's outcome in one pipelined round trip; raises if Redis stays away past the backend's
     retries (the jobs are then put back)."""
     done = clock.now()
-    outcomes = [_outcome(pending, ranker, done) for pending in jobs]
-    entries, refused, error = results.store(backend, outcomes)
+    settled = [_outcome(pending, ranker, backend, done) for pending in jobs]
+    written, refused, error = results.store(backend, [record for _, record in settled])
     kept = [i for i in range(len(jobs)) if i not in set(refused)]
-    return Written([jobs[i] for i in kept], [outcomes[i] for i in kept], entries, done,
+    return Written([jobs[i] for i in kept], [settled[i][0] for i in kept], written, done,
                    [jobs[i] for i in refused], error)
 
 
@@ -165,7 +176,20 @@ def put_back(broker: BrokerRedis, message: Any) -> None:
                        message.delivery_tag, exc_info=True)
 
 
-def _outcome(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
+def _outcome(pending: Pending, ranker: Ranker, backend: Any, done: float) -> tuple[results.Outcome, tuple[str, bytes]]:
+    """The job's outcome and its result record. Building or encoding it fails this job alone: raising here
+    would read as Redis away, and the job would go back, to fail again with its batch-mates each time."""
+    try:
+        outcome = _built(pending, ranker, done)
+        return outcome, results.entry(backend, outcome)
+    except Exception as exc:
+        logger.exception("could not build the result of job %s", pending.request.id)
+        outcome = results.Outcome(pending.request, error=RankerFailed(
+            f"the worker could not build this job's result: {exc!r}"))
+        return outcome, results.entry(backend, outcome)
+
+
+def _built(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
     if pending.error is not None:
         return results.Outcome(pending.request, error=pending.error)
     assert pending.job is not None

@@ -26,18 +26,19 @@ class Outcome:
         return str(states.SUCCESS if self.error is None else states.FAILURE)
 
 
-def store(backend: Any, outcomes: Sequence[Outcome]) -> tuple[list[tuple[str, bytes]], list[int], Exception | None]:
-    """Write every outcome with one pipelined ``SETEX`` each (retried by the backend's retry policy on
-    connection loss). Returns the entries written, for ``announce``, the indices of the outcomes Redis
-    refused (a Redis filling up takes some writes of a pipeline and refuses the rest), and the first refusal."""
-    entries = []
-    for outcome in outcomes:
-        value = outcome.result if outcome.error is None else backend.prepare_exception(outcome.error)
-        meta = backend._get_result_meta(result=value, state=outcome.state, traceback=None,
-                                        request=outcome.request)
-        meta["task_id"] = outcome.request.id
-        entries.append((backend.get_key_for_task(outcome.request.id), backend.encode(meta)))
+def entry(backend: Any, outcome: Outcome) -> tuple[str, bytes]:
+    """The job's result key and the record Celery's backend would write there."""
+    value = outcome.result if outcome.error is None else backend.prepare_exception(outcome.error)
+    meta = backend._get_result_meta(result=value, state=outcome.state, traceback=None, request=outcome.request)
+    meta["task_id"] = outcome.request.id
+    return backend.get_key_for_task(outcome.request.id), backend.encode(meta)
 
+
+def store(backend: Any, entries: Sequence[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], list[int],
+                                                                       Exception | None]:
+    """Write every entry with one pipelined ``SETEX`` each (retried by the backend's retry policy on
+    connection loss). Returns the entries written, for ``announce``, the indices of the entries Redis
+    refused (a Redis filling up takes some writes of a pipeline and refuses the rest), and the first refusal."""
     def write() -> list[Any]:
         with backend.client.pipeline(transaction=False) as pipe:
             for key, value in entries:
