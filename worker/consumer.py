@@ -63,6 +63,8 @@ class ChunkConsumer:
         self._held: dict[str, Pending] = {}
         #: Of those, the ones whose channel a reconnect closed (``keep``).
         self._carried: set[str] = set()
+        #: The runner outlived ``stop``'s wait: what it holds stays unacked as the channel closes, for the reclaim.
+        self._abandoned = False
         self._held_lock = threading.Lock()
         acks.serve_across_reconnects(self)
         self.runner = Runner(ranker, settings, _device, backend, broker, self._ready, hostname, self._settled)
@@ -95,9 +97,10 @@ class ChunkConsumer:
 
     def keep(self, tags: list[str]) -> set[str]:
         """As a channel closes: the jobs of ``tags`` this consumer goes on serving (all it holds, unless it
-        is stopping), which must not be put back (worker/upstream/acks.py ``QoS.restore_unacked``)."""
+        is stopping and its runner stopped in time), which must not be put back (worker/upstream/acks.py
+        ``QoS.restore_unacked``)."""
         with self._held_lock:
-            if self._ready.stopping:
+            if self._ready.stopping and not self._abandoned:
                 return set()
             kept = {tag for tag in tags if tag in self._held}
             self._carried |= kept
@@ -125,6 +128,8 @@ class ChunkConsumer:
         for thread in self._threads:
             thread.join(timeout)
         if any(thread.is_alive() for thread in self._threads):  # it may still write them: left to the reclaim
+            with self._held_lock:
+                self._abandoned = True  # put back now, a job whose result is still being written runs twice
             logger.warning("the runner did not stop within %.0fs; the jobs it holds stay unacked", timeout)
         else:
             with self._held_lock:
