@@ -4,6 +4,11 @@ Workers write each result with ``SETEX`` and ``PUBLISH`` on the job's result key
 does). A waiter subscribes to a job's channel *before* the job is sent, so no result can slip past; a
 periodic ``MGET`` sweep of the keys still pending picks up any result whose message was missed (a
 reconnect, a restarted Redis).
+
+A pub/sub connection that goes silent without an error (its Redis host gone, or a failover that moved the
+address: the socket stays open and nothing comes) would leave every result to the sweep, seconds late, for
+good. So a waiter whose sweeps find results ``DEAF_SWEEPS`` times in a row with no message heard between
+them takes the connection for deaf and subscribes again on a new one (``Deafness``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from tasks.records import Result
 SWEEP_S = 2.0
 #: How long a blocking waiter rides out an unreachable Redis (a restart, a failover) before giving up.
 OUTAGE_S = 60.0
+#: Sweeps in a row that find results while pub/sub delivers nothing before a waiter reopens its pub/sub
+#: connection. One such sweep happens on a healthy connection too: a result is written before it is published.
+DEAF_SWEEPS = 2
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,27 @@ def result_key(backend: Any, task_id: str) -> str:
     return key.decode() if isinstance(key, bytes) else str(key)
 
 
+class Deafness:
+    """Whether a pub/sub connection has gone deaf, from what the sweeps find (pure: the waiters call it)."""
+
+    def __init__(self) -> None:
+        self._heard = False
+        self._strikes = 0
+
+    def heard(self) -> None:
+        """A message came on the pub/sub connection."""
+        self._heard = True
+
+    def swept(self, found: int) -> bool:
+        """A sweep found ``found`` results still pending; True: reopen the pub/sub connection."""
+        self._strikes = self._strikes + 1 if found and not self._heard else 0
+        self._heard = False
+        if self._strikes < DEAF_SWEEPS:
+            return False
+        self._strikes = 0
+        return True
+
+
 class Waiter:
     """Results of jobs in flight, as they arrive (blocking; one pub/sub connection for all of them)."""
 
@@ -55,6 +84,9 @@ class Waiter:
         self._outage_since: float | None = None
         self._unsubscribed: set[str] = set()
         self._taken: list[tuple[str, Outcome]] = []
+        self._deafness = Deafness()
+        #: Results that came by pub/sub message and by sweep.
+        self.heard = self.swept = 0
 
     def expect(self, task_id: str) -> None:
         """Subscribe to the job's result; call before sending it. With Redis unreachable, the subscription
@@ -119,7 +151,8 @@ class Waiter:
                     break
                 continue
             if message["type"] == "message":
-                self._take(_text(message["channel"]), message["data"])
+                self._deafness.heard()
+                self.heard += self._take(_text(message["channel"]), message["data"])
         if time.monotonic() - self._swept >= SWEEP_S:
             self._sweep()
         return self._hand_over()
@@ -127,18 +160,25 @@ class Waiter:
     def _sweep(self) -> None:
         self._swept = time.monotonic()
         keys = list(self._pending)
-        for key, raw in zip(keys, self.backend.client.mget(keys) if keys else [], strict=True):
-            if raw is not None:
-                self._take(key, raw)
+        found = sum(self._take(key, raw) for key, raw in zip(keys, self.backend.client.mget(keys) if keys else [],
+                                                             strict=True) if raw is not None)
+        self.swept += found
+        if self._deafness.swept(found):
+            _reopening(found)
+            self._pubsub.close()
+            self._pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+            if self._pending:
+                self._pubsub.subscribe(*self._pending)
 
-    def _take(self, key: str, raw: bytes | str) -> None:
+    def _take(self, key: str, raw: bytes | str) -> bool:
         """Move a result from pending to taken, where it waits for ``arrived`` to hand it over: a
-        connection error later in the same call cannot lose it."""
+        connection error later in the same call cannot lose it. False for one taken already."""
         task_id = self._pending.pop(key, None)
         if task_id is None:  # a result already taken (message and sweep both saw it)
-            return
+            return False
         self._taken.append((task_id, decode(self.backend, raw)))
         self._pubsub.unsubscribe(key)
+        return True
 
     def _hand_over(self) -> list[tuple[str, Outcome]]:
         taken, self._taken = self._taken, []
@@ -160,6 +200,9 @@ class AsyncWaiter:
         # Subscriptions share the one pub/sub connection: the first must open it before others use it.
         self._subscribing = asyncio.Lock()
         self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._deafness = Deafness()
+        #: Results that came by pub/sub message and by sweep.
+        self.heard = self.swept = 0
 
     async def expect(self, task_id: str) -> asyncio.Future[Outcome]:
         """Subscribe to the job's result and return the future it resolves; call before sending the job.
@@ -194,13 +237,18 @@ class AsyncWaiter:
             try:
                 message = await self._pubsub.get_message(timeout=SWEEP_S)
                 if message is not None and message["type"] == "message":
-                    await self._done(_text(message["channel"]), message["data"])
+                    self._deafness.heard()
+                    self.heard += await self._done(_text(message["channel"]), message["data"])
                 if outage_since is not None or time.monotonic() - swept >= SWEEP_S:
                     swept = time.monotonic()
                     keys = list(self._futures)
+                    found = 0
                     for key, raw in zip(keys, await self._client.mget(keys), strict=True):
                         if raw is not None:
-                            await self._done(key, raw)
+                            found += await self._done(key, raw)
+                    self.swept += found
+                    if self._deafness.swept(found):
+                        await self._reopen(found)
                 if outage_since is not None:
                     logger.warning("Redis is back after %.1fs", time.monotonic() - outage_since)
                     outage_since = None
@@ -210,13 +258,24 @@ class AsyncWaiter:
                     logger.warning("Redis unreachable (%r): %d awaited results wait for it", exc, len(self._futures))
                 await asyncio.sleep(0.5)
 
-    async def _done(self, key: str, raw: bytes | str) -> None:
+    async def _done(self, key: str, raw: bytes | str) -> bool:
         future = self._futures.pop(key, None)
         if future is None:
-            return
+            return False
         if not future.done():
             future.set_result(decode(self.backend, raw))
         await self._unsubscribe(key)
+        return True
+
+    async def _reopen(self, found: int) -> None:
+        _reopening(found)
+        async with self._subscribing:
+            deaf, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)
+            # A socket to a host gone may never finish closing: the new connection does not wait for it.
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(deaf.aclose(), 1.0)
+            if self._futures:
+                await self._pubsub.subscribe(*self._futures)
 
     async def _unsubscribe(self, key: str) -> None:
         # Failing, it is re-subscribed on reconnect, and a message for a key no longer awaited is ignored.
@@ -253,6 +312,11 @@ def async_params(connparams: dict[str, Any]) -> dict[str, Any]:
     elif connection_class is not None and issubclass(connection_class, redis.SSLConnection):
         params["ssl"] = True
     return params
+
+
+def _reopening(found: int) -> None:
+    logger.warning("%d results came only by sweep: the result subscription is taken for deaf and opened again "
+                   "on a new connection", found)
 
 
 def _text(value: bytes | str) -> str:

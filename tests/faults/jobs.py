@@ -21,13 +21,14 @@ from tests.conftest import eventually, rerankq
 AUTH = ("ops", "s3cret-for-tests")
 
 
-def send(env: dict[str, str], queue: str, count: int) -> list[str]:
-    """Send ``count`` jobs to ``queue`` from a producer process; returns their ids."""
+def send(env: dict[str, str], queue: str, count: int, ids: list[str] | None = None) -> list[str]:
+    """Send ``count`` jobs to ``queue`` from a producer process (with ``ids``: jobs of those ids); returns their
+    ids."""
     script = textwrap.dedent(f"""
         import json
         from tasks import rerank
-        ids = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}).id
-               for _ in range({count})]
+        ids = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}, task_id=task_id).id
+               for task_id in {ids or [None] * count!r}]
         print(json.dumps(ids))
     """)
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
