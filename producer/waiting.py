@@ -164,11 +164,21 @@ class Waiter:
                                                              strict=True) if raw is not None)
         self.swept += found
         if self._deafness.swept(found):
-            _reopening(found)
-            self._pubsub.close()
-            self._pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+            self._reopen(found)
+
+    def _reopen(self, found: int) -> None:
+        """Subscribe every pending job on a new connection, then drop the deaf one; where the new one cannot
+        subscribe, the deaf one stays (the sweeps find the results) and the next strikes try again."""
+        _reopening(found)
+        fresh = self.backend.client.pubsub(ignore_subscribe_messages=True)
+        try:
             if self._pending:
-                self._pubsub.subscribe(*self._pending)
+                fresh.subscribe(*self._pending)
+        except (redis.ConnectionError, redis.TimeoutError):
+            fresh.close()
+            return
+        deaf, self._pubsub = self._pubsub, fresh
+        deaf.close()
 
     def _take(self, key: str, raw: bytes | str) -> bool:
         """Move a result from pending to taken, where it waits for ``arrived`` to hand it over: a
@@ -268,14 +278,22 @@ class AsyncWaiter:
         return True
 
     async def _reopen(self, found: int) -> None:
+        """As ``Waiter._reopen``. The new connection is subscribed before anything else can use it: a
+        ``forget`` meanwhile would open one of its own on it, and a pub/sub left unconnected by a failed
+        subscribe would end the reader (redis-py raises ``RuntimeError`` on reading it)."""
         _reopening(found)
         async with self._subscribing:
-            deaf, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)
-            # A socket to a host gone may never finish closing: the new connection does not wait for it.
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(deaf.aclose(), 1.0)
-            if self._futures:
-                await self._pubsub.subscribe(*self._futures)
+            fresh = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                if self._futures:
+                    await fresh.subscribe(*self._futures)
+            except (redis.ConnectionError, redis.TimeoutError):
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await fresh.aclose()
+                return
+            deaf, self._pubsub = self._pubsub, fresh
+        with contextlib.suppress(redis.RedisError, OSError):
+            await deaf.aclose()
 
     async def _unsubscribe(self, key: str) -> None:
         # Failing, it is re-subscribed on reconnect, and a message for a key no longer awaited is ignored.
