@@ -125,23 +125,30 @@ return 1
 
 def refuse_unusable(app: Any) -> None:
     """Raise ``ConfigError`` at once for a Redis rerankq can never use: a ``rediss://`` server whose
-    certificate does not verify, or a Redis Cluster node.
+    certificate does not verify, a Redis Cluster node, or a Sentinel named as a Redis (``redis://`` rather
+    than ``sentinel://``: it answers ``PING`` and ``INFO`` but no command on keys).
 
     Every rerankq process retries a Redis it cannot reach (it may be starting, or failing over); these never
     will work, so the process says so and exits instead of retrying for good. Any other connection error is
     left to those retries.
     """
-    broker, clustered = None, False
+    broker, clustered, sentinel = None, False, False
     try:
         # A connection error other than TLS's is left to the process's retries (``_failing_tls``).
         with _failing_tls("RERANKQ_BROKER_URL", app.connection_for_write().as_uri()):
             broker = BrokerRedis(app)
-            clustered = str(broker.client.info("cluster").get("cluster_enabled", 0)) == "1"
+            info = broker.client.info("server")
+            sentinel = info.get("redis_mode") == "sentinel"
+            clustered = not sentinel and str(broker.client.info("cluster").get("cluster_enabled", 0)) == "1"
     except redis.ResponseError:  # a server that hides INFO
         pass
     finally:
         if broker is not None:
             broker.close()
+    if sentinel:
+        raise ConfigError("RERANKQ_BROKER_URL names a Redis Sentinel as if it were a Redis: give the sentinels as "
+                          "sentinel://host:26379;sentinel://host2:26379 and the master's name in "
+                          "RERANKQ_SENTINEL_MASTER (the same for RERANKQ_RESULT_BACKEND)")
     if clustered:
         raise ConfigError("RERANKQ_BROKER_URL names a Redis Cluster node: rerankq is not supported on Redis Cluster "
                           "(kombu's Redis transport cannot use one); use one Redis, or Redis Sentinel for failover")

@@ -228,3 +228,12 @@ def test_a_redis_cluster_node_is_refused_at_once_saying_so(command: list[str]) -
         done = rerankq(*command, env={"RERANKQ_BROKER_URL": node.url}, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "Redis Cluster" in done.stderr and "Sentinel" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["worker", "--ranker", "simulated"], ["watchdog"], ["status"]])
+def test_a_sentinel_named_as_a_redis_is_refused_at_once_saying_how_to_name_it(
+        cluster: tuple[RedisServer, RedisServer, Sentinels], command: list[str]) -> None:
+    _, _, sentinels = cluster
+    done = rerankq(*command, env={"RERANKQ_BROKER_URL": f"redis://127.0.0.1:{sentinels.ports[0]}/0"}, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "names a Redis Sentinel" in done.stderr and "RERANKQ_SENTINEL_MASTER" in done.stderr
