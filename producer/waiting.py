@@ -86,7 +86,7 @@ class Waiter:
         self._taken: list[tuple[str, Outcome]] = []
         self._deafness = Deafness()
         #: Results that came by pub/sub message and by sweep.
-        self.heard = self.swept = 0
+        self.by_message = self.by_sweep = 0
 
     def expect(self, task_id: str) -> None:
         """Subscribe to the job's result; call before sending it. With Redis unreachable, the subscription
@@ -152,7 +152,7 @@ class Waiter:
                 continue
             if message["type"] == "message":
                 self._deafness.heard()
-                self.heard += self._take(_text(message["channel"]), message["data"])
+                self.by_message += self._take(_text(message["channel"]), message["data"])
         if time.monotonic() - self._swept >= SWEEP_S:
             self._sweep()
         return self._hand_over()
@@ -162,7 +162,7 @@ class Waiter:
         keys = list(self._pending)
         found = sum(self._take(key, raw) for key, raw in zip(keys, self.backend.client.mget(keys) if keys else [],
                                                              strict=True) if raw is not None)
-        self.swept += found
+        self.by_sweep += found
         if self._deafness.swept(found):
             self._reopen(found)
 
@@ -212,7 +212,7 @@ class AsyncWaiter:
         self._unsubscribing: set[asyncio.Task[None]] = set()
         self._deafness = Deafness()
         #: Results that came by pub/sub message and by sweep.
-        self.heard = self.swept = 0
+        self.by_message = self.by_sweep = 0
 
     async def expect(self, task_id: str) -> asyncio.Future[Outcome]:
         """Subscribe to the job's result and return the future it resolves; call before sending the job.
@@ -248,7 +248,7 @@ class AsyncWaiter:
                 message = await self._pubsub.get_message(timeout=SWEEP_S)
                 if message is not None and message["type"] == "message":
                     self._deafness.heard()
-                    self.heard += await self._done(_text(message["channel"]), message["data"])
+                    self.by_message += await self._done(_text(message["channel"]), message["data"])
                 if outage_since is not None or time.monotonic() - swept >= SWEEP_S:
                     swept = time.monotonic()
                     keys = list(self._futures)
@@ -256,7 +256,7 @@ class AsyncWaiter:
                     for key, raw in zip(keys, await self._client.mget(keys), strict=True):
                         if raw is not None:
                             found += await self._done(key, raw)
-                    self.swept += found
+                    self.by_sweep += found
                     if self._deafness.swept(found):
                         await self._reopen(found)
                 if outage_since is not None:

@@ -137,9 +137,9 @@ def refuse_unusable(app: Any) -> None:
         # A connection error other than TLS's is left to the process's retries (``_failing_tls``).
         with _failing_tls("RERANKQ_BROKER_URL", app.connection_for_write().as_uri()):
             broker = BrokerRedis(app)
-            info = broker.client.info("server")
+            info = broker.client.info()  # the default sections: server's redis_mode, cluster's cluster_enabled
             sentinel = info.get("redis_mode") == "sentinel"
-            clustered = not sentinel and str(broker.client.info("cluster").get("cluster_enabled", 0)) == "1"
+            clustered = str(info.get("cluster_enabled", 0)) == "1"
     except redis.ResponseError:  # a server that hides INFO
         pass
     finally:

@@ -71,14 +71,14 @@ def test_a_waiter_whose_subscription_goes_silent_subscribes_again_and_hears_resu
 
     try:
         served(3)
-        assert waiter.heard
+        assert waiter.by_message
         proxy.swallow()
         for _ in range(3):  # by sweep, until two sweeps in a row found what no message brought
             served(1)
-        assert waiter.swept >= 2
-        heard = waiter.heard
+        assert waiter.by_sweep >= 2
+        heard = waiter.by_message
         served(3)
-        assert waiter.heard > heard  # without the check: never again, every result seconds late by sweep
+        assert waiter.by_message > heard  # without the check: never again, every result seconds late by sweep
     finally:
         waiter.close()
 
@@ -100,14 +100,14 @@ def test_an_async_waiter_whose_subscription_goes_silent_subscribes_again_and_hea
 
         try:
             await served(3)
-            assert waiter.heard
+            assert waiter.by_message
             proxy.swallow()
             for _ in range(3):
                 await served(1)
-            assert waiter.swept >= 2
-            heard = waiter.heard
+            assert waiter.by_sweep >= 2
+            heard = waiter.by_message
             await served(3)
-            assert waiter.heard > heard
+            assert waiter.by_message > heard
         finally:
             await waiter.close()
 
