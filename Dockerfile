@@ -14,7 +14,8 @@ RUN python3 -m venv /opt/rerankq
 ENV PATH=/opt/rerankq/bin:$PATH PYTHONUNBUFFERED=1
 # torch first, from the index matching the base, so the project's torch range is already met.
 RUN pip install --no-cache-dir torch --index-url ${TORCH_INDEX}
-WORKDIR /app
+# The sources go to /src, outside every process's working directory: rerankq runs as the one installed package.
+WORKDIR /src
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY tasks tasks
 COPY worker worker
@@ -28,6 +29,7 @@ ARG KOMBU_VERSION=5.7.0
 RUN pip install --no-cache-dir ".${EXTRAS}" "celery==${CELERY_VERSION}" "kombu==${KOMBU_VERSION}" \
     && useradd --create-home rerankq
 USER rerankq
+WORKDIR /home/rerankq
 # Models downloaded from the hub are kept here (a volume in docker-compose.yml).
 ENV HF_HOME=/home/rerankq/.cache/huggingface
 ENTRYPOINT ["rerankq"]

@@ -1,7 +1,8 @@
 """Every rerankq setting, in one typed place, each overridable from an environment variable.
 
-Celery reads the lowercase module-level names below (its own config names); rerankq's code reads
-``settings``. ``rerankq config`` prints the table the README carries.
+rerankq's code reads ``settings``; its Celery app is configured from ``celery_config(settings)`` (Celery's own
+names) and from nothing else. ``rerankq config`` prints the table the README carries. Installed, this module is
+``rerankq.celeryconfig``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_type_hints
 from urllib.parse import parse_qs, urlsplit
 
-from tasks.errors import ConfigError
-from tasks.records import LONG_DOCS
+from rerankq.tasks.errors import ConfigError
+from rerankq.tasks.records import LONG_DOCS
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -322,28 +323,34 @@ def settings_table() -> str:
 
 settings = Settings.from_env()
 
-# Celery's own names, derived from the settings above.
-broker_url = verified(settings.broker_url)
-result_backend = verified(settings.backend_url)
-# JSON only: a pickle message is refused before it reaches any task code.
-task_serializer = "json"
-result_serializer = "json"
-accept_content = ["json"]
-result_accept_content = ["json"]
-task_default_queue = settings.gpu_queue
-# Jobs are acked by the chunk consumer after their results are written (see worker/consumer.py).
-task_acks_late = True
-task_reject_on_worker_lost = True
-broker_transport_options = broker_options(settings)
-result_backend_transport_options = backend_options(settings)
-# The result backend's connections, as the broker's: a Redis gone silent costs a timeout, not a thread for good.
-redis_socket_timeout = settings.socket_timeout_s
-redis_socket_connect_timeout = settings.socket_timeout_s
-redis_socket_keepalive = True
-redis_backend_health_check_interval = settings.health_check_s
-result_expires = settings.result_expires
-# The worker runs one consumer process (solo pool), so the multiplier is the prefetch count itself.
-worker_prefetch_multiplier = settings.prefetch_count
-worker_send_task_events = True
-task_send_sent_event = True
-broker_connection_retry_on_startup = True
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's own settings (its lowercase names) for rerankq's app, derived from ``settings``: Celery gets
+    these keys and nothing else, so ``celery inspect conf`` and Flower never see rerankq's own settings (an API
+    key among them), and no module that happens to be called ``celeryconfig`` on ``sys.path`` is read."""
+    return {
+        "broker_url": verified(settings.broker_url),
+        "result_backend": verified(settings.backend_url),
+        # JSON only: a pickle message is refused before it reaches any task code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": settings.gpu_queue,
+        # Jobs are acked by the chunk consumer after their results are written (see worker/consumer.py).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "broker_transport_options": broker_options(settings),
+        "result_backend_transport_options": backend_options(settings),
+        # The result backend's connections, as the broker's: a Redis gone silent costs a timeout, not a thread.
+        "redis_socket_timeout": settings.socket_timeout_s,
+        "redis_socket_connect_timeout": settings.socket_timeout_s,
+        "redis_socket_keepalive": True,
+        "redis_backend_health_check_interval": settings.health_check_s,
+        "result_expires": settings.result_expires,
+        # The worker runs one consumer process (solo pool), so the multiplier is the prefetch count itself.
+        "worker_prefetch_multiplier": settings.prefetch_count,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+    }

@@ -47,9 +47,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    from rerankq.worker.onnx_ranker import OnnxCrossEncoderRanker
+    from rerankq.worker.rankers import CrossEncoderRanker, Ranker
     from tests.tiny_models import build_minilm_cross_encoder
-    from worker.onnx_ranker import OnnxCrossEncoderRanker
-    from worker.rankers import CrossEncoderRanker, Ranker
 
     requests = workload(1, args.requests, 1, args.max_docs, 5, args.max_words)
     pairs = [(r.query, d) for r in requests for d in r.docs]

@@ -64,8 +64,8 @@ class BulkRun:
                 yield {"id": f"{block}-{n}", "query": request.query, "docs": request.docs}
 
     def _run(self, lane: str) -> None:
-        from producer import submit_many
-        from tasks.records import Result
+        from rerankq.producer import submit_many
+        from rerankq.tasks.records import Result
 
         results = submit_many(self._jobs, max_in_flight=256, lane=lane)
         for _id, outcome in results:
@@ -96,12 +96,12 @@ def main() -> None:
     args = parser.parse_args()
 
 
-    from celeryconfig import Settings
+    from rerankq.celeryconfig import Settings
     from rerankq.local import RerankqProcess, WorkerProcess
     from rerankq.redis_server import RedisServer
-    from tasks import app
-    from tasks.connections import BrokerRedis
-    from worker.backlog import measure
+    from rerankq.tasks import app
+    from rerankq.tasks.connections import BrokerRedis
+    from rerankq.worker.backlog import measure
 
     requests = workload(args.seed, int(args.rate * args.seconds), args.docs, args.docs, args.min_words,
                         args.max_words)

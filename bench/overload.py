@@ -47,7 +47,7 @@ def main() -> None:
 
     from rerankq.local import RerankqProcess, WorkerProcess
     from rerankq.redis_server import RedisServer
-    from tasks import app
+    from rerankq.tasks import app
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         logs = Path(tmp)

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rerankq.redis_server import RedisServer
-    from tasks import app
+    from rerankq.tasks import app
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
         app.conf.update(broker_url=server.url, result_backend=server.url)
@@ -119,7 +119,7 @@ class Build:
 
     def __init__(self, name: str, worker_args: list[str], env: dict[str, str], tmp: Path) -> None:
         from rerankq.local import WorkerProcess
-        from tasks import rerank
+        from rerankq.tasks import rerank
 
         self.name = name
         self.port = free_port()
@@ -136,7 +136,7 @@ class Build:
         self.system = System(name, send, lambda: [self.worker.proc.pid], lambda: None)
 
     def run(self, requests: list[Request], rate: float, seed: int, completions: Completions) -> dict[str, Any]:
-        from tasks import app
+        from rerankq.tasks import app
 
         self.ids.clear()
         busy, start = scrape(self.port, "rerankq_busy_seconds_total"), time.perf_counter()

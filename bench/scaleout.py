@@ -42,7 +42,7 @@ def main() -> None:
 
     from rerankq.local import WorkerProcess
     from rerankq.redis_server import RedisServer
-    from tasks import app, rerank
+    from rerankq.tasks import app, rerank
 
     requests = workload(1, args.requests, 1, args.max_docs, 5, args.max_words)
     counts = [int(n) for n in args.replicas.split(",")]

@@ -77,7 +77,7 @@ class RoutedSender:
     def send(self, request: Any) -> str:
         from celery.result import EagerResult
 
-        from tasks import rerank
+        from rerankq.tasks import rerank
 
         handle = rerank.apply_async((request.query, request.docs))
         self.sent[handle.id] = None
@@ -88,8 +88,8 @@ class RoutedSender:
 
     def rankers(self) -> list[str]:
         """Which ranker served each job sent, in order; then forgets them."""
-        from tasks import app
-        from tasks.records import Result
+        from rerankq.tasks import app
+        from rerankq.tasks.records import Result
 
         rankers = [Result.from_dict(result or app.backend.get_task_meta(task_id)["result"]).ranker
                    for task_id, result in self.sent.items()]
@@ -134,7 +134,7 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
                    worker_args: tuple[str, ...] = (), backend: str = "torch", baseline: str = "") -> System:
     """One rerankq worker; with ``baseline``, of that git commit's build, named ``rerankq @<commit>``."""
     from rerankq.local import WorkerProcess
-    from tasks import app, rerank
+    from rerankq.tasks import app, rerank
 
     app.conf.update(broker_url=url, result_backend=url)
     env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_METRICS_PORT": str(metrics_port),
@@ -196,7 +196,7 @@ def serve_system(url: str, model: str, device: str, logdir: Path, completions: C
     """``rerankq serve`` in front of one rerankq worker, timed per HTTP request as infinity-emb is; with
     ``baseline``, both of that git commit's build, named ``rerankq serve @<commit>``."""
     from rerankq.local import ServerProcess, WorkerProcess
-    from tasks import app
+    from rerankq.tasks import app
 
     app.conf.update(broker_url=url, result_backend=url)
     env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url}

@@ -1,6 +1,6 @@
 """A LangChain document compressor that reranks with rerankq, e.g. under a ``ContextualCompressionRetriever``:
 
-    from integrations.langchain import RerankqCompressor
+    from rerankq.integrations.langchain import RerankqCompressor
     compressor = RerankqCompressor(top_n=3)
     best = compressor.compress_documents(documents, "how do I feed a sourdough starter")
 
@@ -14,9 +14,9 @@ from typing import Any
 
 from langchain_core.documents import BaseDocumentCompressor, Document
 
-from producer import arerank, rerank
-from producer.client import DEFAULT_TIMEOUT_S
-from tasks.records import Result
+from rerankq.producer import arerank, rerank
+from rerankq.producer.client import DEFAULT_TIMEOUT_S
+from rerankq.tasks.records import Result
 
 
 class RerankqCompressor(BaseDocumentCompressor):

@@ -1,6 +1,6 @@
 """A LlamaIndex node postprocessor that reranks with rerankq, e.g. in a query engine:
 
-    from integrations.llama_index import RerankqRerank
+    from rerankq.integrations.llama_index import RerankqRerank
     engine = index.as_query_engine(similarity_top_k=20, node_postprocessors=[RerankqRerank(top_n=3)])
 
 Nodes come back best first, each with rerankq's score; the nodes themselves are not copied or changed.
@@ -11,10 +11,10 @@ from __future__ import annotations
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from producer import arerank, rerank
-from producer.client import DEFAULT_TIMEOUT_S
-from tasks.errors import BadJob
-from tasks.records import Result
+from rerankq.producer import arerank, rerank
+from rerankq.producer.client import DEFAULT_TIMEOUT_S
+from rerankq.tasks.errors import BadJob
+from rerankq.tasks.records import Result
 
 
 class RerankqRerank(BaseNodePostprocessor):

@@ -6,9 +6,9 @@ import uuid
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
-from producer.waiting import Outcome, Waiter
-from tasks.lanes import BULK, queue_for
-from tasks.rerank import rerank as rerank_task
+from rerankq.producer.waiting import Outcome, Waiter
+from rerankq.tasks.lanes import BULK, queue_for
+from rerankq.tasks.rerank import rerank as rerank_task
 
 DEFAULT_MAX_IN_FLIGHT = 256
 #: A bulk run rides out a Redis restart: keep retrying a send for about a minute (Celery's default gives
@@ -28,7 +28,7 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     if queue is None:
-        from celeryconfig import settings
+        from rerankq.celeryconfig import settings
 
         queue = settings.gpu_queue
     queue = queue_for(queue, lane)

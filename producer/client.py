@@ -17,14 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import EagerResult
+from celery.result import EagerResult, allow_join_result
 
-from producer.waiting import AsyncWaiter
-from tasks import clock
-from tasks.errors import RerankTimeout
-from tasks.lanes import INTERACTIVE
-from tasks.records import Result
-from tasks.rerank import rerank as rerank_task
+from rerankq.producer.waiting import AsyncWaiter
+from rerankq.tasks import clock
+from rerankq.tasks.errors import RerankTimeout
+from rerankq.tasks.lanes import INTERACTIVE
+from rerankq.tasks.records import Result
+from rerankq.tasks.rerank import rerank as rerank_task
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -40,7 +40,10 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
     job = _job(top_k, deadline, timeout, raw_scores, long_docs)
     handle = _send(str(uuid.uuid4()), query, docs, job, queue, lane)
     try:
-        return Result.from_dict(handle.get(timeout=timeout, propagate=True))
+        # Celery refuses a wait inside a task of any app (the caller's own Celery worker, say), against a
+        # deadlock on its own pool. A rerank job runs on rerankq's workers, never in the caller's pool.
+        with allow_join_result():
+            return Result.from_dict(handle.get(timeout=timeout, propagate=True))
     except CeleryTimeout:
         raise _timeout(handle.id, timeout, queue) from None
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from producer.bulk import submit_many
-from tasks.errors import BadJob, RerankError
-from tasks.lanes import BULK
-from tasks.records import Job, Result
+from rerankq.producer.bulk import submit_many
+from rerankq.tasks.errors import BadJob, RerankError
+from rerankq.tasks.lanes import BULK
+from rerankq.tasks.records import Job, Result
 
 #: Seconds between progress lines when the output is not a terminal.
 REPORT_EVERY_S = 10.0
@@ -99,7 +99,7 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
 
 def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flight: int, resume: bool,
                queue: str | None, progress: bool | None = None, lane: str = BULK) -> int:
-    from celeryconfig import settings
+    from rerankq.celeryconfig import settings
 
     if output.exists() and output.stat().st_size and not resume:
         raise RerankError(f"{output} exists: pass --resume to carry on from it, or remove it to start over")

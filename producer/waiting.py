@@ -23,7 +23,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 
-from tasks.records import Result
+from rerankq.tasks.records import Result
 
 #: Seconds between sweeps of the pending result keys.
 SWEEP_S = 2.0

@@ -10,7 +10,7 @@ import click
 
 def main() -> None:
     """Entry point: a ``RerankError`` (bad setting, unloadable model) ends with its message, no traceback."""
-    from tasks.errors import RerankError
+    from rerankq.tasks.errors import RerankError
 
     try:
         cli(standalone_mode=False)
@@ -52,7 +52,7 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglev
            hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
     """Serve rerank jobs: load the model once, then score many jobs' pairs together in forward batches."""
     _refuse_unusable()
-    from celeryconfig import settings
+    from rerankq.celeryconfig import settings
 
     if gpus is not None:
         from rerankq.supervisor import run_per_gpu
@@ -65,7 +65,7 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglev
             args += ["--queue", queue]
         sys.exit(run_per_gpu(gpus, args, _metrics_port(metrics_port, ranker), hostname))
 
-    from worker.main import run_worker
+    from rerankq.worker.main import run_worker
 
     default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
     sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname,
@@ -92,7 +92,7 @@ def demo(model: str, redis_url: str) -> None:
 def watchdog(loglevel: str, metrics_port: int | None) -> None:
     """Measure the GPU queue's backlog and route new jobs to the CPU queue while it is too long."""
     _refuse_unusable()
-    from worker.watchdog import run_watchdog
+    from rerankq.worker.watchdog import run_watchdog
 
     sys.exit(run_watchdog(loglevel, _metrics_port(metrics_port, "watchdog")))
 
@@ -124,7 +124,7 @@ def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, 
            lane: str, progress: bool | None) -> None:
     """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs"]} per line)."""
     _refuse_unusable()
-    from producer.runner import run_submit
+    from rerankq.producer.runner import run_submit
 
     sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane))
 
@@ -137,7 +137,7 @@ def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, 
 def serve(port: int, host: str, loglevel: str) -> None:
     """The rerank HTTP API: Cohere's and Jina's POST /v1/rerank, TEI's POST /rerank, /health, /metrics."""
     _refuse_unusable()
-    from server.main import run_serve
+    from rerankq.server.main import run_serve
 
     sys.exit(run_serve(host, port, loglevel))
 
@@ -154,7 +154,7 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     """
     import os
 
-    from tasks.errors import ConfigError
+    from rerankq.tasks.errors import ConfigError
 
     if not no_auth and ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
         raise ConfigError("Flower shows every job's arguments: set FLOWER_BASIC_AUTH=user:password (or pass "
@@ -162,8 +162,8 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     _refuse_unusable()
     env = {k: v for k, v in os.environ.items() if not (no_auth and k == "FLOWER_BASIC_AUTH")}
     # Flower is a Celery sub-command: exec it, so signals reach it directly.
-    os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower", f"--port={port}",
-                               f"--address={address}"], env)
+    os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "rerankq.tasks.app", "--quiet", "flower",
+                               f"--port={port}", f"--address={address}"], env)
 
 
 @cli.command()
@@ -186,16 +186,16 @@ def up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int,
 
 
 def _refuse_unusable() -> None:
-    from tasks import app
-    from tasks.connections import refuse_unusable
+    from rerankq.tasks import app
+    from rerankq.tasks.connections import refuse_unusable
 
     refuse_unusable(app)
 
 
 def _metrics_port(option: int | None, kind: str) -> int:
     """``--metrics-port`` if given, else where a process of ``kind`` starts from RERANKQ_METRICS_PORT."""
-    from celeryconfig import settings
-    from worker.metrics import default_port
+    from rerankq.celeryconfig import settings
+    from rerankq.worker.metrics import default_port
 
     return default_port(kind, settings.metrics_port) if option is None else option
 
@@ -203,6 +203,6 @@ def _metrics_port(option: int | None, kind: str) -> int:
 @cli.command()
 def config() -> None:
     """Print every setting with its environment variable and default (the README's table)."""
-    from celeryconfig import settings_table
+    from rerankq.celeryconfig import settings_table
 
     click.echo(settings_table())

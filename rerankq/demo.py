@@ -10,11 +10,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from celeryconfig import settings
+from rerankq.celeryconfig import settings
 from rerankq.local import WorkerProcess
 from rerankq.redis_server import RedisServer
-from tasks import Result, app, rerank
-from tasks.errors import RerankError
+from rerankq.tasks import Result, app, rerank
+from rerankq.tasks.errors import RerankError
 
 DEMO_QUEUE = "rerankq.demo"
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.errors import RerankError
+from rerankq.tasks.errors import RerankError
 
 
 class RerankqProcess:
@@ -23,13 +23,15 @@ class RerankqProcess:
     """
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path | None,
-                 supervised: bool = False, prefix: Sequence[str] = ()) -> None:
-        """``prefix``: a command the process runs under (e.g. ``datefudge <date>``, another clock)."""
+                 supervised: bool = False, prefix: Sequence[str] = (), python: str = sys.executable,
+                 cwd: Path | None = None) -> None:
+        """``prefix``: a command the process runs under (e.g. ``datefudge <date>``, another clock); ``python``:
+        the interpreter (another environment's), ``cwd``: where it runs."""
         self.log_path = log_path
         self._log: IO[bytes] | None = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed in stop()
         # No metrics port unless asked: several processes share this host.
         env = {**os.environ, "RERANKQ_METRICS_PORT": "0", **env}
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "rerankq", *args], env=env,
+        self.proc = subprocess.Popen([*prefix, python, "-m", "rerankq", *args], env=env, cwd=cwd,
                                      stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
                                      **(supervised_options() if supervised else {}))
 
@@ -60,10 +62,11 @@ class WorkerProcess(RerankqProcess):
     """A real ``rerankq worker`` serving ``queue`` as node ``node``."""
 
     def __init__(self, queue: str, args: Sequence[str], env: Mapping[str, str], log_path: Path,
-                 node: str, prefix: Sequence[str] = ()) -> None:
+                 node: str, prefix: Sequence[str] = (), python: str = sys.executable, cwd: Path | None = None) -> None:
         self.queue = queue
         self.node = node
-        super().__init__(["worker", "--hostname", node, "--queue", queue, *args], env, log_path, prefix=prefix)
+        super().__init__(["worker", "--hostname", node, "--queue", queue, *args], env, log_path, prefix=prefix,
+                         python=python, cwd=cwd)
 
     def wait_ready(self, app: Any, timeout: float = 120.0) -> None:
         """Return once the worker answers a ping; raise with its log if it exits or never answers."""

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import redis
 
-from tasks.errors import ConfigError
+from rerankq.tasks.errors import ConfigError
 
 
 def redis_server_binary() -> str:

@@ -7,12 +7,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from celeryconfig import Settings
-from tasks import clock, lanes, memory
-from tasks.connections import BrokerRedis
-from tasks.router import RouteState, counts_key, state_key
-from worker.backlog import Snapshot, measure
-from worker.watchdog import recent_changes
+from rerankq.celeryconfig import Settings
+from rerankq.tasks import clock, lanes, memory
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.router import RouteState, counts_key, state_key
+from rerankq.worker.backlog import Snapshot, measure
+from rerankq.worker.watchdog import recent_changes
 
 RECENT_CHANGES = 5
 
@@ -109,8 +109,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def run_status(as_json: bool) -> int:
-    from celeryconfig import settings
-    from tasks import RerankError, app
+    from rerankq.celeryconfig import settings
+    from rerankq.tasks import RerankError, app
 
     try:
         broker = BrokerRedis(app)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rerankq.local import RerankqProcess
-from tasks.errors import ConfigError
+from rerankq.tasks.errors import ConfigError
 
 #: Longest pause before restarting a child that keeps dying (the pause doubles from one second).
 MAX_BACKOFF_S = 30.0

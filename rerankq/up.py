@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rerankq.redis_server import RedisServer
 from rerankq.supervisor import Child, Supervisor, stop_on_signals, visible_gpus, worker_children
-from tasks.errors import ConfigError
+from rerankq.tasks.errors import ConfigError
 
 
 def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int, metrics_port: int,

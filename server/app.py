@@ -15,14 +15,14 @@ from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from celeryconfig import Settings
-from producer import arerank
-from server import errors
-from server.errors import Overloaded, Unauthorized
-from server.health import HealthProbe
-from server.limits import BodyLimit, check_request, check_token
-from server.metrics import ServerMetrics
-from server.schemas import (
+from rerankq.celeryconfig import Settings
+from rerankq.producer import arerank
+from rerankq.server import errors
+from rerankq.server.errors import Overloaded, Unauthorized
+from rerankq.server.health import HealthProbe
+from rerankq.server.limits import BodyLimit, check_request, check_token
+from rerankq.server.metrics import ServerMetrics
+from rerankq.server.schemas import (
     AnyRerankRequest,
     Document,
     Error,
@@ -34,11 +34,11 @@ from server.schemas import (
     TeiRank,
     TeiRerankRequest,
 )
-from tasks import tracing
-from tasks.connections import BrokerRedis
-from tasks.records import Result
-from tasks.rerank import rerank as rerank_task
-from tasks.router import PASSTHROUGH, SHED
+from rerankq.tasks import tracing
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.records import Result
+from rerankq.tasks.rerank import rerank as rerank_task
+from rerankq.tasks.router import PASSTHROUGH, SHED
 
 ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error}
                                            for status in (401, 413, 422, 424, 429, 500, 503, 504)}
@@ -48,7 +48,7 @@ RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 def create_app(settings: Settings | None = None, queue: str | None = None) -> FastAPI:
     """The app; ``queue`` sends every request to that queue instead of letting rerankq's router pick."""
     if settings is None:
-        from celeryconfig import settings as configured
+        from rerankq.celeryconfig import settings as configured
 
         settings = configured
     cfg = settings

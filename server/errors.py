@@ -15,8 +15,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 from starlette.exceptions import HTTPException
 
-from server.schemas import Error
-from tasks import BadJob, DeadlineExceeded, RankerFailed, RedisFull, RerankError, RerankTimeout
+from rerankq.server.schemas import Error
+from rerankq.tasks import BadJob, DeadlineExceeded, RankerFailed, RedisFull, RerankError, RerankTimeout
 
 logger = logging.getLogger(__name__)
 

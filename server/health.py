@@ -13,12 +13,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from celeryconfig import Settings
-from server.schemas import Health
-from tasks.connections import BrokerRedis
-from tasks.memory import Memory, memory
-from tasks.router import GPU, SHED, RouteState, state_key
-from worker.backlog import measure
+from rerankq.celeryconfig import Settings
+from rerankq.server.schemas import Health
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.memory import Memory, memory
+from rerankq.tasks.router import GPU, SHED, RouteState, state_key
+from rerankq.worker.backlog import measure
 
 
 def judge(route: RouteState | None, workers: dict[str, int], settings: Settings,

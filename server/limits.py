@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from celeryconfig import Settings
-from server.errors import Unauthorized, error
-from tasks.errors import BadJob
+from rerankq.celeryconfig import Settings
+from rerankq.server.errors import Unauthorized, error
+from rerankq.tasks.errors import BadJob
 
 
 def check_request(settings: Settings, query: str, texts: list[str]) -> None:

@@ -8,9 +8,9 @@ import sys
 def run_serve(host: str, port: int, loglevel: str) -> int:
     import uvicorn
 
-    from celeryconfig import settings
-    from server.app import create_app
-    from tasks import tracing
+    from rerankq.celeryconfig import settings
+    from rerankq.server.app import create_app
+    from rerankq.tasks import tracing
 
     tracing.setup(settings.tracing, "rerankq-serve")
 

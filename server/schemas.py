@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
-from tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
+from rerankq.tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
 
 LongDocs = Literal["truncate", "truncate-left", "split", "refuse"]
 

@@ -1,7 +1,7 @@
 """The contract between producers and workers: the Celery app, the ``rerank`` task, records, errors."""
 
-from tasks.app import app
-from tasks.errors import (
+from rerankq.tasks.app import app
+from rerankq.tasks.errors import (
     BadJob,
     ConfigError,
     DeadlineExceeded,
@@ -11,8 +11,8 @@ from tasks.errors import (
     RerankError,
     RerankTimeout,
 )
-from tasks.records import Job, Result
-from tasks.rerank import TASK_NAME, rerank
+from rerankq.tasks.records import Job, Result
+from rerankq.tasks.rerank import TASK_NAME, rerank
 
 __all__ = [
     "TASK_NAME",

@@ -18,8 +18,8 @@ from kombu.exceptions import OperationalError
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from tasks import memory
-from tasks.errors import ConfigError, causes
+from rerankq.tasks import memory
+from rerankq.tasks.errors import ConfigError, causes
 
 
 def rerankq_key(prefix: str, *parts: str) -> str:

@@ -18,7 +18,7 @@ LANES = (INTERACTIVE, BULK)
 
 
 def _suffix() -> str:
-    from celeryconfig import settings
+    from rerankq.celeryconfig import settings
 
     return settings.bulk_suffix
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from tasks.errors import RedisFull, causes
+from rerankq.tasks.errors import RedisFull, causes
 
 #: Scripts carrying it run on a full Redis 7+, their commands included.
 _ALLOW_OOM = "#!lua flags=allow-oom\n"

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks.errors import BadJob
+from rerankq.tasks.errors import BadJob
 
 JOB_FIELDS = ("query", "docs", "top_k", "deadline", "raw_scores", "long_docs")
 #: What becomes of a doc longer than the model reads beside the query (``worker/windows.py``): truncated at

@@ -10,11 +10,11 @@ from celery import Task, states
 from celery.result import EagerResult
 from celery.signals import before_task_publish
 
-from tasks import clock, lanes, memory, tracing
-from tasks.app import app
-from tasks.connections import BrokerRedis
-from tasks.errors import BadJob, RerankError
-from tasks.router import PASSTHROUGH, Router, passthrough_result
+from rerankq.tasks import clock, lanes, memory, tracing
+from rerankq.tasks.app import app
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.errors import BadJob, RerankError
+from rerankq.tasks.router import PASSTHROUGH, Router, passthrough_result
 
 TASK_NAME = "rerankq.rerank"
 #: Message header with the time the job was published, for the result's queue wait.
@@ -31,7 +31,7 @@ class RerankTask(Task):
     keeps its id, its ``AsyncResult`` and its task events.
     """
 
-    Strategy = "worker.consumer:chunk_strategy"
+    Strategy = "rerankq.worker.consumer:chunk_strategy"
     # Arguments are validated by the worker, so a malformed call fails its own job (raised by .get()).
     typing = False
     #: Set on first use from the settings; replace it to route with other queues or marks.
@@ -47,7 +47,7 @@ class RerankTask(Task):
         self.sync_clock()
         explicit = any(options.get(name) for name in _DESTINATION_OPTIONS)
         if lanes.check(lane) == lanes.BULK:
-            from celeryconfig import settings
+            from rerankq.celeryconfig import settings
 
             options["queue"] = lanes.queue_for(options.get("queue") or settings.gpu_queue, lanes.BULK)
             options.pop("routing_key", None)
@@ -74,14 +74,14 @@ class RerankTask(Task):
 
     def get_router(self) -> Router:
         if self.router is None:
-            from celeryconfig import settings
+            from rerankq.celeryconfig import settings
 
             self.router = Router(lambda: BrokerRedis(self.app), settings.gpu_queue, settings.cpu_queue,
                                  settings.route_cache_ms / 1000, settings.passthrough)
         return self.router
 
     def _passthrough(self, args: Any, kwargs: Any, task_id: str | None) -> EagerResult:
-        from celeryconfig import settings
+        from rerankq.celeryconfig import settings
 
         task_id = task_id or str(uuid.uuid4())
         try:
@@ -104,7 +104,7 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:
     """Refuse a job too large to send, here, before it weighs on Redis and every worker that reads it."""
-    from celeryconfig import settings
+    from rerankq.celeryconfig import settings
 
     try:
         size = len(json.dumps([args, kwargs], ensure_ascii=False).encode())
@@ -116,7 +116,7 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
                      "anyway), or split the job")
 
 
-@app.task(base=RerankTask, name=TASK_NAME)
+@app.task(base=RerankTask, name=TASK_NAME, shared=False)
 def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None,
            raw_scores: bool = False, long_docs: str | None = None) -> Any:
     """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order)."""

@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks.connections import BrokerRedis
-from tasks.records import Job, Result, Timings
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.records import Job, Result, Timings
 
 logger = logging.getLogger(__name__)
 

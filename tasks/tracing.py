@@ -21,8 +21,8 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from tasks.errors import ConfigError
-from tasks.records import BatchInfo
+from rerankq.tasks.errors import ConfigError
+from rerankq.tasks.records import BatchInfo
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pytest
 
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, system_redis_server
-from tasks.errors import ConfigError
+from rerankq.tasks.errors import ConfigError
 from tests.tiny_models import build_cross_encoder, build_xlmr_cross_encoder
 
 
@@ -47,7 +47,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def celery_app(redis_url: str) -> Iterator[Any]:
-    from tasks import app
+    from rerankq.tasks import app
 
     app.conf.update(broker_url=redis_url, result_backend=redis_url)
     yield app

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tasks.lanes import BULK, INTERACTIVE
-from worker.batching import (
+from rerankq.tasks.lanes import BULK, INTERACTIVE
+from rerankq.worker.batching import (
     AGE_EVERY,
     BULK_EVERY,
     KEEP,

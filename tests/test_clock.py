@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tasks import clock
+from rerankq.tasks import clock
 
 
 class Redis:

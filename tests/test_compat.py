@@ -15,9 +15,9 @@ import kombu
 import pytest
 from kombu.transport import redis as kombu_redis
 
-from tasks.errors import ConfigError
-from worker.upstream import surface
-from worker.upstream.patches import flush_task_events, route_task_events
+from rerankq.tasks.errors import ConfigError
+from rerankq.worker.upstream import surface
+from rerankq.worker.upstream.patches import flush_task_events, route_task_events
 
 SENDERS, EVENTS = 2, 3000
 ROOT = Path(__file__).parent.parent

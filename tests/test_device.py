@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from tasks.errors import ConfigError
-from worker import device
+from rerankq.tasks.errors import ConfigError
+from rerankq.worker import device
 
 
 @pytest.fixture(autouse=True)

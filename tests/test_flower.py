@@ -16,7 +16,7 @@ import pytest
 
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import free_port
-from tasks import rerank
+from rerankq.tasks import rerank
 from tests.conftest import StartWorker
 
 pytestmark = pytest.mark.integration

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from celeryconfig import Settings
-from server.health import judge
-from tasks.router import GPU, SHED, RouteState
+from rerankq.celeryconfig import Settings
+from rerankq.server.health import judge
+from rerankq.tasks.router import GPU, SHED, RouteState
 
 GPU_Q, CPU_Q = "rerank.gpu", "rerank.cpu"
 SETTINGS = Settings(gpu_queue=GPU_Q, cpu_queue=CPU_Q)
@@ -53,7 +53,7 @@ def test_the_reject_mode_says_it_answers_429_while_shedding() -> None:
 
 
 def test_a_full_redis_is_unavailable_whatever_the_workers() -> None:
-    from tasks.memory import Memory
+    from rerankq.tasks.memory import Memory
 
     full = Memory(used=101 * 2**20, limit=100 * 2**20, policy="noeviction")
     health = judge(None, {GPU_Q: 2, CPU_Q: 1}, SETTINGS, full)

@@ -11,9 +11,9 @@ from langchain_core.documents import Document
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from sentence_transformers import CrossEncoder
 
-from integrations.langchain import RerankqCompressor
-from integrations.llama_index import RerankqRerank
-from tasks import BadJob
+from rerankq.integrations.langchain import RerankqCompressor
+from rerankq.integrations.llama_index import RerankqRerank
+from rerankq.tasks import BadJob
 from tests.conftest import StartWorker
 
 pytestmark = pytest.mark.integration

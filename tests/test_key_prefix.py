@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celeryconfig import Settings, backend_options, broker_options
+from rerankq.celeryconfig import Settings, backend_options, broker_options, celery_config
 from rerankq.local import WorkerProcess
-from tasks.connections import BrokerRedis
-from tasks.errors import ConfigError
-from tasks.rerank import TASK_NAME
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.errors import ConfigError
+from rerankq.tasks.rerank import TASK_NAME
 from tests.conftest import StartWorker, eventually, new_queue
 
 pytestmark = pytest.mark.integration
@@ -27,8 +27,8 @@ PREFIX = "tenant-b:"
 def tenant_b(redis_url: str) -> Iterator[Celery]:
     """Deployment B's producers: the project's Celery settings under the prefix."""
     settings = Settings.from_env({"RERANKQ_BROKER_URL": redis_url, "RERANKQ_KEY_PREFIX": PREFIX})
-    app = Celery("tenant-b")
-    app.config_from_object("celeryconfig")
+    app = Celery("tenant-b", set_as_current=False)
+    app.conf.update(celery_config(settings))
     app.conf.update(broker_url=redis_url, result_backend=redis_url, broker_transport_options=broker_options(settings),
                     result_backend_transport_options=backend_options(settings))
     yield app

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from producer import submit_many
-from tasks import Result, lanes, rerank
-from tasks.connections import BrokerRedis
+from rerankq.producer import submit_many
+from rerankq.tasks import Result, lanes, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.worker.stats import WorkerStats, workers_key
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
-from worker.stats import WorkerStats, workers_key
 
 pytestmark = pytest.mark.integration
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from sentence_transformers import CrossEncoder
 
-from producer import rerank
 from rerankq.local import WorkerProcess
-from tasks import BadJob
-from tasks.records import SPLIT, TRUNCATE, TRUNCATE_LEFT
+from rerankq.producer import rerank
+from rerankq.tasks import BadJob
+from rerankq.tasks.records import SPLIT, TRUNCATE, TRUNCATE_LEFT
+from rerankq.worker import windows
+from rerankq.worker.rankers import CrossEncoderRanker
 from tests.conftest import StartWorker
-from worker import windows
-from worker.rankers import CrossEncoderRanker
 
 pytestmark = pytest.mark.integration
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import BadJob
-from tasks.router import QueueLoad, passthrough_result
-from worker.watchdog import Marks
+from rerankq.tasks import BadJob
+from rerankq.tasks.router import QueueLoad, passthrough_result
+from rerankq.worker.watchdog import Marks
 
 MARKS = Marks(high_wait_s=2.0, low_wait_s=0.5, cold_jobs=64)
 

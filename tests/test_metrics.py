@@ -16,14 +16,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from celeryconfig import Settings
+from rerankq.celeryconfig import Settings
 from rerankq.redis_server import free_port
 from rerankq.status import gather
-from tasks import Result, rerank
-from tasks.connections import BrokerRedis
-from tasks.router import Router
+from rerankq.tasks import Result, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.router import Router
+from rerankq.worker import metrics
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
-from worker import metrics
 
 pytestmark = pytest.mark.integration
 
@@ -188,7 +188,7 @@ def test_the_grafana_dashboard_queries_only_metrics_rerankq_exports() -> None:
 
     from prometheus_client import REGISTRY
 
-    import worker.metrics  # noqa: F401 - registers rerankq's metrics
+    import rerankq.worker.metrics  # noqa: F401 - registers rerankq's metrics
 
     exported = {sample_name for family in REGISTRY.collect() for sample_name in _names(family)}
     exported |= {"rerankq_gpu_utilization_ratio", "rerankq_gpu_memory_bytes", "rerankq_gpu_memory_total_bytes"}

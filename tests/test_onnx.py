@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from sentence_transformers import CrossEncoder
 
-from tasks import Result, rerank
-from tasks.errors import ModelLoadError
+from rerankq.tasks import Result, rerank
+from rerankq.tasks.errors import ModelLoadError
+from rerankq.worker.onnx_ranker import OnnxCrossEncoderRanker
+from rerankq.worker.rankers import CrossEncoderRanker, load_ranker
 from tests.conftest import StartWorker
-from worker.onnx_ranker import OnnxCrossEncoderRanker
-from worker.rankers import CrossEncoderRanker, load_ranker
 
 PAIRS = [("river bank", "a bank by the river"), ("loan", "interest rates rose " * 40), ("x", "y " * 600),
          ("empty doc", "")]

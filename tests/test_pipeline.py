@@ -16,7 +16,7 @@ from celery.exceptions import TaskRevokedError
 from sentence_transformers import CrossEncoder
 
 from rerankq.local import WorkerProcess
-from tasks import BadJob, DeadlineExceeded, RerankError, Result, rerank
+from rerankq.tasks import BadJob, DeadlineExceeded, RerankError, Result, rerank
 from tests.conftest import StartWorker
 
 pytestmark = pytest.mark.integration

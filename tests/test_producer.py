@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from sentence_transformers import CrossEncoder
 
-from producer import arerank, rerank, submit_many
-from tasks import BadJob, RerankTimeout, clock
-from tasks.connections import BrokerRedis
+from rerankq.producer import arerank, rerank, submit_many
+from rerankq.tasks import BadJob, RerankTimeout, clock
+from rerankq.tasks.connections import BrokerRedis
 from tests.conftest import StartWorker, new_queue
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_rerank_with_no_worker_times_out_and_says_what_to_check(celery_app: Any)
 def test_every_job_is_stamped_as_it_is_published_however_it_is_sent(celery_app: Any) -> None:
     """Queue wait counts from the publish, so Celery's own send_task (no RerankTask.apply_async) is stamped
     too, and after the call began building the message."""
-    from tasks.rerank import SENT_AT_HEADER, TASK_NAME
+    from rerankq.tasks.rerank import SENT_AT_HEADER, TASK_NAME
 
     nobody = new_queue()
     # Stamps are on Redis's clock (tasks/clock.py); a send may measure the offset again, within its error.

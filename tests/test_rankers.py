@@ -10,10 +10,10 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from rerankq.local import WorkerProcess
-from tasks import Result, rerank
+from rerankq.tasks import Result, rerank
+from rerankq.worker.rankers import CrossEncoderRanker, FastRanker
 from tests.conftest import StartWorker
 from tests.tiny_models import build_xlmr_cross_encoder
-from worker.rankers import CrossEncoderRanker, FastRanker
 
 CASES = [
     ("how do I feed a sourdough starter",

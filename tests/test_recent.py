@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.stats import Busy, Recent
+from rerankq.worker.stats import Busy, Recent
 
 
 class Clock:

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from kombu.connection import Connection
 
-from tasks import rerank
-from tasks.connections import BrokerRedis, restore_unacked
+from rerankq.tasks import rerank
+from rerankq.tasks.connections import BrokerRedis, restore_unacked
+from rerankq.worker import inflight
+from rerankq.worker.reclaim import reclaim
+from rerankq.worker.stats import WorkerStats
 from tests.conftest import new_queue
-from worker import inflight
-from worker.reclaim import reclaim
-from worker.stats import WorkerStats
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from tasks.errors import BadJob
-from tasks.records import BatchInfo, Job, Result, Timings, top_indices
+from rerankq.tasks.errors import BadJob
+from rerankq.tasks.records import BatchInfo, Job, Result, Timings, top_indices
 
 
 def test_a_valid_call_becomes_a_job() -> None:

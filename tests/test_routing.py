@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from celeryconfig import Settings
+from rerankq.celeryconfig import Settings
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.status import gather
-from tasks import Result, lanes, rerank
-from tasks.connections import BrokerRedis
-from tasks.router import Router, RouteState, state_key
+from rerankq.tasks import Result, lanes, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.router import Router, RouteState, state_key
+from rerankq.worker.backlog import measure
+from rerankq.worker.stats import WorkerStats, workers_key
+from rerankq.worker.watchdog import recent_changes
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
-from worker.backlog import measure
-from worker.stats import WorkerStats, workers_key
-from worker.watchdog import recent_changes
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tasks import RankerFailed, Result, rerank
+from rerankq.tasks import RankerFailed, Result, rerank
 from tests.conftest import StartWorker, eventually
 
 pytestmark = pytest.mark.integration

@@ -17,12 +17,12 @@ from sentence_transformers import CrossEncoder
 
 from rerankq.local import ServerProcess
 from rerankq.redis_server import free_port
-from tasks.connections import BrokerRedis
-from tasks.records import SPLIT, TRUNCATE_LEFT
-from tasks.router import SHED, RouteState, state_key
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.records import SPLIT, TRUNCATE_LEFT
+from rerankq.tasks.router import SHED, RouteState, state_key
+from rerankq.worker import windows
+from rerankq.worker.rankers import CrossEncoderRanker
 from tests.conftest import StartWorker, new_queue
-from worker import windows
-from worker.rankers import CrossEncoderRanker
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import celeryconfig
-from celeryconfig import Settings
-from tasks.errors import ConfigError
+from rerankq import celeryconfig
+from rerankq.celeryconfig import Settings
+from rerankq.tasks.app import app
+from rerankq.tasks.errors import ConfigError
 
 
 def test_every_setting_reads_its_environment_variable() -> None:
@@ -60,11 +61,25 @@ def test_prefetch_holds_two_chunks_of_bulk_and_keeps_a_chunk_of_room_for_interac
 
 
 def test_celery_is_configured_for_json_only_and_late_acks() -> None:
-    assert celeryconfig.accept_content == ["json"] and celeryconfig.result_accept_content == ["json"]
-    assert celeryconfig.task_acks_late is True
+    conf = app.conf
+    assert conf.accept_content == ["json"] and conf.result_accept_content == ["json"]
+    assert conf.task_acks_late is True
     timeout = celeryconfig.settings.visibility_timeout
-    assert celeryconfig.broker_transport_options["visibility_timeout"] == timeout
-    assert celeryconfig.result_backend_transport_options["visibility_timeout"] == timeout
+    assert conf.broker_transport_options["visibility_timeout"] == timeout
+    assert conf.result_backend_transport_options["visibility_timeout"] == timeout
+
+
+def test_celery_is_given_its_own_keys_and_no_secret() -> None:
+    """Flower and `celery inspect conf` show the app's config: rerankq's settings (an API key, a URL with its
+    password) must not be in it, and every key given is one Celery knows."""
+    from celery.app.defaults import NAMESPACES, flatten
+
+    # Celery's Redis backend reads its health-check interval by name, without an entry in the defaults table.
+    known = {name for name, _ in flatten(NAMESPACES)} | {"redis_backend_health_check_interval"}
+    given = celeryconfig.celery_config(Settings.from_env({"RERANKQ_SERVE_API_KEY": "sekrit"}))
+    assert set(given) <= known, set(given) - known
+    assert "sekrit" not in repr(given)
+    assert not [key for key in app.conf if key.lower() in ("settings", "serve_api_key")]
 
 
 def test_the_readme_documents_every_setting() -> None:

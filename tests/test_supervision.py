@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from rerankq.redis_server import free_port
-from tasks import Result, rerank
+from rerankq.tasks import Result, rerank
 from tests.conftest import eventually, new_queue
 
 pytestmark = pytest.mark.integration

@@ -16,12 +16,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from producer import arerank, rerank
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
+from rerankq.producer import arerank, rerank
 from rerankq.redis_server import free_port
-from tasks import BadJob
-from tasks.records import BatchInfo
-from tasks.tracing import settled
+from rerankq.tasks import BadJob
+from rerankq.tasks.records import BatchInfo
+from rerankq.tasks.tracing import settled
 from tests.conftest import StartWorker, eventually
 
 pytestmark = pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,23 +10,25 @@ import pytest
 from kombu.connection import Connection
 from kombu.utils.url import parse_url
 
-import celeryconfig
-from tasks import lanes, rerank
-from tasks.connections import BrokerRedis
+from rerankq import celeryconfig
+from rerankq.tasks import lanes, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.worker import inflight
+from rerankq.worker.upstream import acks, transport
 from tests.conftest import eventually, new_queue
-from worker import inflight
-from worker.upstream import acks, transport
 
 pytestmark = pytest.mark.integration
 
 JOB = ("bread", ["flour"])
+OWNER = f"test-transport-{uuid.uuid4().hex[:8]}@localhost"
 
 
 @pytest.fixture
 def connection(redis_url: str) -> Iterator[Connection]:
     parts: dict[str, Any] = dict(parse_url(redis_url))
     parts["transport"] = transport.Transport
-    with Connection(**parts, transport_options=celeryconfig.broker_transport_options) as connection:
+    options = {**celeryconfig.broker_options(celeryconfig.settings), **transport.options(OWNER, bulk_limit=None)}
+    with Connection(**parts, transport_options=options) as connection:
         yield connection
 
 
@@ -66,7 +69,7 @@ def test_a_received_job_is_unacked_and_off_the_in_flight_list_and_a_reply_lost_w
     connection.drain_events(timeout=5)  # the event loop reconnects; the next receive puts the job back first
 
     assert [m.headers["id"] for m in received] == [sent.id]
-    in_flight = inflight.list_key(broker.prefix, transport._owner, queue)
+    in_flight = inflight.list_key(broker.prefix, OWNER, queue)
     assert broker.client.llen(in_flight) == 0
     _index, unacked = broker.unacked_keys()
     assert broker.client.hexists(unacked, received[0].delivery_tag)
@@ -97,9 +100,10 @@ def test_a_channel_consuming_several_queues_receives_from_each_in_one_receive(co
 
 
 def test_interactive_jobs_are_received_before_bulk_ones_and_bulk_ones_only_up_to_the_bulk_limit(
-        connection: Connection, broker: BrokerRedis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport, "_bulk_limit", 2)
+        connection: Connection, broker: BrokerRedis) -> None:
     queue = new_queue()
+    options: dict[str, Any] = connection.transport_options or {}
+    options["rerankq_bulk_limit"] = 2
     channel, received = consume_lanes(connection, queue)
     channel.basic_qos(prefetch_count=10)
     bulk = [rerank.apply_async(JOB, queue=queue, lane="bulk").id for _ in range(5)]
@@ -145,7 +149,7 @@ def test_jobs_waiting_together_come_in_one_receive_within_prefetch_each_recorded
     assert [m.headers["id"] for m in received] == sent[:3]  # in queue order, up to the prefetch
     _index, unacked = broker.unacked_keys()
     assert all(broker.client.hexists(unacked, m.delivery_tag) for m in received)
-    assert broker.client.llen(inflight.list_key(broker.prefix, transport._owner, queue)) == 0
+    assert broker.client.llen(inflight.list_key(broker.prefix, OWNER, queue)) == 0
     assert broker.client.llen(broker.queue_lists(queue)[0]) == 2
     for message in received:
         message.ack()
@@ -245,7 +249,7 @@ def test_a_job_a_late_receive_left_in_the_in_flight_list_comes_with_the_next_rec
     queue = new_queue()
     _, received = consume(connection, queue)
     late, then = rerank.apply_async(JOB, queue=queue), rerank.apply_async(JOB, queue=queue)
-    source, in_flight = broker.queue_lists(queue)[0], inflight.list_key(broker.prefix, transport._owner, queue)
+    source, in_flight = broker.queue_lists(queue)[0], inflight.list_key(broker.prefix, OWNER, queue)
     broker.client.lmove(source, in_flight, "RIGHT", "LEFT")  # the late move, done as Redis woke
 
     for _ in range(2):
@@ -258,3 +262,18 @@ def test_a_job_a_late_receive_left_in_the_in_flight_list_comes_with_the_next_rec
     assert all(broker.client.hexists(unacked, m.delivery_tag) for m in received)
     for message in received:
         message.ack()
+
+
+@pytest.mark.parametrize("urls", ["sentinel://127.0.0.1:1;sentinel://127.0.0.1:2",
+                                  "redis://127.0.0.1:1;redis://127.0.0.1:2"])
+def test_a_worker_connection_keeps_rerankqs_transport_when_it_moves_to_the_next_url(urls: str) -> None:
+    """On a failover kombu moves a connection to the next URL (``maybe_switch_next``), taking the transport
+    from the URL's scheme: a worker's connections keep rerankq's receive across it."""
+    url, cls = transport.for_url(urls)
+    moved = transport.Connection(url, transport=cls)
+    plain = Connection(url, transport=cls)
+    for connection in (moved, plain):
+        assert connection.transport_cls is cls
+        connection.maybe_switch_next()
+    assert moved.transport_cls is cls and moved.clone().transport_cls is cls
+    assert plain.transport_cls is not cls  # kombu's own: the reason rerankq's Connection exists

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from producer.waiting import DEAF_SWEEPS, Deafness
+from rerankq.producer.waiting import DEAF_SWEEPS, Deafness
 
 
 def test_sweeps_that_find_results_with_no_message_heard_between_them_reopen_the_subscription() -> None:

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celeryconfig import Settings
-from tasks import TASK_NAME, rerank
-from tasks.connections import BrokerRedis
-from tasks.router import PASSTHROUGH, QueueLoad, Router, RouteState, counts_key, state_key
+from rerankq.celeryconfig import Settings
+from rerankq.tasks import TASK_NAME, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.router import PASSTHROUGH, QueueLoad, Router, RouteState, counts_key, state_key
+from rerankq.worker.backlog import measure
+from rerankq.worker.stats import StatsReporter, WorkerStats
+from rerankq.worker.watchdog import Watchdog, recent_changes
 from tests.conftest import new_queue
-from worker.backlog import measure
-from worker.stats import StatsReporter, WorkerStats
-from worker.watchdog import Watchdog, recent_changes
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_passthrough_is_logged_and_counted(setup: Setup, caplog: pytest.LogCaptu
     setup.report(setup.gpu, "gpu-worker")
     setup.enqueue(30, setup.gpu)
     lead(Watchdog(setup.broker, setup.settings))
-    with caplog.at_level("WARNING", logger="tasks.router"):
+    with caplog.at_level("WARNING", logger="rerankq.tasks.router"):
         assert [setup.router.route() for _ in range(3)] == [PASSTHROUGH] * 3
     assert "passthrough" in caplog.text and setup.gpu in caplog.text
     setup.router.route()  # the next refresh adds the counts to Redis

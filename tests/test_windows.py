@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from tasks.errors import BadJob
-from tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
-from worker.windows import best, effective, expand, pieces, spans
+from rerankq.tasks.errors import BadJob
+from rerankq.tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
+from rerankq.worker.windows import best, effective, expand, pieces, spans
 
 
 def words(text: str) -> list[tuple[int, int]]:

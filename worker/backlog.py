@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tasks import clock
-from tasks.connections import BrokerRedis
-from tasks.router import QueueLoad
-from worker.stats import WorkerStats, live_for, workers_key
+from rerankq.tasks import clock
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.router import QueueLoad
+from rerankq.worker.stats import WorkerStats, live_for, workers_key
 
 
 @dataclass(frozen=True)

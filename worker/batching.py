@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from tasks.lanes import BULK, INTERACTIVE
+from rerankq.tasks.lanes import BULK, INTERACTIVE
 
 #: A bulk backlog beside web traffic (an interactive job received within this many seconds), and every
 #: batch of a model whose fixed cost per call is over half the time target (a CPU), run the smallest

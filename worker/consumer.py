@@ -20,20 +20,20 @@ from typing import Any
 
 from celery import bootsteps
 
-from celeryconfig import Settings
-from tasks import clock, lanes
-from tasks.connections import BrokerRedis
-from tasks.errors import BadJob, ConfigError
-from tasks.records import TRUNCATE, Job
-from worker import metrics, windows
-from worker.pending import Pending
-from worker.rankers import Ranker
-from worker.runner import Ready, Runner
-from worker.settle import put_back
-from worker.stats import StatsReporter, WorkerStats
-from worker.upstream import acks
-from worker.upstream.patches import flush_task_events, route_task_events
-from worker.upstream.strategy import receiver
+from rerankq.celeryconfig import Settings
+from rerankq.tasks import clock, lanes
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.errors import BadJob, ConfigError
+from rerankq.tasks.records import TRUNCATE, Job
+from rerankq.worker import metrics, windows
+from rerankq.worker.pending import Pending
+from rerankq.worker.rankers import Ranker
+from rerankq.worker.runner import Ready, Runner
+from rerankq.worker.settle import put_back
+from rerankq.worker.stats import StatsReporter, WorkerStats
+from rerankq.worker.upstream import acks
+from rerankq.worker.upstream.patches import flush_task_events, route_task_events
+from rerankq.worker.upstream.strategy import receiver
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def chunk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         raise ConfigError("rerank jobs need a loaded ranker: start workers with `rerankq worker`")
     chunks: ChunkConsumer | None = getattr(consumer, "rerankq_chunks", None)
     if chunks is None:  # the consumer calls us again after a reconnect: keep the same chunks
-        from celeryconfig import settings
+        from rerankq.celeryconfig import settings
 
         chunks = consumer.rerankq_chunks = ChunkConsumer(_ranker, settings, task.backend, consumer.hostname,
                                                          BrokerRedis(app))

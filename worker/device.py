@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-from tasks.errors import ConfigError
+from rerankq.tasks.errors import ConfigError
 
 
 def pin(device: str) -> str:

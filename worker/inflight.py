@@ -19,8 +19,8 @@ import threading
 
 import redis
 
-from tasks import clock, memory
-from tasks.connections import rerankq_key
+from rerankq.tasks import clock, memory
+from rerankq.tasks.connections import rerankq_key
 
 #: This process's in-flight lists: list key -> the queue list it receives from.
 _owned: dict[str, str] = {}

@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 
-from tasks.connections import BrokerRedis
+from rerankq.tasks.connections import BrokerRedis
 
 #: Take the lease if it is free, renew it if it is ours; 1 if we hold it now.
 _HOLD = """

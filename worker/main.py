@@ -9,18 +9,18 @@ import time
 
 def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel: str,
                hostname: str | None, metrics_port: int) -> int:
-    from celeryconfig import settings
-    from tasks import tracing
-    from tasks.errors import RerankError
-    from worker import device as pinning
-    from worker.upstream import surface
+    from rerankq.celeryconfig import settings
+    from rerankq.tasks import tracing
+    from rerankq.tasks.errors import RerankError
+    from rerankq.worker import device as pinning
+    from rerankq.worker.upstream import surface
 
     try:
         surface.check()  # a kombu or Celery that moved fails here, by name, not in the middle of a receive
         tracing.setup(settings.tracing, f"rerankq-worker-{ranker}")
         torch_device = pinning.pin(device)
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
-        from worker import metrics
+        from rerankq.worker import metrics
 
         served = metrics.serve(metrics_port)
         print(f"rerankq worker: {metrics.describe(metrics_port, served)}", file=sys.stderr, flush=True)
@@ -30,12 +30,17 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
 
     from celery.utils.nodenames import host_format
 
-    from tasks import app, lanes
-    from worker.rankers import load_ranker
-    from worker.upstream import transport
+    from rerankq.tasks import app, lanes
+    from rerankq.worker.rankers import load_ranker
+    from rerankq.worker.upstream import transport
 
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
-    transport.install(owner=node, bulk_limit=settings.bulk_limit)
+    # rerankq's receive, chosen by class for this app in this process only (worker/upstream/transport.py).
+    app.amqp_cls = f"{transport.__name__}:AMQP"
+    app.__dict__.pop("amqp", None)  # a cached AMQP of Celery's own class, if anything built one already
+    app.conf.broker_url, app.conf.broker_transport = transport.for_url(app.conf.broker_url)
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         **transport.options(owner=node, bulk_limit=settings.bulk_limit)}
 
     name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
     runtime = f" ({settings.backend})" if ranker == "cross-encoder" and settings.backend != "torch" else ""
@@ -53,8 +58,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     metrics.install_gpu_collector(torch_device)
     _count_load(app, queues, "success")
 
-    from worker.consumer import ChunkStep, install
-    from worker.upstream.patches import survive_redis_outage
+    from rerankq.worker.consumer import ChunkStep, install
+    from rerankq.worker.upstream.patches import survive_redis_outage
 
     survive_redis_outage()
     install(loaded, device)
@@ -68,8 +73,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
 
 def _count_load(app: object, queues: list[str], outcome: str) -> None:
     """Add this load's outcome to Redis, where the watchdog exports the fleet's model-load success rate."""
-    from tasks.connections import BrokerRedis
-    from worker.stats import count_model_load
+    from rerankq.tasks.connections import BrokerRedis
+    from rerankq.worker.stats import count_model_load
 
     try:
         broker = BrokerRedis(app)

@@ -9,12 +9,12 @@ import logging
 import time
 from collections.abc import Sequence
 
-from tasks.errors import RankerFailed
-from worker import metrics
-from worker.batching import Pace
-from worker.pending import Pending
-from worker.rankers import Ranker, is_out_of_memory, release_cached_memory
-from worker.stats import Recent
+from rerankq.tasks.errors import RankerFailed
+from rerankq.worker import metrics
+from rerankq.worker.batching import Pace
+from rerankq.worker.pending import Pending
+from rerankq.worker.rankers import Ranker, is_out_of_memory, release_cached_memory
+from rerankq.worker.stats import Recent
 
 logger = logging.getLogger(__name__)
 

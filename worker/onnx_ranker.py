@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from tasks.errors import ModelLoadError
-from worker.rankers import CrossEncoderRanker, Pair
+from rerankq.tasks.errors import ModelLoadError
+from rerankq.worker.rankers import CrossEncoderRanker, Pair
 
 
 class OnnxCrossEncoderRanker(CrossEncoderRanker):

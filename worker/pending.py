@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.lanes import INTERACTIVE
-from tasks.records import BatchInfo, Job
-from tasks.rerank import SENT_AT_HEADER
+from rerankq.tasks.lanes import INTERACTIVE
+from rerankq.tasks.records import BatchInfo, Job
+from rerankq.tasks.rerank import SENT_AT_HEADER
 
 
 @dataclass(eq=False)

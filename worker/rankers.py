@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tasks.errors import ModelLoadError
+from rerankq.tasks.errors import ModelLoadError
 
 Pair = tuple[str, str]
 
@@ -226,7 +226,7 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend
         if kind == "fast":
             return FastRanker(model, device)
         if kind == "cross-encoder" and backend == "onnx-int8":
-            from worker.onnx_ranker import OnnxCrossEncoderRanker
+            from rerankq.worker.onnx_ranker import OnnxCrossEncoderRanker
 
             return OnnxCrossEncoderRanker(model, device, max_length, int8=True)
         if kind == "cross-encoder":

@@ -16,10 +16,10 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 
-from tasks import clock
-from tasks.connections import BrokerRedis
-from tasks.rerank import TASK_NAME
-from worker.stats import WorkerStats
+from rerankq.tasks import clock
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.rerank import TASK_NAME
+from rerankq.worker.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
 

@@ -19,19 +19,19 @@ from collections.abc import Callable, Sequence
 
 from celery.worker import state as worker_state
 
-from celeryconfig import Settings
-from tasks import clock
-from tasks.connections import BrokerRedis
-from tasks.errors import DeadlineExceeded, RankerFailed
-from tasks.lanes import BULK, INTERACTIVE, LANES
-from tasks.records import BatchInfo
-from worker import metrics
-from worker.batching import BUSY_S, KEEP, QUIET_S, Turns, admit, budgets, next_batch, target_tokens
-from worker.model import Model, padded_tokens
-from worker.pending import Pending
-from worker.rankers import Ranker
-from worker.settle import Settler, ack_all, requeue
-from worker.stats import Busy, Recent, Throughput
+from rerankq.celeryconfig import Settings
+from rerankq.tasks import clock
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.errors import DeadlineExceeded, RankerFailed
+from rerankq.tasks.lanes import BULK, INTERACTIVE, LANES
+from rerankq.tasks.records import BatchInfo
+from rerankq.worker import metrics
+from rerankq.worker.batching import BUSY_S, KEEP, QUIET_S, Turns, admit, budgets, next_batch, target_tokens
+from rerankq.worker.model import Model, padded_tokens
+from rerankq.worker.pending import Pending
+from rerankq.worker.rankers import Ranker
+from rerankq.worker.settle import Settler, ack_all, requeue
+from rerankq.worker.stats import Busy, Recent, Throughput
 
 logger = logging.getLogger(__name__)
 

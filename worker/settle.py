@@ -17,14 +17,14 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from tasks import clock, memory, tracing
-from tasks.connections import BrokerRedis
-from tasks.errors import RankerFailed
-from tasks.records import Result, Timings, top_indices
-from worker import metrics, windows
-from worker.pending import Pending
-from worker.rankers import Ranker
-from worker.upstream import acks, results
+from rerankq.tasks import clock, memory, tracing
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.errors import RankerFailed
+from rerankq.tasks.records import Result, Timings, top_indices
+from rerankq.worker import metrics, windows
+from rerankq.worker.pending import Pending
+from rerankq.worker.rankers import Ranker
+from rerankq.worker.upstream import acks, results
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks import clock, memory
-from tasks.connections import BrokerRedis
-from worker import inflight
+from rerankq.tasks import clock, memory
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.worker import inflight
 
 logger = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from celeryconfig import Settings
-from tasks import clock, lanes, memory
-from tasks.connections import BrokerRedis
-from tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
-from worker import metrics
-from worker.backlog import measure
-from worker.lease import Lease
-from worker.reclaim import reclaim
-from worker.stats import WorkerStats, grace_for, model_loads_key
+from rerankq.celeryconfig import Settings
+from rerankq.tasks import clock, lanes, memory
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
+from rerankq.worker import metrics
+from rerankq.worker.backlog import measure
+from rerankq.worker.lease import Lease
+from rerankq.worker.reclaim import reclaim
+from rerankq.worker.stats import WorkerStats, grace_for, model_loads_key
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ def run_watchdog(loglevel: str, metrics_port: int) -> int:
     """The ``rerankq watchdog`` process: polls until SIGTERM or Ctrl-C."""
     import signal
 
-    from celeryconfig import settings
-    from tasks import app
+    from rerankq.celeryconfig import settings
+    from rerankq.tasks import app
 
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/watchdog] %(message)s")
     stop = threading.Event()

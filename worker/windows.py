@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tasks.errors import BadJob
-from tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
+from rerankq.tasks.errors import BadJob
+from rerankq.tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
 
 Offsets = Sequence[tuple[int, int]]
 

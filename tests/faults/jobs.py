@@ -15,7 +15,7 @@ import redis
 
 from rerankq.local import RerankqProcess
 from rerankq.redis_server import free_port
-from tasks import memory
+from rerankq.tasks import memory
 from tests.conftest import eventually, rerankq
 
 AUTH = ("ops", "s3cret-for-tests")
@@ -26,7 +26,7 @@ def send(env: dict[str, str], queue: str, count: int, ids: list[str] | None = No
     ids."""
     script = textwrap.dedent(f"""
         import json
-        from tasks import rerank
+        from rerankq.tasks import rerank
         ids = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}, task_id=task_id).id
                for task_id in {ids or [None] * count!r}]
         print(json.dumps(ids))

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from rerankq.redis_server import RedisServer
-from tasks import rerank
+from rerankq.tasks import rerank
 from tests.conftest import StartWorker, eventually
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from producer import rerank
 from rerankq.local import RerankqProcess, WorkerProcess
+from rerankq.producer import rerank
 from tests.conftest import eventually, new_queue, rerankq
 
 pytestmark = [pytest.mark.integration,

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from celery.backends.redis import RedisBackend
 
-from producer.waiting import AsyncWaiter, Waiter
 from rerankq.local import WorkerProcess
+from rerankq.producer.waiting import AsyncWaiter, Waiter
 from rerankq.redis_server import RedisServer
 from tests.conftest import eventually, new_queue
 from tests.faults.jobs import send

@@ -79,7 +79,7 @@ def test_a_worker_started_on_a_full_redis_serves_keeps_every_job_and_answers_onc
         assert "rerankq_redis_full 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 
         # A producer is told why, and so is an HTTP client.
-        refused = subprocess.run([sys.executable, "-c", "from producer import rerank; rerank('q', ['d'])"],
+        refused = subprocess.run([sys.executable, "-c", "from rerankq import rerank; rerank('q', ['d'])"],
                                  env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
         assert "RedisFull" in refused.stderr and "out of memory" in refused.stderr, refused.stderr[-2000:]
         server.wait_ready()

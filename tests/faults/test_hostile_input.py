@@ -16,10 +16,10 @@ from kombu.entity import Exchange
 from kombu.messaging import Producer
 
 from rerankq.local import WorkerProcess
-from tasks import BadJob, DeadlineExceeded, Job, Result, rerank
-from tasks.connections import BrokerRedis
+from rerankq.tasks import BadJob, DeadlineExceeded, Job, Result, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.worker import inflight
 from tests.conftest import StartWorker
-from worker import inflight
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -144,7 +144,7 @@ def test_queue_items_that_are_not_messages_are_dropped_and_the_worker_keeps_serv
 
 
 def test_an_oversized_job_is_refused_at_the_producer(monkeypatch: pytest.MonkeyPatch) -> None:
-    import celeryconfig
+    from rerankq import celeryconfig
 
     monkeypatch.setattr(celeryconfig, "settings", celeryconfig.settings.with_(max_job_bytes=1000))
     with pytest.raises(BadJob, match="over RERANKQ_MAX_JOB_BYTES=1000: send fewer or shorter docs"):

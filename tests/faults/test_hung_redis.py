@@ -15,11 +15,11 @@ import redis
 
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import RedisServer
-from tasks.connections import rerankq_key
+from rerankq.tasks.connections import rerankq_key
+from rerankq.worker.stats import WorkerStats
 from tests.conftest import eventually, new_queue
 from tests.faults.jobs import send, where
 from tests.faults.proxy import BlackHoleProxy
-from worker.stats import WorkerStats
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from rerankq.local import WorkerProcess
-from tasks import Result, rerank
-from tasks.connections import BrokerRedis
+from rerankq.tasks import Result, rerank
+from rerankq.tasks.connections import BrokerRedis
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
 from tests.faults.test_worker_faults import JOB, served, simulated, waiting
 

@@ -73,7 +73,7 @@ def _run_through_a_restart(server: RedisServer, worker: WorkerProcess, watchdog:
 
 AWAITER = """
 import asyncio, sys
-from producer import arerank
+from rerankq.producer import arerank
 
 async def main():
     pending = [asyncio.create_task(arerank("bread", ["bread", "flour"], timeout=60, queue=sys.argv[1]))
@@ -120,8 +120,8 @@ def line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 HUNG_AWAITER = """
 import asyncio, sys, time
-from producer import arerank
-from tasks import RerankTimeout
+from rerankq.producer import arerank
+from rerankq.tasks import RerankTimeout
 
 async def main():
     queue = sys.argv[1]

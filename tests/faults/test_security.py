@@ -14,7 +14,7 @@ import redis
 
 from rerankq.local import WorkerProcess
 from rerankq.redis_server import RedisServer
-from tasks import rerank
+from rerankq.tasks import rerank
 from tests.conftest import eventually, new_queue
 
 pytestmark = pytest.mark.integration

@@ -165,7 +165,7 @@ def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) 
     returns the ids the sends accepted and how many sends raised."""
     script = textwrap.dedent(f"""
         import json, sys, time
-        from tasks import rerank
+        from rerankq.tasks import rerank
         deadline = time.monotonic() + float(sys.argv[1])
         while time.monotonic() < deadline:
             try:
@@ -207,7 +207,7 @@ def _missing(client: redis.Redis, queue: str, ids: list[str], node: str) -> int:
 def _awaited(env: dict[str, str], queue: str) -> int:
     script = textwrap.dedent(f"""
         import asyncio
-        from producer import arerank
+        from rerankq.producer import arerank
         async def main():
             results = await asyncio.gather(*(arerank("bread", ["bread", "flour"], timeout=30, queue={queue!r})
                                               for _ in range(5)))

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from producer import submit_many
 from rerankq.local import rss_mb
-from tasks import Result, rerank
+from rerankq.producer import submit_many
+from rerankq.tasks import Result, rerank
 from tests.conftest import StartWatchdog, eventually, new_queue
 
 SOAK_S = float(os.environ.get("RERANKQ_SOAK_S", "0"))

@@ -76,7 +76,7 @@ def test_the_server_takes_tls_only(tls: tuple[RedisServer, Path]) -> None:
 def test_rerank_and_arerank_are_answered_over_tls(worker: WorkerProcess, env: dict[str, str]) -> None:
     script = textwrap.dedent("""
         import asyncio, json
-        from producer import arerank, rerank
+        from rerankq.producer import arerank, rerank
         sync = rerank("capital of france", ["paris is the capital of france", "bananas"], timeout=60)
         awaited = asyncio.run(arerank("capital of france", ["bananas", "paris", "lyon"], timeout=60))
         print(json.dumps([sync.ranker, len(sync.scores), awaited.ranker, len(awaited.scores)]))

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tasks import RankerFailed, Result, rerank
-from tasks.connections import BrokerRedis
+from rerankq.tasks import RankerFailed, Result, rerank
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.worker.stats import WorkerStats, workers_key
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
-from worker.stats import WorkerStats, workers_key
 
 pytestmark = pytest.mark.integration
 

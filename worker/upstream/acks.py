@@ -17,8 +17,8 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-from tasks import memory
-from tasks.connections import delivery_window, restore_unacked, unacked_keys
+from rerankq.tasks import memory
+from rerankq.tasks.connections import delivery_window, restore_unacked, unacked_keys
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from tasks import memory
+from rerankq.tasks import memory
 
 logger = logging.getLogger(__name__)
 

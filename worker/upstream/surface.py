@@ -19,7 +19,7 @@ import logging
 import textwrap
 from typing import Any
 
-from tasks.errors import ConfigError
+from rerankq.tasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ _KEYS = "tasks/connections.py"
 
 #: What rerankq uses that is not kombu's or Celery's public API, and where.
 RELIED_ON: dict[str, str] = {
-    "kombu.transport:TRANSPORT_ALIASES": f"{_TRANSPORT} install: redis:// URLs get rerankq's transport",
-    "kombu.transport:_transport_cache": f"{_TRANSPORT} install",
+    "kombu.transport:TRANSPORT_ALIASES": f"{_TRANSPORT} for_url: the `rerankq` alias, for redis+socket:// URLs",
+    "kombu.transport.virtual:Channel.from_transport_options": f"{_TRANSPORT}: the worker's owner and bulk limit",
+    "kombu.connection:Connection()._initial_params": f"{_TRANSPORT} Connection.switch: the transport class given",
+    "celery.app.amqp:AMQP.Connection": f"{_TRANSPORT} AMQP: the worker's connections keep rerankq's transport",
+    "celery.app.utils:Settings.first": "tasks/app.py: rerankq's app reads no CELERY_BROKER_URL",
     "kombu.transport.redis:Channel._brpop_start": f"{_TRANSPORT}: overridden, sends BLMOVE or the lanes script",
     "kombu.transport.redis:Channel._brpop_read": f"{_TRANSPORT}: overridden, reads and records what moved",
     "kombu.transport.redis:Channel._flush_brpop_reauth": f"{_TRANSPORT} _brpop_read, as kombu's own does",

@@ -33,24 +33,25 @@ import time
 from typing import Any, NamedTuple
 
 import redis
+from celery.app import amqp
 from kombu import transport as kombu_transports
+from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from tasks import clock, lanes, memory
-from tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
-from worker import inflight, metrics
-from worker.upstream import acks
-from worker.upstream.acks import Delivery, QoS
+from rerankq.tasks import clock, lanes, memory
+from rerankq.tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
+from rerankq.worker import inflight, metrics
+from rerankq.worker.upstream import acks
+from rerankq.worker.upstream.acks import Delivery, QoS
 
 logger = logging.getLogger(__name__)
 
-#: Names this process's in-flight lists: the Celery node name once the worker knows it.
-_owner = f"{socket.gethostname()}-{os.getpid()}"
-#: Bulk jobs this process holds at most (``Settings.bulk_limit``), once a worker installs the transport.
-_bulk_limit: int | None = None
+#: The transport options a worker passes its channels (``options()``): the Celery node name that names its
+#: in-flight lists, and the bulk jobs it holds at most (``Settings.bulk_limit``; None: no limit).
+OPTIONS = ("rerankq_owner", "rerankq_bulk_limit")
 
 
 class Source(NamedTuple):
@@ -64,6 +65,12 @@ class Source(NamedTuple):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     Message = Delivery
+    from_transport_options = kombu_redis.Channel.from_transport_options + OPTIONS  # type: ignore[assignment]
+
+    #: Names this worker's in-flight lists (its Celery node name, from ``options()``).
+    rerankq_owner = f"{socket.gethostname()}-{os.getpid()}"
+    #: Bulk jobs this worker holds at most; None: no limit.
+    rerankq_bulk_limit: int | None = None
 
     #: The receive outstanding, if any: its command, and the lists it may have moved jobs from.
     _moving: tuple[str, list[Source]] | None = None
@@ -84,7 +91,7 @@ class Channel(kombu_redis.Channel):
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         # Before the first receive: take back what a worker of the same name left in flight.
         clock.sync(self._plain_client, force=True)  # before the first time this worker writes
-        source, key = self._source(queue), inflight.list_key(self.global_keyprefix, _owner, queue)
+        source, key = self._source(queue), inflight.list_key(self.global_keyprefix, self.rerankq_owner, queue)
         try:
             restored = inflight.adopt(self._plain_client(), self.global_keyprefix, key, source)
         except redis.ResponseError as exc:  # Redis 6.2, full: scripts cannot say they only move jobs
@@ -93,7 +100,8 @@ class Channel(kombu_redis.Channel):
             self._stranded += (Source(queue, source, key),)  # put back once it has room
             restored = 0
         if restored:
-            logger.warning("put back %d job(s) a previous worker named %s left in flight", restored, _owner)
+            logger.warning("put back %d job(s) a previous worker named %s left in flight", restored,
+                           self.rerankq_owner)
         self._can_move = _has_blmove(self._plain_client())
         self._move_script = memory.script(self._plain_client(), _MOVE_LANES)
         return super().basic_consume(queue, *args, **kwargs)
@@ -136,7 +144,7 @@ class Channel(kombu_redis.Channel):
     def _sources(self) -> list[Source]:
         """The lists to receive from, in the order jobs are taken: interactive lanes, then bulk lanes."""
         queues = sorted(self.active_queues, key=lambda queue: (lanes.lane_of(queue) == lanes.BULK, queue))
-        return [Source(queue, self._source(queue), inflight.list_key(self.global_keyprefix, _owner, queue))
+        return [Source(queue, self._source(queue), inflight.list_key(self.global_keyprefix, self.rerankq_owner, queue))
                 for queue in queues]
 
     def _allowance(self, sources: list[Source]) -> tuple[int, list[int]]:
@@ -144,13 +152,13 @@ class Channel(kombu_redis.Channel):
         limit, so that a worker full of bulk jobs still has room to receive interactive ones."""
         room = self.qos.can_consume_max_estimate()
         total = BURST if room is None else max(0, min(BURST, room))
-        if _bulk_limit is None:
+        if self.rerankq_bulk_limit is None:
             return total, [total] * len(sources)
         delivered, dirty = self.qos._delivered, self.qos._dirty
         bulk_held = sum(1 for tag, message in list(delivered.items())
                         if tag not in dirty and lanes.lane_of(_routing_key(message)) == lanes.BULK)
         bulk_held += acks.carried()[1]
-        bulk_room = max(0, _bulk_limit - bulk_held)
+        bulk_room = max(0, self.rerankq_bulk_limit - bulk_held)
         return total, [bulk_room if lanes.lane_of(s.queue) == lanes.BULK else total for s in sources]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -181,7 +189,7 @@ class Channel(kombu_redis.Channel):
                 wait = min(wait, LANE_POLL_S)
             if self._full:
                 self._moving = ("BLPOP", [])
-                connection.send_command("BLPOP", rerankq_key(self.global_keyprefix, "full-pause", _owner),
+                connection.send_command("BLPOP", rerankq_key(self.global_keyprefix, "full-pause", self.rerankq_owner),
                                         FULL_PAUSE_S)
             else:
                 self._moving = ("BLMOVE", sources)
@@ -409,16 +417,45 @@ class SentinelChannel(kombu_redis.SentinelChannel, Channel):
     """kombu's Sentinel channel (its pools reach whichever server the sentinels name master), receiving as
     ``Channel`` does."""
 
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + OPTIONS  # type: ignore[assignment]
+
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
-def install(owner: str, bulk_limit: int | None) -> None:
-    """Receive with this transport in this process (``redis://``, ``rediss://`` and ``sentinel://`` URLs), naming its
-    in-flight lists after ``owner`` (the worker's node name), holding at most ``bulk_limit`` bulk jobs."""
-    global _owner, _bulk_limit
-    _owner, _bulk_limit = owner, bulk_limit
-    for scheme, transport in (("redis", "Transport"), ("rediss", "Transport"), ("sentinel", "SentinelTransport")):
-        kombu_transports.TRANSPORT_ALIASES[scheme] = f"{__name__}:{transport}"
-        kombu_transports._transport_cache.pop(scheme, None)
+class Connection(KombuConnection):  # type: ignore[misc]
+    """kombu's connection, keeping the transport class it was given when it moves to the next of several URLs
+    (``sentinel://a;sentinel://b``, on a failover): kombu's ``switch`` takes the transport from the URL's
+    scheme, which would put the worker back on kombu's own receive."""
+
+    def switch(self, conn_str: str) -> None:
+        super().switch(conn_str)
+        given = self._initial_params.get("transport")
+        if given is not None and not isinstance(given, str):
+            self.transport_cls = given
+
+
+class AMQP(amqp.AMQP):  # type: ignore[misc]
+    """Celery's broker side of a worker's app, its connections ``Connection``s (Celery's ``amqp_cls``)."""
+
+    Connection = Connection
+
+
+def for_url(url: str) -> tuple[str, type[kombu_redis.Transport]]:
+    """The broker URL and transport class a worker connects with, chosen by class (Celery's ``broker_transport``),
+    not by rewriting kombu's process-wide scheme aliases. kombu takes the transport from a ``redis+socket://``
+    URL's prefix over the class it is given, so such a URL is read as ``rerankq+socket://``, the one alias this
+    adds (no alias of kombu's changes)."""
+    if url.startswith("sentinel://"):
+        return url, SentinelTransport
+    if url.startswith("redis+socket://"):
+        kombu_transports.TRANSPORT_ALIASES.setdefault("rerankq", f"{__name__}:Transport")
+        return "rerankq+" + url.removeprefix("redis+"), Transport
+    return url, Transport
+
+
+def options(owner: str, bulk_limit: int | None) -> dict[str, Any]:
+    """Transport options naming this worker's in-flight lists after ``owner`` (its node name), holding at most
+    ``bulk_limit`` bulk jobs."""
+    return {"rerankq_owner": owner, "rerankq_bulk_limit": bulk_limit}
