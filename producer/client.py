@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import EagerResult, allow_join_result
+from celery.result import EagerResult
 
 from rerankq.producer.waiting import AsyncWaiter
 from rerankq.tasks import clock
@@ -41,9 +41,9 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
     handle = _send(str(uuid.uuid4()), query, docs, job, queue, lane)
     try:
         # Celery refuses a wait inside a task of any app (the caller's own Celery worker, say), against a
-        # deadlock on its own pool. A rerank job runs on rerankq's workers, never in the caller's pool.
-        with allow_join_result():
-            return Result.from_dict(handle.get(timeout=timeout, propagate=True))
+        # deadlock on its own pool. A rerank job runs on rerankq's workers, never in the caller's pool. (Per
+        # call: celery's allow_join_result() flips a flag of the whole process, racing in a threaded pool.)
+        return Result.from_dict(handle.get(timeout=timeout, propagate=True, disable_sync_subtasks=False))
     except CeleryTimeout:
         raise _timeout(handle.id, timeout, queue) from None
 
