@@ -116,6 +116,21 @@ def new_queue() -> str:
     return f"test.{uuid.uuid4().hex[:8]}"
 
 
+def answering(url: str, process: RerankqProcess, timeout: float = 60) -> str:
+    """``url`` once the HTTP server ``process`` runs answers it at all; fails with its log if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.proc.poll() is None, process.log()
+        assert time.monotonic() < deadline, f"{url} not up: {process.log()}"
+        try:
+            httpx.get(url, timeout=1)
+            return url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():

@@ -17,7 +17,7 @@ import pytest
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import free_port
 from rerankq.tasks import rerank
-from tests.conftest import StartWorker
+from tests.conftest import StartWorker, answering
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +36,7 @@ def flower(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     process = RerankqProcess(["flower", "--port", str(port), "--address", "127.0.0.1"],
                              {"RERANKQ_BROKER_URL": redis_url, "FLOWER_BASIC_AUTH": ":".join(AUTH)},
                              tmp_path_factory.mktemp("flower") / "flower.log")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.proc.poll() is None, process.log()
-        assert time.monotonic() < deadline, f"Flower not up: {process.log()}"
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield url
+    yield answering(f"http://127.0.0.1:{port}", process)
     process.stop()
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import free_port
+from tests.conftest import answering
 
 pytestmark = pytest.mark.integration
 
@@ -173,17 +174,7 @@ def flower(python: Path, web_app: Path, redis_url: str,
     process = RerankqProcess(["flower", "--port", str(port), "--address", "127.0.0.1"],
                              {**env_for(redis_url), "FLOWER_BASIC_AUTH": ":".join(AUTH)},
                              tmp_path_factory.mktemp("flower") / "flower.log", python=str(python), cwd=web_app)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.proc.poll() is None, process.log()
-        assert time.monotonic() < deadline, f"Flower not up: {process.log()}"
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield url
+    yield answering(f"http://127.0.0.1:{port}", process)
     process.stop()
 
 

@@ -432,7 +432,7 @@ class Connection(KombuConnection):  # type: ignore[misc]
     def switch(self, conn_str: str) -> None:
         super().switch(conn_str)
         given = self._initial_params.get("transport")
-        if given is not None and not isinstance(given, str):
+        if given:
             self.transport_cls = given
 
 
@@ -442,17 +442,18 @@ class AMQP(amqp.AMQP):  # type: ignore[misc]
     Connection = Connection
 
 
-def for_url(url: str) -> tuple[str, type[kombu_redis.Transport]]:
-    """The broker URL and transport class a worker connects with, chosen by class (Celery's ``broker_transport``),
-    not by rewriting kombu's process-wide scheme aliases. kombu takes the transport from a ``redis+socket://``
-    URL's prefix over the class it is given, so such a URL is read as ``rerankq+socket://``, the one alias this
-    adds (no alias of kombu's changes)."""
+def for_url(url: str) -> tuple[str, str]:
+    """The broker URL and transport a worker connects with: the transport by its class's import path (Celery's
+    ``broker_transport``; a path, not the class, so that ``celery inspect stats`` can still show it), not by
+    rewriting kombu's process-wide scheme aliases. kombu takes the transport from a ``redis+socket://`` URL's
+    prefix over the one it is given, so such a URL is read as ``rerankq+socket://``, the one alias this adds (no
+    alias of kombu's changes)."""
     if url.startswith("sentinel://"):
-        return url, SentinelTransport
+        return url, f"{__name__}:SentinelTransport"
     if url.startswith("redis+socket://"):
         kombu_transports.TRANSPORT_ALIASES.setdefault("rerankq", f"{__name__}:Transport")
-        return "rerankq+" + url.removeprefix("redis+"), Transport
-    return url, Transport
+        return "rerankq+" + url.removeprefix("redis+"), f"{__name__}:Transport"
+    return url, f"{__name__}:Transport"
 
 
 def options(owner: str, bulk_limit: int | None) -> dict[str, Any]:
