@@ -425,7 +425,7 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 
 class Connection(KombuConnection):  # type: ignore[misc]
-    """kombu's connection, keeping the transport class it was given when it moves to the next of several URLs
+    """kombu's connection, keeping the transport it was given (by path) when it moves to the next of several URLs
     (``sentinel://a;sentinel://b``, on a failover): kombu's ``switch`` takes the transport from the URL's
     scheme, which would put the worker back on kombu's own receive."""
 
