@@ -31,6 +31,11 @@ pytestmark = pytest.mark.integration
 
 MASTER = "mymaster"
 
+#: Jobs a SIGKILLed master may take with it, lost or to be scored again: what it wrote in the moment before its
+#: death and had not yet passed to its replica (asynchronous replication; under a millisecond on loopback, and
+#: the test's producer sends a job every 20 ms).
+REPLICATION_WINDOW = 2
+
 
 class Sentinels:
     """Three sentinels watching ``master`` (quorum 2), quick to call it down (1 s) and to fail over."""
@@ -116,22 +121,36 @@ def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted
         assert status.returncode == 0 and worker.node in status.stdout, status.stdout + status.stderr
         assert _awaited(env, queue) == 5  # await arerank(): the async waiter finds the master too
 
-        sent, failed = _steady_sends(env, queue, lambda: os.kill(master.pid or 0, signal.SIGKILL),
-                                     until=lambda: sentinels.master_port() == replica.port)
+        assert master.pid is not None  # os.kill(0, ...) would kill the test's own process group
+        pid = master.pid
+        sent, failed, after_kill = _steady_sends(env, queue, lambda: os.kill(pid, signal.SIGKILL),
+                                                 until=lambda: sentinels.master_port() == replica.port)
         after = send(env, queue, 20)
         fresh = sentinels.sentinel.master_for(MASTER, socket_timeout=1)
         eventually(lambda: where(fresh, queue, after, worker.node)["answered"] == 20, 60,
                    "served after the failover")
-        eventually(lambda: where(fresh, queue, sent, worker.node)["answered"]
-                   + _missing(fresh, queue, sent, worker.node) == len(sent), 30,
-                   "every job sent during the failover answered or gone")
-        lost = _missing(fresh, queue, sent, worker.node)
-        print(f"\nfailover: {len(sent)} jobs accepted while it ran, {failed} sends refused, {lost} accepted and lost")
-        assert len(sent) > 50  # sends went on across the failover, not only before it
+        ids = before + sent + after
+        # Settled: every job answered, or gone with the old master; none waiting, unacked or in flight.
+        eventually(lambda: where(fresh, queue, ids, worker.node)["answered"]
+                   + _missing(fresh, queue, ids, worker.node) == len(ids), 30,
+                   "every job answered or gone")
+        lost = _missing(fresh, queue, ids, worker.node)
+        print(f"\nfailover: {len(sent)} jobs accepted while it ran ({after_kill} after the kill), {failed} sends "
+              f"refused, {lost} accepted and lost")
+        assert after_kill >= 10  # sends went on across the failover, not only before it
         assert _awaited(env, queue) == 5
-        # Each job answered was scored once: 20 before, 5 awaited, those of the failover, 20 after, 5 awaited.
+        # Each job answered was scored once (20 before, 5 awaited, those of the failover, 20 after, 5 awaited),
+        # but for the few the old master took, or answered, and had not yet passed to the replica when it died:
+        # lost, or received again from the in-flight list the replica holds and scored a second time.
         expected = 50 + len(sent) - lost
-        eventually(lambda: served(fresh, queue, worker.node) == expected, 10, "each job scored exactly once")
+        evidence = lambda: (f"served {served(fresh, queue, worker.node)}, expected {expected}, jobs "  # noqa: E731
+                            f"{where(fresh, queue, ids, worker.node)}\n{worker.log()[-6000:]}")
+        eventually(lambda: served(fresh, queue, worker.node) >= expected, 10, "each job answered scored")
+        time.sleep(30 * float(env["RERANKQ_POLL_MS"]) / 1000)  # 30 reports of its figures: a later duplicate shows
+        rescored = served(fresh, queue, worker.node) - expected
+        print(f"failover: {rescored} job(s) scored a second time")
+        assert lost <= REPLICATION_WINDOW and 0 <= rescored <= REPLICATION_WINDOW, evidence()
+        assert where(fresh, queue, ids, worker.node)["answered"] == len(ids) - lost, evidence()
         assert worker.proc.poll() is None and watchdog.proc.poll() is None  # never restarted
         # The watchdog sees the worker live again on the new master and routes new jobs to it.
         eventually(lambda: _route(env) == f"new jobs go to {queue}", 30, "routed to the worker again")
@@ -160,9 +179,9 @@ def test_a_bulk_run_flower_and_serve_work_through_the_sentinels(
         worker.stop()
 
 
-def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) -> tuple[list[str], int]:
+def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) -> tuple[list[str], int, int]:
     """Jobs sent one every 20 ms by a producer process while the master is killed and a replica promoted;
-    returns the ids the sends accepted and how many sends raised."""
+    returns the ids the sends accepted, how many sends raised, and how many sends came after the kill."""
     script = textwrap.dedent(f"""
         import json, sys, time
         from rerankq.tasks import rerank
@@ -180,7 +199,8 @@ def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) 
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(producer.stdout or []), daemon=True)
     reader.start()
-    time.sleep(2)
+    eventually(lambda: len(lines) >= 20, 60, "the producer sends")
+    at_kill = len(lines)
     kill()  # type: ignore[operator]
     eventually(until, 30, "a replica promoted")  # type: ignore[arg-type]
     time.sleep(3)
@@ -188,7 +208,8 @@ def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) 
     producer.wait()
     reader.join(5)
     answers = [json.loads(line) for line in lines if line.strip()]
-    return [a for a in answers if isinstance(a, str)], sum(1 for a in answers if isinstance(a, dict))
+    return ([a for a in answers if isinstance(a, str)], sum(1 for a in answers if isinstance(a, dict)),
+            len(answers) - at_kill)
 
 
 def _route(env: dict[str, str]) -> str:

@@ -6,6 +6,7 @@ to jobs scored in forward batches."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,10 @@ from celery.utils.imports import symbol_by_name
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+
+from rerankq.worker.dropped import NOT_A_JOB, dropped
+
+logger = logging.getLogger(__name__)
 
 
 def receiver(task: Any, app: Any, consumer: Any, hand_over: Callable[[Any], None]) -> Callable[..., None]:
@@ -22,16 +27,21 @@ def receiver(task: Any, app: Any, consumer: Any, hand_over: Callable[[Any], None
     revoked_tasks = worker_state.revoked
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> None:
-        if body is None and "args" not in message.payload:
-            body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
-        elif "args" in message.payload:
-            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-        else:
-            body, headers, decoded, utc = proto1_to_proto2(message, body)
-        request = Request(message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname,
-                          eventer=consumer.event_dispatcher, task=task,
-                          connection_errors=consumer.connection_errors, body=body, headers=headers,
-                          decoded=decoded, utc=utc)
+        try:
+            if body is None and "args" not in message.payload:
+                body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
+            elif "args" in message.payload:
+                body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+            else:
+                body, headers, decoded, utc = proto1_to_proto2(message, body)
+            request = Request(message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname,
+                              eventer=consumer.event_dispatcher, task=task,
+                              connection_errors=consumer.connection_errors, body=body, headers=headers,
+                              decoded=decoded, utc=utc)
+            _check(request)
+        except Exception as exc:  # Celery would end the worker, and the message would come back to end the next
+            _drop(app, message, exc)
+            return
         if (request.expires or request.id in revoked_tasks) and request.revoked():
             return
         worker_state.task_reserved(request)
@@ -42,3 +52,24 @@ def receiver(task: Any, app: Any, consumer: Any, hand_over: Callable[[Any], None
         hand_over(request)
 
     return on_message
+
+
+def _check(request: Any) -> None:
+    """A request a result can be written for (a non-empty string id), with a body Celery's protocol 2 shape
+    (``[args, kwargs, embed]``); whether its args make a rerank job is the preparer's to say, in that result."""
+    if not isinstance(request.id, str) or not request.id.strip():
+        raise ValueError(f"task id {request.id!r}: not a string")
+    if not isinstance(request.args, list | tuple) or not isinstance(request.kwargs, dict):
+        raise ValueError("the body is not [args, kwargs, embed]")
+
+
+def _drop(app: Any, message: Any, exc: Exception) -> None:
+    """Removed from Redis as an ack would; logged and counted under its queue if it is one this worker serves
+    (the routing key is the message's own say, so any other goes under one label)."""
+    routing_key = (getattr(message, "delivery_info", None) or {}).get("routing_key")
+    queue = routing_key if routing_key in (app.amqp.queues.consume_from or app.amqp.queues) else "other"
+    dropped(str(queue), NOT_A_JOB, repr(exc), getattr(message, "body", message))
+    try:
+        message.ack()
+    except Exception:
+        logger.warning("could not remove a dropped message of %s from Redis", queue, exc_info=True)

@@ -44,6 +44,7 @@ from kombu.utils.json import dumps, loads
 from rerankq.tasks import clock, lanes, memory
 from rerankq.tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
 from rerankq.worker import inflight, metrics
+from rerankq.worker.dropped import NOT_A_MESSAGE, dropped
 from rerankq.worker.upstream import acks
 from rerankq.worker.upstream.acks import Delivery, QoS
 
@@ -284,11 +285,13 @@ class Channel(kombu_redis.Channel):
             try:
                 payload = loads(bytes_to_str(raw))
                 tag, delivery = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
+                if not isinstance(tag, str) or not tag or tag in parsed:
+                    raise ValueError(f"delivery tag {tag!r}: not a string, or one this receive has already")
                 # kombu's record: [message, exchange, routing key], the message as it came.
                 record = b"[%s,%s,%s]" % (raw, dumps(delivery["exchange"]).encode(),
                                           dumps(delivery["routing_key"]).encode())
             except Exception as exc:
-                _dropped(exc, raw)
+                dropped(source.queue, NOT_A_MESSAGE, repr(exc), raw)
                 args += [source.key, raw, "", ""]
                 continue
             parsed[tag] = (source.queue, payload)
@@ -316,7 +319,7 @@ class Channel(kombu_redis.Channel):
                 if tag in self.qos._delivered:
                     errors.append(exc)  # raised by the consumer: kombu's to handle, as with its own receive
                 else:  # kombu could not make a message of it: nothing can serve it, so it must not come back
-                    _dropped(exc, payload)
+                    dropped(queue, NOT_A_MESSAGE, repr(exc), payload)
                     self.qos._remove_from_indices(tag).execute()
             finally:
                 self.recorded = False
@@ -339,10 +342,6 @@ def _routing_key(message: Any) -> str:
 
 #: Jobs in one receive at most, within what prefetch allows.
 BURST = 64
-
-
-def _dropped(exc: Exception, item: object) -> None:
-    logger.error("dropped an item of the queue that is not a message (%r): %r", exc, str(item)[:200])
 
 
 #: KEYS: kombu's unacked index and hash; ARGV: the time, then per moved item its in-flight list, the item, its
