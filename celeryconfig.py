@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from rerankq.tasks.errors import ConfigError
 from rerankq.tasks.records import LONG_DOCS
+from rerankq.tasks.secrets import masked, masked_url, with_password
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -23,7 +24,11 @@ def _env(name: str, default: Any, doc: str) -> Any:
     return field(default=default, metadata={"env": name, "doc": doc})
 
 
-@dataclass(frozen=True)
+#: Settings whose value no message shows (``Settings.__repr__``), and those that are URLs with a password.
+SECRETS, URLS = ("serve_api_key", "redis_password"), ("broker_url", "result_backend")
+
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     broker_url: str = _env("RERANKQ_BROKER_URL", "redis://localhost:6379/0",
                            "Redis URL of the job queues (`redis://`, `redis+socket://`, or `rediss://` for TLS: "
@@ -116,6 +121,16 @@ class Settings:
                                   "also the job's deadline: workers skip it after that).")
     serve_max_body_bytes: int = _env("RERANKQ_SERVE_MAX_BODY_BYTES", 8 * 1024 * 1024,
                                      "`rerankq serve`: largest request body; a larger one is answered 413 unread.")
+    serve_read_timeout_s: float = _env("RERANKQ_SERVE_READ_TIMEOUT_S", 10.0,
+                                       "`rerankq serve`: a request (headers and body) must arrive within this of "
+                                       "its connection opening, or of the answer before it; else the connection "
+                                       "is closed (slow clients cannot hold connections).")
+    serve_max_connections: int = _env("RERANKQ_SERVE_MAX_CONNECTIONS", 2048,
+                                      "`rerankq serve`: open connections at most; past it new requests get 503 at "
+                                      "once.")
+    max_query_chars: int = _env("RERANKQ_MAX_QUERY_CHARS", 10_000,
+                                "Longest query (characters) a job may carry: `serve` answers 422, a producer raises "
+                                "BadJob before sending, a worker fails such a job with BadJob unscored.")
     max_doc_chars: int = _env("RERANKQ_MAX_DOC_CHARS", 50_000,
                               "`rerankq serve`: longest document (characters) a request may carry; 422 above.")
     serve_overload: str = _env("RERANKQ_SERVE_OVERLOAD", "degrade",
@@ -146,16 +161,27 @@ class Settings:
                              "First port of a cross-encoder worker's Prometheus `/metrics`; the fast ranker starts "
                              "10 above, the watchdog 20 above. A port in use moves to the next free one (of 10), "
                              "said in the log and `rerankq status`; 0 means none.")
+    metrics_address: str = _env("RERANKQ_METRICS_ADDRESS", "127.0.0.1",
+                                "Interface the workers' and the watchdog's `/metrics` listen on: this machine "
+                                "only unless set (`0.0.0.0` where Prometheus scrapes from elsewhere, as in "
+                                "compose).")
+    redis_password: str = _env("RERANKQ_REDIS_PASSWORD", "",
+                               "Password of the Redis (and its replicas) of RERANKQ_BROKER_URL and "
+                               "RERANKQ_RESULT_BACKEND, for URLs that carry none: given apart, it needs no "
+                               "percent-encoding (`/`, `#`, `@` are common in generated passwords).")
 
     def __post_init__(self) -> None:
+        if self.redis_password:  # into the URLs, as if written there (encoded), so every client gets it
+            for name in URLS:
+                object.__setattr__(self, name, with_password(getattr(self, name), self.redis_password))
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"{f.metadata['env']} must be >= 0, got {value}")
         for name in ("max_docs", "max_job_bytes", "max_chunk_tokens", "max_chunk_jobs",
                      "visibility_timeout", "result_expires", "poll_ms", "high_wait_s", "route_ttl_s",
-                     "serve_timeout_s", "serve_max_body_bytes", "max_doc_chars", "max_windows",
-                     "socket_timeout_s"):
+                     "serve_timeout_s", "serve_max_body_bytes", "max_doc_chars", "max_query_chars", "max_windows",
+                     "socket_timeout_s", "serve_read_timeout_s", "serve_max_connections"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{_env_of(name)} must be > 0")
         if self.socket_timeout_s < 1:
@@ -191,13 +217,19 @@ class Settings:
         for name in ("broker_url", "backend_url"):
             url = getattr(self, name)
             if "cluster" in url.split("://", 1)[0]:
-                raise ConfigError(f"{_env_of(name)}={url!r}: Redis Cluster is not supported (kombu's Redis "
+                raise ConfigError(f"{_env_of(name)}={masked_url(url)!r}: Redis Cluster is not supported (kombu's Redis "
                                   "transport cannot use one); use one Redis, or Redis Sentinel for failover")
             if url.startswith("sentinel://") and "ssl" in url:
                 raise ConfigError(f"{_env_of(name)}: TLS with Redis Sentinel is not supported yet (the connections "
                                   "would go unencrypted); use `rediss://` to one Redis, or Sentinel without TLS")
             if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://", "sentinel://")):
-                raise ConfigError(f"{_env_of(name)}={url!r} is not a Redis URL: rerankq runs on Redis")
+                raise ConfigError(f"{_env_of(name)}={masked_url(url)!r} is not a Redis URL: rerankq runs on Redis")
+
+    def __repr__(self) -> str:
+        def shown(name: str, value: Any) -> Any:
+            return masked(value) if name in SECRETS else masked_url(value) if name in URLS else value
+
+        return f"Settings({', '.join(f'{f.name}={shown(f.name, getattr(self, f.name))!r}' for f in fields(self))})"
 
     @property
     def backend_url(self) -> str:

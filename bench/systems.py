@@ -140,11 +140,15 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
     env = {"RERANKQ_BROKER_URL": url, "RERANKQ_RESULT_BACKEND": url, "RERANKQ_METRICS_PORT": str(metrics_port),
            "RERANKQ_BACKEND": backend}
     name = f"rerankq @{baseline}" if baseline else "rerankq"
+    cwd = None
     if baseline:
-        env.update(checkout(baseline, logdir / f"rerankq-{baseline}"))
+        # Run from the checkout: a build from before the one-package layout has Celery import ``celeryconfig``
+        # from the working directory first, which here would be this build's.
+        cwd = logdir / f"rerankq-{baseline}"
+        env.update(checkout(baseline, cwd))
     worker = WorkerProcess(f"bench.rerankq.{metrics_port}", ["--model", model, "--loglevel", "WARNING",
                                                              *worker_args], env,
-                           logdir / f"rerankq-{metrics_port}.log", f"bench-rerankq-{metrics_port}@localhost")
+                           logdir / f"rerankq-{metrics_port}.log", f"bench-rerankq-{metrics_port}@localhost", cwd=cwd)
     worker.wait_ready(app)
 
     def send(request: Request) -> str:

@@ -64,7 +64,7 @@ def done_ids(output: Path) -> set[Any]:
 
 
 def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
-              summary: Summary) -> Iterator[dict[str, Any]]:
+              summary: Summary, max_query_chars: int | None = None) -> Iterator[dict[str, Any]]:
     """The valid, new jobs of the input; bad lines and repeated ids are written to ``errors``."""
     first_line: dict[Any, int] = {}
     for number, text in enumerate(lines, 1):
@@ -85,7 +85,7 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
             if unknown:
                 raise BadJob(f"unknown field {unknown[0]!r}: a line has id, query, docs and optionally top_k and "
                              "long_docs")
-            job = Job.from_call((), {k: v for k, v in data.items() if k != "id"}, max_docs)
+            job = Job.from_call((), {k: v for k, v in data.items() if k != "id"}, max_docs, max_query_chars)
         except (ValueError, BadJob) as exc:
             summary.bad_lines += 1
             reason = f"not JSON: {exc}" if isinstance(exc, ValueError) else str(exc)
@@ -111,7 +111,7 @@ def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flig
     show = _Progress(total - len(skip), sys.stderr.isatty() if progress is None else progress)
     with open(source, encoding="utf-8") as lines, open(output, "a", encoding="utf-8") as out, \
             open(errors_path, "a" if resume else "w", encoding="utf-8") as errors:
-        jobs = read_jobs(lines, skip, errors, settings.max_docs, summary)
+        jobs = read_jobs(lines, skip, errors, settings.max_docs, summary, settings.max_query_chars)
         results = submit_many(jobs, max_in_flight=max_in_flight, queue=queue, lane=lane)
         try:
             for job_id, outcome in results:

@@ -144,7 +144,8 @@ def serve(port: int, host: str, loglevel: str) -> None:
 
 @cli.command()
 @click.option("--port", type=click.IntRange(min=1), default=5555, show_default=True)
-@click.option("--address", default="0.0.0.0", show_default=True, help="Interface to listen on.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0: every one, for others to reach).")
 @click.option("--no-auth", is_flag=True, help="Serve without a password (only on a machine nobody else reaches).")
 def flower(port: int, address: str, no_auth: bool) -> None:
     """Flower, the Celery monitor, on rerankq's app: every job as a task, every worker with its queue.

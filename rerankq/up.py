@@ -11,30 +11,35 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import tempfile
 from pathlib import Path
 
 from rerankq.redis_server import RedisServer
 from rerankq.supervisor import Child, Supervisor, stop_on_signals, visible_gpus, worker_children
 from rerankq.tasks.errors import ConfigError
+from rerankq.tasks.secrets import masked_url
 
 
 def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: int, metrics_port: int,
            log_dir: Path | None) -> int:
     stop = stop_on_signals()
     with contextlib.ExitStack() as stack:
-        if not redis_url:
-            redis = stack.enter_context(RedisServer(supervised=True))
-            redis_url = redis.url
-            print(f"redis        {redis_url}  (embedded, pid {redis.pid}; its data goes when it stops)")
-        else:
-            print(f"redis        {redis_url}")
         if log_dir is None:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rerankq-up-")))
         log_dir.mkdir(parents=True, exist_ok=True)
+        embedded = ""
+        if not redis_url:
+            # A password all the same: any local user could otherwise read the jobs or put messages on the queues.
+            redis = stack.enter_context(RedisServer(password=secrets.token_urlsafe(24), supervised=True))
+            redis_url = redis.url
+            embedded = f"  (embedded, pid {redis.pid}; its data goes when it stops)"
         env = {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url}
+        env_file = _env_file(log_dir, env)
+        print(f"redis        {masked_url(redis_url)}{embedded}")
+        print(f"             for other rerankq commands on this stack: set -a; . {env_file}; set +a")
         if ":" not in os.environ.get("FLOWER_BASIC_AUTH", ""):
-            env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(12)}"
+            env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(12)}"  # made here: shown below, once
         children = _children(env, model, cpu, flower_port, serve_port, metrics_port, log_dir)
         supervisor = Supervisor(children)
         supervisor.start()
@@ -71,6 +76,16 @@ def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, serv
     ]
 
 
+def _env_file(log_dir: Path, env: dict[str, str]) -> Path:
+    """The stack's Redis URLs, password included, in a file only this user reads (the terminal and the logs
+    show them masked)."""
+    path = log_dir / "rerankq.env"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text("".join(f"{name}={shlex.quote(value)}\n" for name, value in env.items()))
+    return path
+
+
 def _gpus_or_none() -> list[int]:
     try:
         return visible_gpus("all")
@@ -82,7 +97,8 @@ def _where(child: Child, env: dict[str, str]) -> str:
     args = child.args
     if args[0] == "flower":
         port = args[args.index("--port") + 1]
-        return f"  http://127.0.0.1:{port}  (user:password {env['FLOWER_BASIC_AUTH']})"
+        made = env.get("FLOWER_BASIC_AUTH")
+        return f"  http://127.0.0.1:{port}  (user:password {made or 'from your FLOWER_BASIC_AUTH'})"
     if args[0] == "serve":
         return f"  http://127.0.0.1:{args[args.index('--port') + 1]}/v1/rerank"
     port = args[args.index("--metrics-port") + 1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +38,19 @@ def error(status: int, kind: str, message: str, headers: dict[str, str] | None =
                         headers=headers)
 
 
+#: Validation errors an answer shows at most (a body can hold one per item of its lists), and characters of each.
+MAX_REASONS, REASON_CHARS = 10, 300
+
+
+def _reason(found: dict[str, Any]) -> str:
+    where = [str(p) for p in found["loc"] if p not in ("body", "cohere", "tei")]  # the body's own field path
+    ctx = found.get("ctx") or {}
+    if found["type"] == "too_long" and where and where[-1] in ("documents", "texts"):
+        return (f"{ctx.get('actual_length')} documents is over the limit of {ctx.get('max_length')} per request "
+                "(RERANKQ_MAX_DOCS): split the request")
+    return f"{'.'.join(where)}: {found['msg']}"[:REASON_CHARS]
+
+
 def install(app: FastAPI, retry_after_s: float) -> None:
     def handle(status: int, kind: str, advice: str = "") -> Handler:
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -46,9 +60,10 @@ def install(app: FastAPI, retry_after_s: float) -> None:
 
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        where = ("body", "cohere", "tei")  # the body's own field path reads best
-        reasons = [f"{'.'.join(str(p) for p in e['loc'] if p not in where)}: {e['msg']}" for e in exc.errors()]
-        return error(422, "validation", "; ".join(reasons))
+        found = exc.errors()
+        shown = "; ".join(_reason(e) for e in found[:MAX_REASONS])
+        more = f" (and {len(found) - MAX_REASONS} more)" if len(found) > MAX_REASONS else ""
+        return error(422, "validation", shown + more)
 
     async def http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

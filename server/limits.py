@@ -12,12 +12,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rerankq.celeryconfig import Settings
 from rerankq.server.errors import Unauthorized, error
 from rerankq.tasks.errors import BadJob
+from rerankq.tasks.records import check_query
 
 
 def check_request(settings: Settings, query: str, texts: list[str]) -> None:
     """The request's own limits, as ``BadJob`` (422) saying which and how to fit."""
-    if not query.strip():
-        raise BadJob("query is empty: send the text to rank the documents against")
+    check_query(query, settings.max_query_chars)
+    _unicode("the query", query)
     if len(texts) > settings.max_docs:
         raise BadJob(f"{len(texts)} documents is over the limit of {settings.max_docs} per request "
                      "(RERANKQ_MAX_DOCS): split the request")
@@ -25,6 +26,17 @@ def check_request(settings: Settings, query: str, texts: list[str]) -> None:
         if len(text) > settings.max_doc_chars:
             raise BadJob(f"document {i} is {len(text)} characters, over the limit of {settings.max_doc_chars} "
                          "(RERANKQ_MAX_DOC_CHARS): the model reads only its first RERANKQ_MAX_LENGTH tokens anyway")
+        _unicode(f"document {i}", text)
+
+
+def _unicode(what: str, text: str) -> None:
+    """JSON lets a string hold half of a surrogate pair (``"\\ud800"``), which is no character: it could not be
+    written back in an answer (a 500 once scored), so it is refused here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadJob(f"{what} is not valid Unicode text: a lone surrogate at character {exc.start} (send UTF-8 "
+                     "text; a surrogate escape in JSON must come in a pair)") from None
 
 
 def check_token(settings: Settings, request: Request) -> None:
@@ -39,7 +51,10 @@ def check_token(settings: Settings, request: Request) -> None:
 
 class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` is answered 413 and never parsed: by its Content-Length
-    before a byte is read, or, sent without one (chunked), as soon as what arrived passes the limit."""
+    before a byte is read, or as soon as what arrived passes the limit (sent chunked, or with a Content-Length
+    that understates it). A request that carries both Content-Length and Transfer-Encoding is answered 400:
+    the two disagree on where the body ends (RFC 9112 6.3: request smuggling), and the server read a 40 MB
+    chunked body whole under ``Content-Length: 10``."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -48,14 +63,16 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(send)
-            else:
-                await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            await _answer(send, error(400, "bad_request", "the request has both Content-Length and "
+                                      "Transfer-Encoding: send one of them"))
             return
-        # Read it here, within the limit (the app would hold it whole to parse it anyway), then replay it.
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        # Read it here, counting what arrives (the app would hold it whole to parse it anyway), then replay it.
         messages: list[Message] = []
         seen = 0
         while True:
@@ -77,9 +94,13 @@ class BodyLimit:
         await self.app(scope, replayed, send)
 
     async def _refuse(self, send: Send) -> None:
-        response = error(413, "payload_too_large", f"the request body is over the limit of {self.max_bytes} bytes "
-                         "(RERANKQ_SERVE_MAX_BODY_BYTES): send fewer or shorter documents, or split the request")
-        await response({"type": "http"}, _no_body, send)
+        await _answer(send, error(413, "payload_too_large", f"the request body is over the limit of {self.max_bytes} "
+                                  "bytes (RERANKQ_SERVE_MAX_BODY_BYTES): send fewer or shorter documents, or split "
+                                  "the request"))
+
+
+async def _answer(send: Send, response: Any) -> None:
+    await response({"type": "http"}, _no_body, send)
 
 
 async def _no_body() -> dict[str, Any]:

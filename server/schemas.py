@@ -11,9 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
+from rerankq.celeryconfig import settings
 from rerankq.tasks.records import REFUSE, SPLIT, TRUNCATE, TRUNCATE_LEFT
 
 LongDocs = Literal["truncate", "truncate-left", "split", "refuse"]
+
+#: A list over this process's RERANKQ_MAX_DOCS is refused before any of its items is looked at: validated item
+#: by item, 2 MB of ``[0,0,...]`` made an error per item, a 300 MB answer. (``check_request`` then applies the
+#: app's own settings.)
+MAX_ITEMS = settings.max_docs
 
 
 class _Strict(BaseModel):
@@ -30,7 +36,7 @@ class RerankRequest(_Strict):
 
     query: str
     #: Strings, or objects with a ``text``.
-    documents: list[str | Document]
+    documents: Annotated[list[str | Document], Field(max_length=MAX_ITEMS)]
     #: Only the best ``top_n`` results; all of them when absent.
     top_n: int | None = Field(default=None, ge=1)
     #: Echo each result's document.
@@ -82,7 +88,7 @@ class TeiRerankRequest(_Strict):
     """text-embeddings-inference's ``POST /rerank``."""
 
     query: str
-    texts: list[str]
+    texts: Annotated[list[str], Field(max_length=MAX_ITEMS)]
     #: The model's logits instead of its scores after the sigmoid.
     raw_scores: bool = False
     return_text: bool = False

@@ -34,7 +34,8 @@ class Job:
     long_docs: str | None = None
 
     @classmethod
-    def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any], max_docs: int) -> Job:
+    def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any], max_docs: int,
+                  max_query_chars: int | None = None) -> Job:
         """Validate a task call's arguments; raise ``BadJob`` saying what is wrong."""
         if not isinstance(args, list | tuple) or not isinstance(kwargs, Mapping):
             raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None)")
@@ -53,7 +54,7 @@ class Job:
             if name not in values:
                 raise BadJob(f"missing {name!r}: a job is rerank(query, docs)")
         return cls(
-            query=_query(values["query"]),
+            query=_query(values["query"], max_query_chars),
             docs=_docs(values["docs"], max_docs),
             top_k=_top_k(values.get("top_k")),
             deadline=_deadline(values.get("deadline")),
@@ -62,12 +63,20 @@ class Job:
         )
 
 
-def _query(value: Any) -> str:
+def _query(value: Any, max_chars: int | None) -> str:
     if not isinstance(value, str):
         raise BadJob(f"query must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise BadJob("query is empty: send the text to rank the docs against")
+    check_query(value, max_chars)
     return value
+
+
+def check_query(query: str, max_chars: int | None) -> None:
+    """An empty query, or one over ``max_chars`` characters (RERANKQ_MAX_QUERY_CHARS), as ``BadJob``."""
+    if max_chars is not None and len(query) > max_chars:
+        raise BadJob(f"the query is {len(query)} characters, over the limit of {max_chars} (RERANKQ_MAX_QUERY_CHARS): "
+                     "the model reads only its first RERANKQ_MAX_LENGTH tokens beside each doc anyway")
+    if not query.strip():
+        raise BadJob("query is empty: send the text to rank the docs against")
 
 
 def _docs(value: Any, max_docs: int) -> list[str]:

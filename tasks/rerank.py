@@ -14,6 +14,7 @@ from rerankq.tasks import clock, lanes, memory, tracing
 from rerankq.tasks.app import app
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.tasks.errors import BadJob, RerankError
+from rerankq.tasks.records import check_query
 from rerankq.tasks.router import PASSTHROUGH, Router, passthrough_result
 
 TASK_NAME = "rerankq.rerank"
@@ -85,7 +86,7 @@ class RerankTask(Task):
 
         task_id = task_id or str(uuid.uuid4())
         try:
-            result = passthrough_result(args, kwargs, settings.max_docs)
+            result = passthrough_result(args, kwargs, settings.max_docs, settings.max_query_chars)
         except BadJob as exc:
             return EagerResult(task_id, exc, states.FAILURE, name=self.name)
         return EagerResult(task_id, result.to_dict(), states.SUCCESS, name=self.name)
@@ -103,8 +104,15 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
 
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:
-    """Refuse a job too large to send, here, before it weighs on Redis and every worker that reads it."""
+    """Refuse a job too large to send, here, before it weighs on Redis and every worker that reads it: its query
+    over RERANKQ_MAX_QUERY_CHARS, or the whole over RERANKQ_MAX_JOB_BYTES."""
     from rerankq.celeryconfig import settings
+
+    query = (kwargs or {}).get("query") if isinstance(kwargs, dict) else None
+    if query is None and isinstance(args, list | tuple) and args:
+        query = args[0]
+    if isinstance(query, str) and len(query) > settings.max_query_chars:
+        check_query(query, settings.max_query_chars)
 
     try:
         size = len(json.dumps([args, kwargs], ensure_ascii=False).encode())

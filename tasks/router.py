@@ -174,9 +174,10 @@ class Router:
         self._state = RouteState.decode(raw) if raw else None
 
 
-def passthrough_result(args: Any, kwargs: Mapping[str, Any], max_docs: int) -> Result:
+def passthrough_result(args: Any, kwargs: Mapping[str, Any], max_docs: int, max_query_chars: int | None = None
+                       ) -> Result:
     """The docs in the order they came, scores decreasing by position; ``BadJob`` for malformed input."""
-    job = Job.from_call(args or (), kwargs or {}, max_docs)
+    job = Job.from_call(args or (), kwargs or {}, max_docs, max_query_chars)
     n = len(job.docs)
     scores = [1.0 - i / n for i in range(n)]
     return Result(scores=scores, ranker=PASSTHROUGH, model="retrieval-order", timings=Timings(0.0, 0.0),

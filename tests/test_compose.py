@@ -45,7 +45,9 @@ def test_every_environment_variable_set_is_one_rerankq_reads() -> None:
     known = {f.metadata["env"] for f in fields(Settings)} | {FLOWER_AUTH}
     for service in RERANKQ_SERVICES.values():
         assert set(service["environment"]) <= known
-        assert "${REDIS_PASSWORD}" in service["environment"]["RERANKQ_BROKER_URL"]
+        # The password apart from the URL: one with / # @ would break the URL unless percent-encoded.
+        assert "@" not in service["environment"]["RERANKQ_BROKER_URL"]
+        assert service["environment"]["RERANKQ_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
 
 
 def test_gpu_workers_get_every_gpu_and_one_pinned_process_each() -> None:
@@ -58,10 +60,11 @@ def test_gpu_workers_get_every_gpu_and_one_pinned_process_each() -> None:
     assert any(v.startswith("model-cache:") for v in gpu["volumes"])
 
 
-def test_flower_asks_for_a_password_from_the_environment() -> None:
+def test_flower_asks_for_a_password_from_the_environment_and_is_published_on_loopback_only() -> None:
     flower = SERVICES["flower"]
     assert flower["command"][0] == "flower" and "--no-auth" not in flower["command"]
     assert flower["environment"][FLOWER_AUTH].startswith("${FLOWER_BASIC_AUTH:?")
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
 
 
 def test_the_api_listens_on_every_interface_only_with_a_key_and_reports_its_health() -> None:
@@ -72,6 +75,7 @@ def test_the_api_listens_on_every_interface_only_with_a_key_and_reports_its_heal
     port = command[command.index("--port") + 1]
     assert f"{port}:{port}" in api["ports"]
     assert f"http://127.0.0.1:{port}/health" in " ".join(api["healthcheck"]["test"])
+    assert api["ulimits"]["nofile"]["soft"] > Settings().serve_max_connections  # a file per connection
 
 
 def test_cpu_workers_scale_with_docker_compose_scale() -> None:

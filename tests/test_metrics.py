@@ -138,9 +138,10 @@ def test_processes_with_default_ports_on_one_host_each_serve_metrics_on_their_ow
     first = start_worker("--ranker", "simulated", queue=gpu, **env)
     second = start_worker("--ranker", "simulated", queue=gpu, **env)  # the same default port: taken
 
-    assert f"metrics on http://0.0.0.0:{base}/metrics" in first.log()
-    assert f"metrics on http://0.0.0.0:{base + 1}/metrics (port {base} is in use)" in second.log()
-    eventually(lambda: f"metrics on http://0.0.0.0:{base + 20}/metrics" in watchdog.log(), 10, "watchdog's port")
+    # On this machine's loopback only, unless RERANKQ_METRICS_ADDRESS says otherwise.
+    assert f"metrics on http://127.0.0.1:{base}/metrics" in first.log()
+    assert f"metrics on http://127.0.0.1:{base + 1}/metrics (port {base} is in use)" in second.log()
+    eventually(lambda: f"metrics on http://127.0.0.1:{base + 20}/metrics" in watchdog.log(), 10, "watchdog's port")
     for port in (base, base + 1, base + 20):
         assert "rerankq_" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 

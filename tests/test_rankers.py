@@ -59,6 +59,24 @@ def test_the_cross_encoder_ranker_matches_predict(tiny_model: Path) -> None:
     assert ranker.token_counts("x", ["y " * 600])[0] == ranker.max_length == 512
 
 
+@pytest.mark.parametrize("builder", ["tiny_model", "xlmr_model"])
+def test_a_long_query_read_once_scores_and_counts_as_the_whole_query(builder: str, request: pytest.FixtureRequest,
+                                                                     fast: FastRanker) -> None:
+    """The preparer cuts a query to what the model reads (its first max_length tokens) once per job, and pairs
+    that with each doc: the scores and token counts are those of the whole query, truncated per pair (a doc
+    itself past the model's length: see ``CrossEncoderRanker.query_read``)."""
+    ranker = CrossEncoderRanker(str(request.getfixturevalue(builder)), "cpu")
+    query = " ".join(f"word{i} sourdough" for i in range(800))  # far over 512 tokens
+    read = ranker.query_read(query)
+    assert query.startswith(read) and len(read) < len(query) / 2
+    docs = ["flour and water", "y " * 300, "a river bank " * 100]  # the last two share the length with the query
+    whole, once = [(query, d) for d in docs], [(read, d) for d in docs]
+    np.testing.assert_allclose(ranker.score(once), ranker.score(whole), rtol=0, atol=1e-6)
+    assert ranker.token_counts(read, [*docs, "y " * 600]) == ranker.token_counts(query, [*docs, "y " * 600])
+    assert ranker.query_read("short query") == "short query"
+    assert fast.score([(fast.query_read(query), "flour")]) == pytest.approx(fast.score([(query, "flour")]), abs=1e-6)
+
+
 def test_the_cross_encoder_ranker_runs_the_default_models_architecture(tmp_path: Path) -> None:
     """bge-reranker-v2-m3 is an XLM-RoBERTa: padding-aware position ids, one label, sigmoid as predict has."""
     model = str(build_xlmr_cross_encoder(tmp_path / "xlmr", "tiny"))

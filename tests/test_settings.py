@@ -8,8 +8,10 @@ import pytest
 
 from rerankq import celeryconfig
 from rerankq.celeryconfig import Settings
+from rerankq.redis_server import RedisServer
 from rerankq.tasks.app import app
 from rerankq.tasks.errors import ConfigError
+from tests.conftest import rerankq
 
 
 def test_every_setting_reads_its_environment_variable() -> None:
@@ -117,3 +119,28 @@ def test_sentinel_urls_name_the_master_for_kombu_and_celery_and_plain_urls_do_no
     split = sentinels.with_(result_backend="redis://results:6379/0")
     assert "master_name" not in celeryconfig.backend_options(split)
     assert "master_name" not in celeryconfig.broker_options(Settings.from_env({}))
+
+
+@pytest.mark.parametrize("url", ["reddis://:pw-LEAK-1@h:6379/0", "redis+cluster://user:pw-LEAK-1@h:7000",
+                                 "amqp://:pw-LEAK-1/ab#c@h//"])
+def test_no_secret_in_a_settings_repr_or_an_error_that_names_a_url(url: str) -> None:
+    shown = repr(Settings(broker_url="redis://:pw-LEAK-1@h/0", serve_api_key="pw-LEAK-2", redis_password="pw-LEAK-3"))
+    assert "LEAK" not in shown and "serve_api_key='***'" in shown and "redis://:***@h/0" in shown
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"RERANKQ_BROKER_URL": url})
+    assert "LEAK" not in str(refused.value) and ":***@" in str(refused.value)
+    status = rerankq("status", env={"RERANKQ_BROKER_URL": url})  # what a user sees, end to end
+    assert status.returncode != 0 and "LEAK" not in status.stdout + status.stderr, status.stderr
+
+
+@pytest.mark.integration
+def test_a_password_given_apart_from_the_url_needs_no_encoding() -> None:
+    """``openssl rand -base64`` passwords hold / + =: in a URL, / ends the host part (compose wrote it there)."""
+    password = "a/b+c=d#e@f?g%h"
+    with RedisServer(password=password) as server:
+        plain = f"redis://127.0.0.1:{server.port}/0"
+        status = rerankq("status", env={"RERANKQ_BROKER_URL": plain, "RERANKQ_REDIS_PASSWORD": password})
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert password not in status.stdout + status.stderr
+        assert Settings.from_env({"RERANKQ_BROKER_URL": f"redis://:given@127.0.0.1:{server.port}/0",
+                                  "RERANKQ_REDIS_PASSWORD": password}).broker_url.startswith("redis://:given@")

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from rerankq.redis_server import free_port
 from rerankq.tasks import Result, rerank
@@ -105,24 +106,47 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_comes_back(celery_app: Any, 
     assert not any(alive(pid) for pid in pids)
 
 
+def _flower_status(port: int, auth: tuple[str, str]) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/api/workers", auth=auth, timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
 def stack_pids(out: Path) -> list[int]:
     return [int(p) for p in re.findall(r"pid (\d+)", out.read_text())]
 
 
 @pytest.fixture
-def up(launch: Any, tiny_model: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
-    flower_port = free_port()
-    proc, out = launch("up", "--model", str(tiny_model), "--cpu", "--flower-port", str(flower_port),
-                       "--serve-port", str(free_port()), "--metrics-port", "0", "--log-dir", str(tmp_path / "logs"))
-    wait_for_line(out, "rerankq up: running")
-    return proc, out, flower_port
+def start_up(launch: Any, tiny_model: Path, tmp_path: Path) -> Callable[..., tuple[subprocess.Popen[bytes], Path, int]]:
+    def start(**env: str) -> tuple[subprocess.Popen[bytes], Path, int]:
+        flower_port = free_port()
+        proc, out = launch("up", "--model", str(tiny_model), "--cpu", "--flower-port", str(flower_port),
+                           "--serve-port", str(free_port()), "--metrics-port", "0", "--log-dir",
+                           str(tmp_path / "logs"), **env)
+        wait_for_line(out, "rerankq up: running")
+        return proc, out, flower_port
+    return start
+
+
+@pytest.fixture
+def up(start_up: Callable[..., tuple[subprocess.Popen[bytes], Path, int]]) -> tuple[subprocess.Popen[bytes], Path, int]:
+    return start_up()
+
+
+def stack_env(out: Path) -> dict[str, str]:
+    """The stack's Redis URLs, from the file ``rerankq up`` names (the terminal shows them masked)."""
+    path = wait_for_line(out, r"set -a; \. (\S+); set \+a")[1]
+    return dict(line.split("=", 1) for line in Path(path).read_text().splitlines())
 
 
 def test_up_serves_jobs_shows_them_in_flower_and_ctrl_c_stops_every_process(
         up: tuple[subprocess.Popen[bytes], Path, int], tmp_path: Path) -> None:
     proc, out, flower_port = up
     text = out.read_text()
-    redis_url = re.search(r"^redis +(\S+)", text, re.M)[1]  # type: ignore[index]
+    redis_url = stack_env(out)["RERANKQ_BROKER_URL"]
+    assert redis_url.split("@")[0].split(":")[-1] not in text  # its password is not shown
+    assert redis_url.split("@")[1] in re.search(r"^redis +(\S+)", text, re.M)[1]  # type: ignore[index]
     auth = re.search(r"user:password ([^:]+):(\S+)\)", text)
     assert auth and len(stack_pids(out)) == 6  # redis, CPU worker, fast worker, watchdog, API, Flower
     api = re.search(r"^api .* (http://\S+/v1/rerank)", text, re.M)[1]  # type: ignore[index]
@@ -159,8 +183,16 @@ def test_up_serves_jobs_shows_them_in_flower_and_ctrl_c_stops_every_process(
     assert not [pid for pid in stack_pids(out) if alive(pid)]
 
 
-def test_a_killed_up_takes_its_processes_with_it(up: tuple[subprocess.Popen[bytes], Path, int]) -> None:
-    proc, out, _ = up
+def test_a_killed_up_takes_its_processes_with_it_and_its_redis_wants_a_password(
+        start_up: Callable[..., tuple[subprocess.Popen[bytes], Path, int]]) -> None:
+    """With the user's own FLOWER_BASIC_AUTH (as the README says to set), which 2c4db98's ``up`` died on."""
+    proc, out, flower_port = start_up(FLOWER_BASIC_AUTH="ops:their-own-secret")
+    assert "user:password from your FLOWER_BASIC_AUTH" in out.read_text()
+    eventually(lambda: _flower_status(flower_port, ("ops", "their-own-secret")) == 200, 60, "Flower with their auth")
+    url = stack_env(out)["RERANKQ_BROKER_URL"]
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url("redis://" + url.split("@", 1)[1]).ping()  # no password: refused
+    assert redis.Redis.from_url(url).ping()
     proc.kill()
     proc.wait()
     eventually(lambda: not [pid for pid in stack_pids(out) if alive(pid)], 60, "every child gone")

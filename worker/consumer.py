@@ -23,7 +23,7 @@ from celery import bootsteps
 from rerankq.celeryconfig import Settings
 from rerankq.tasks import clock, lanes
 from rerankq.tasks.connections import BrokerRedis
-from rerankq.tasks.errors import BadJob, ConfigError
+from rerankq.tasks.errors import BadJob, ConfigError, DeadlineExceeded
 from rerankq.tasks.records import TRUNCATE, Job
 from rerankq.worker import metrics, windows
 from rerankq.worker.pending import Pending
@@ -146,14 +146,19 @@ class ChunkConsumer:
     def _prepare(self, pending: Pending) -> None:
         try:
             settings = self.settings
-            job = pending.job = Job.from_call(pending.request.args, pending.request.kwargs, settings.max_docs)
+            job = pending.job = Job.from_call(pending.request.args, pending.request.kwargs, settings.max_docs,
+                                                settings.max_query_chars)
+            if job.deadline is not None and job.deadline < clock.now():  # not worth a moment of tokenising
+                raise DeadlineExceeded(f"the deadline passed {clock.now() - job.deadline:.3f}s before a worker "
+                                       "received this job")
+            query = pending.query = self.ranker.query_read(job.query)
             mode = windows.effective(job.long_docs or settings.long_docs, self.ranker.kind)
-            budget = self.ranker.window_budget(job.query) if job.docs and mode != TRUNCATE else 0
+            budget = self.ranker.window_budget(query) if job.docs and mode != TRUNCATE else 0
             pending.texts, pending.owners = windows.expand(job.docs, mode, budget, self.ranker.max_length // 4,
                                                            self.ranker.offsets, settings.window_overlap,
                                                            settings.max_windows)
-            pending.costs = self.ranker.token_counts(job.query, pending.texts) if pending.texts else []
-        except BadJob as exc:
+            pending.costs = self.ranker.token_counts(query, pending.texts) if pending.texts else []
+        except (BadJob, DeadlineExceeded) as exc:
             pending.error = exc
         except Exception as exc:  # a tokenizer that chokes on this input fails this job alone
             logger.exception("could not tokenize job %s", pending.request.id)

@@ -23,4 +23,4 @@ SHOWN = 200
 
 def dropped(queue: str, reason: str, why: object, item: object) -> None:
     metrics.DROPPED.labels(queue=queue, reason=reason).inc()
-    logger.error("dropped a message of queue %s, %s (%s): %r", queue, reason, why, str(item)[:SHOWN])
+    logger.error("dropped an item of queue %s: %s (%s): %r", queue, reason, why, str(item)[:SHOWN])

@@ -22,7 +22,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         # Only now may torch load: CUDA_VISIBLE_DEVICES is set.
         from rerankq.worker import metrics
 
-        served = metrics.serve(metrics_port)
+        served = metrics.serve(metrics_port, settings.metrics_address)
         print(f"rerankq worker: {metrics.describe(metrics_port, served)}", file=sys.stderr, flush=True)
     except RerankError as exc:
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)

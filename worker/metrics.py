@@ -89,6 +89,7 @@ PORT_TRIES = 10
 KIND_OFFSETS = {"fast": 10, "watchdog": 20}
 #: The port this process serves ``/metrics`` on (0: none), for its reports and ``rerankq status``.
 served_port = 0
+served_address = "127.0.0.1"
 
 
 def default_port(kind: str, configured: int) -> int:
@@ -96,17 +97,17 @@ def default_port(kind: str, configured: int) -> int:
     return configured + KIND_OFFSETS.get(kind, 0) if configured else 0
 
 
-def serve(port: int) -> int:
-    """Expose ``/metrics`` on ``port`` (all interfaces), or on the next free one of ``PORT_TRIES``; 0 means no
-    metrics. Returns the port served, 0 if every one was taken: a port in use never keeps a process from
-    serving jobs. The caller says where metrics are."""
-    global served_port
+def serve(port: int, address: str = "127.0.0.1") -> int:
+    """Expose ``/metrics`` on ``port`` of ``address`` (RERANKQ_METRICS_ADDRESS), or on the next free one of
+    ``PORT_TRIES``; 0 means no metrics. Returns the port served, 0 if every one was taken: a port in use never
+    keeps a process from serving jobs. The caller says where metrics are."""
+    global served_port, served_address
     for candidate in range(port, min(65536, port + PORT_TRIES)) if port else ():
         try:
-            start_http_server(candidate)
+            start_http_server(candidate, addr=address)
         except OSError:
             continue
-        served_port = candidate
+        served_port, served_address = candidate, address
         return candidate
     return 0
 
@@ -119,7 +120,7 @@ def describe(asked: int, served: int) -> str:
         return (f"no metrics: ports {asked}-{asked + PORT_TRIES - 1} are all in use (give this process its own "
                 "--metrics-port or RERANKQ_METRICS_PORT)")
     moved = f" (port {asked} is in use)" if served != asked else ""
-    return f"metrics on http://0.0.0.0:{served}/metrics{moved}"
+    return f"metrics on http://{served_address}:{served}/metrics{moved}"
 
 
 def record_loads(loads: Mapping[str, Any]) -> None:

@@ -38,8 +38,7 @@ class Model:
         batch = [(p, i) for p, i in batch if p.error is None]
         if not batch:
             return
-        assert all(p.job is not None for p, _ in batch)
-        pairs = [(p.job.query, p.texts[i]) for p, i in batch]  # type: ignore[union-attr]
+        pairs = [(p.query, p.texts[i]) for p, i in batch]
         began = time.perf_counter()
         try:
             scores = self.ranker.score(pairs)

@@ -19,6 +19,8 @@ class Pending:
     queue: str = ""
     lane: str = INTERACTIVE
     job: Job | None = None
+    #: The job's query as the model reads it (``Ranker.query_read``), set by the preparer.
+    query: str = ""
     #: The text of each pair scored: the docs, or their pieces (``worker/windows.py``), and the doc of each.
     texts: list[str] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)

@@ -40,6 +40,11 @@ class Ranker(ABC):
         """A job's scores from its raw ones (what a job asking for ``raw_scores`` gets instead)."""
         return raw
 
+    def query_read(self, query: str) -> str:
+        """The part of ``query`` the model can read beside a doc, found once per job: tokenising the whole
+        query again for each of its pairs cost a long query's tokenising once per doc. Here: all of it."""
+        return query
+
     @abstractmethod
     def window_budget(self, query: str) -> int:
         """Tokens of a doc the model reads beside ``query`` (0 or less: the query alone fills it); a longer
@@ -85,6 +90,13 @@ class CrossEncoderRanker(Ranker):
 
     def offsets(self, doc: str) -> list[tuple[int, int]]:
         return token_offsets(self._tokenizer, doc)
+
+    def query_read(self, query: str) -> str:
+        # Its first max_length tokens: longest-first truncation of any pair keeps fewer than that of the query.
+        # Scores are those of the whole query but where the doc too is past max_length tokens and shorter than
+        # the whole query: both then get half the length, and the one token an odd length leaves over goes to
+        # the doc (the longer one now) instead of the query.
+        return text_head(self._tokenizer, query, self.max_length)
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         # predict with one batch of exactly these pairs: the reference's dtype handling, under
@@ -132,6 +144,9 @@ class FastRanker(Ranker):
 
     def offsets(self, doc: str) -> list[tuple[int, int]]:
         return token_offsets(self._tokenizer, doc)
+
+    def query_read(self, query: str) -> str:
+        return text_head(self._tokenizer, query, self.max_length)  # embedded alone: it keeps at most this much
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         queries = list(dict.fromkeys(q for q, _ in pairs))
@@ -201,6 +216,14 @@ def token_offsets(tokenizer: Any, doc: str) -> list[tuple[int, int]]:
     """A fast tokenizer's character range per token of ``doc``, read in full (no truncation, no warning)."""
     encoded = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
+
+def text_head(tokenizer: Any, text: str, tokens: int) -> str:
+    """``text`` up to the end of its first ``tokens`` tokens (all of it if it has no more), tokenised once."""
+    encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=tokens,
+                        return_offsets_mapping=True, verbose=False)
+    offsets = encoded["offset_mapping"]
+    return text[:int(offsets[-1][1])] if len(offsets) >= tokens else text
 
 
 def private_copy(tokenizer: Any) -> Any:

@@ -3,18 +3,22 @@ Every case: a clear error for that job, and the worker keeps serving."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.result import AsyncResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu.connection import Connection
 from kombu.entity import Exchange
 from kombu.messaging import Producer
 
+from rerankq import celeryconfig
 from rerankq.local import WorkerProcess
 from rerankq.tasks import BadJob, DeadlineExceeded, Job, Result, rerank
 from rerankq.tasks.connections import BrokerRedis
@@ -135,7 +139,7 @@ def test_queue_items_that_are_not_messages_are_dropped_and_the_worker_keeps_serv
         good = rerank.apply_async(("bread", ["flour"]), queue=worker_queue)
         assert Result.from_dict(good.get(timeout=60)).scores
         assert worker.proc.poll() is None
-        assert worker.log().count("dropped an item of the queue that is not a message") == len(junk)
+        assert worker.log().count(f"dropped an item of queue {worker_queue}: not a message") == len(junk)
         in_flight = inflight.list_key(broker.prefix, worker.node, worker_queue)
         assert broker.client.hexists(inflight.registry_key(broker.prefix), in_flight)
         assert broker.client.llen(in_flight) == 0  # nothing to come back
@@ -143,9 +147,44 @@ def test_queue_items_that_are_not_messages_are_dropped_and_the_worker_keeps_serv
         broker.close()
 
 
-def test_an_oversized_job_is_refused_at_the_producer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rerankq import celeryconfig
+def _published(celery_app: Any, queue: str, args: Any, kwargs: dict[str, Any]) -> AsyncResult:
+    """A job put on ``queue`` by kombu itself, past every check rerankq's producer makes."""
+    task_id = str(uuid.uuid4())
+    with Connection(celery_app.conf.broker_url) as connection:
+        producer = Producer(connection.default_channel, exchange=Exchange(queue, "direct"), routing_key=queue)
+        producer.publish(json.dumps([args, kwargs, {}]), content_type="application/json", content_encoding="utf-8",
+                         headers={"task": "rerankq.rerank", "id": task_id, "lang": "py"}, declare=[])
+    return AsyncResult(task_id, app=celery_app)
 
+
+@pytest.mark.integration
+def test_a_query_over_the_limit_is_refused_by_the_producer_and_by_a_worker_before_tokenising(
+        celery_app: Any, worker: WorkerProcess, worker_queue: str) -> None:
+    """A 1 MB query beside 25 docs took a worker 15 s of tokenising (the query once per doc) before 2c4db98's
+    next job could start; the limit refuses it where it is sent, and a worker that gets one anyway."""
+    limit = celeryconfig.settings.max_query_chars
+    with pytest.raises(BadJob, match=f"over the limit of {limit} \\(RERANKQ_MAX_QUERY_CHARS\\)"):
+        rerank.apply_async(("q" * (limit + 1), ["d"]), queue="never-sent")
+    with pytest.raises(BadJob, match="RERANKQ_MAX_QUERY_CHARS"):
+        rerank.apply_async((), {"query": "q" * (limit + 1), "docs": ["d"]}, queue="never-sent")
+    huge = _published(celery_app, worker_queue, ["bread " * 200_000, ["a"] * 25], {})
+    good = rerank.apply_async(("bread", ["flour"]), queue=worker_queue)
+    with pytest.raises(BadJob, match="RERANKQ_MAX_QUERY_CHARS"):
+        huge.get(timeout=60)
+    assert Result.from_dict(good.get(timeout=60)).scores
+
+
+@pytest.mark.integration
+def test_a_job_past_its_deadline_is_not_prepared(celery_app: Any, worker: WorkerProcess, worker_queue: str) -> None:
+    """Its outcome is DeadlineExceeded before anything reads its docs: here one the job asks to refuse as too
+    long, which a worker that prepared it first answered with BadJob."""
+    late = _published(celery_app, worker_queue, ["bread", ["flour " * 5000]],
+                      {"deadline": time.time() - 60, "long_docs": "refuse"})
+    with pytest.raises(DeadlineExceeded, match="before a worker received this job"):
+        late.get(timeout=60)
+
+
+def test_an_oversized_job_is_refused_at_the_producer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(celeryconfig, "settings", celeryconfig.settings.with_(max_job_bytes=1000))
     with pytest.raises(BadJob, match="over RERANKQ_MAX_JOB_BYTES=1000: send fewer or shorter docs"):
         rerank.apply_async(("q", ["x" * 2000]), queue="never-sent")

@@ -25,7 +25,7 @@ def test_a_password_protected_redis_serves_with_the_password_and_refuses_without
     with RedisServer(password="correct horse battery staple") as server:
         env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_GPU_QUEUE": queue}
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis.from_url(server.url.replace(":correct horse battery staple@", "")).ping()
+            redis.Redis.from_url("redis://" + server.url.split("@", 1)[1]).ping()
         worker = WorkerProcess(queue, ["--ranker", "simulated"], env, tmp_path / "worker.log", f"auth.{queue}@h")
         try:
             _serve_with_the_password(server, worker, env, tmp_path)
@@ -43,7 +43,7 @@ def _serve_with_the_password(server: RedisServer, worker: WorkerProcess, env: di
     assert done.returncode == 0, done.stderr
     assert json.loads(output.read_text())["id"] == 1
 
-    wrong = server.url.replace("correct horse battery staple", "wrong")
+    wrong = "redis://:wrong@" + server.url.split("@", 1)[1]
     status = subprocess.run([sys.executable, "-m", "rerankq", "status"], capture_output=True, text=True,
                             env={**os.environ, "RERANKQ_BROKER_URL": wrong}, timeout=120)
     assert status.returncode != 0 and "Traceback" not in status.stderr
