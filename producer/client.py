@@ -8,12 +8,15 @@ time, and re-raise the job's own error (``BadJob``, ``DeadlineExceeded``, ``Rank
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
+import os
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -28,7 +31,14 @@ from rerankq.tasks.rerank import rerank as rerank_task
 
 DEFAULT_TIMEOUT_S = 30.0
 
-_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWaiter] = weakref.WeakKeyDictionary()
+#: The threads ``arerank`` sends from, shared by every event loop: Celery keeps a result backend (with a Redis
+#: connection) per thread, and a loop's own executor, new with each ``asyncio.run``, left one more each time.
+_senders = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="rerankq-send")
+
+#: Each event loop's waiter, and the async generator that closes it as the loop shuts down (kept here: the loop
+#: holds its async generators weakly).
+_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AsyncWaiter, AsyncGenerator[None, None]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
@@ -57,9 +67,7 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
     runs in the loop's executor, and ``timeout`` covers the whole call, so a hung Redis ends it with
     ``RerankTimeout`` on time while the loop serves everything else."""
     loop = asyncio.get_running_loop()
-    waiter = _waiters.get(loop)
-    if waiter is None:
-        waiter = _waiters[loop] = AsyncWaiter(rerank_task.backend)
+    waiter = await _waiter(loop)
     task_id = str(uuid.uuid4())
     job = _job(top_k, deadline, timeout, raw_scores, long_docs)  # the deadline from the call, not the send
     send = functools.partial(_send, task_id, query, docs, job, queue, lane)
@@ -74,11 +82,34 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
     return outcome
 
 
+async def _waiter(loop: asyncio.AbstractEventLoop) -> AsyncWaiter:
+    """The loop's waiter, made on its first ``arerank``."""
+    if loop in _waiters:
+        return _waiters[loop][0]
+    waiter = AsyncWaiter(rerank_task.backend)
+    closer = _closed_with(waiter)
+    _waiters[loop] = (waiter, closer)
+    await closer.__anext__()  # started: from now on the loop knows it
+    return waiter
+
+
+async def _closed_with(waiter: AsyncWaiter) -> AsyncGenerator[None, None]:
+    """Closes ``waiter``'s connections as its loop shuts down: ``asyncio.run`` (and uvicorn) close every open
+    async generator (``shutdown_asyncgens``) while the loop still runs. Left to the garbage collector, each
+    ``asyncio.run(arerank(...))`` left two connections open until a collection found them."""
+    try:
+        yield
+    finally:
+        _waiters.pop(asyncio.get_running_loop(), None)
+        with contextlib.suppress(Exception):  # Redis gone meanwhile: nothing left to close politely
+            await waiter.close()
+
+
 async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter, task_id: str,
                             send: Callable[[], Any]) -> Result | BaseException:
     future = await waiter.expect(task_id)  # subscribed before the send: no result can slip past
     # In the caller's context (its trace, for one), which the executor's thread would not otherwise have.
-    handle = await loop.run_in_executor(None, contextvars.copy_context().run, send)
+    handle = await loop.run_in_executor(_senders, contextvars.copy_context().run, send)
     if isinstance(handle, EagerResult):  # passthrough: answered without queueing
         return Result.from_dict(handle.get(propagate=True))
     return await future

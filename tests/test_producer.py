@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -18,10 +19,12 @@ import numpy as np
 import pytest
 from sentence_transformers import CrossEncoder
 
+from rerankq.local import WorkerProcess
 from rerankq.producer import arerank, rerank, submit_many
+from rerankq.redis_server import RedisServer
 from rerankq.tasks import BadJob, RerankTimeout, clock
 from rerankq.tasks.connections import BrokerRedis
-from tests.conftest import StartWorker, new_queue
+from tests.conftest import StartWorker, eventually, new_queue
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +117,38 @@ def test_arerank_serves_200_concurrent_awaits_without_a_thread_each(queue: str, 
     for job, result in zip(jobs, results, strict=True):
         np.testing.assert_allclose(result.scores, predict(reference, job["query"], job["docs"]), atol=1e-5)
     assert max(threads_seen) < before + 10
+
+
+def test_each_event_loop_closes_its_connections_as_it_shuts_down(tmp_path: Path) -> None:
+    """``asyncio.run(arerank(...))`` 200 times in one process, garbage collection off: the open connections to
+    Redis stay as many as after the first. 2c4db98 left each loop's two (results, pub/sub) open."""
+    queue = new_queue()
+    with RedisServer() as server:
+        env = {"RERANKQ_BROKER_URL": server.url, "RERANKQ_RESULT_BACKEND": server.url}
+        worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=0,token_us=0"], env,
+                               tmp_path / "worker.log", f"loops.{queue}@localhost")
+        script = textwrap.dedent(f"""
+            import asyncio, gc, json, redis
+            from rerankq.producer import arerank
+            gc.disable()
+            client = redis.Redis.from_url({server.url!r})
+            async def one():
+                return await arerank("bread", ["flour"], queue={queue!r}, timeout=60)
+            asyncio.run(one())
+            before = len(client.client_list())
+            for _ in range(200):
+                assert asyncio.run(one()).scores
+            print(json.dumps([before, len(client.client_list())]))
+        """)
+        try:
+            eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+            done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
+                                  text=True, timeout=300)
+        finally:
+            worker.stop()
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.splitlines()[-1])
+    assert after - before <= 2, (before, after)
 
 
 def test_arerank_times_out_without_blocking_the_loop(celery_app: Any) -> None:
