@@ -121,10 +121,11 @@ class Settings:
                                   "also the job's deadline: workers skip it after that).")
     serve_max_body_bytes: int = _env("RERANKQ_SERVE_MAX_BODY_BYTES", 8 * 1024 * 1024,
                                      "`rerankq serve`: largest request body; a larger one is answered 413 unread.")
-    serve_read_timeout_s: float = _env("RERANKQ_SERVE_READ_TIMEOUT_S", 10.0,
+    serve_read_timeout_s: float = _env("RERANKQ_SERVE_READ_TIMEOUT_S", 30.0,
                                        "`rerankq serve`: a request (headers and body) must arrive within this of "
-                                       "its connection opening, or of the answer before it; else the connection "
-                                       "is closed (slow clients cannot hold connections).")
+                                       "its first byte (of the connection opening, for the first); else it is "
+                                       "answered 408 and the connection closed (slow clients cannot hold "
+                                       "connections).")
     serve_max_connections: int = _env("RERANKQ_SERVE_MAX_CONNECTIONS", 2048,
                                       "`rerankq serve`: open connections at most; past it new requests get 503 at "
                                       "once.")

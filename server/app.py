@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # Added first, so the accounting around it counts its 413s too.
-    app.add_middleware(BodyLimit, max_bytes=cfg.serve_max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.serve_max_body_bytes, paths=RERANK_PATHS)
 
     @app.middleware("http")
     async def account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -56,8 +56,10 @@ class BodyLimit:
     the two disagree on where the body ends (RFC 9112 6.3: request smuggling), and the server read a 40 MB
     chunked body whole under ``Content-Length: 10``."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...]) -> None:
+        #: Only these paths' bodies are read (the others' routes read none), and only once the request got past
+        #: the API key check, which runs before this middleware.
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,8 +68,12 @@ class BodyLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and b"transfer-encoding" in headers:
+            # And the connection closed (RFC 9112 6.3): what follows on it cannot be told apart from this body.
             await _answer(send, error(400, "bad_request", "the request has both Content-Length and "
-                                      "Transfer-Encoding: send one of them"))
+                                      "Transfer-Encoding: send one of them", CLOSE))
+            return
+        if scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
             return
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send)
@@ -94,9 +100,13 @@ class BodyLimit:
         await self.app(scope, replayed, send)
 
     async def _refuse(self, send: Send) -> None:
+        # Closed after: the rest of the body, unread, is still on the connection.
         await _answer(send, error(413, "payload_too_large", f"the request body is over the limit of {self.max_bytes} "
                                   "bytes (RERANKQ_SERVE_MAX_BODY_BYTES): send fewer or shorter documents, or split "
-                                  "the request"))
+                                  "the request", CLOSE))
+
+
+CLOSE = {"connection": "close"}
 
 
 async def _answer(send: Send, response: Any) -> None:

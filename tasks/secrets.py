@@ -8,20 +8,30 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 MASK = "***"
 
+#: A ``;`` that starts another URL (``sentinel://a;sentinel://b``); one inside a password does not.
+_URLS = re.compile(r";(?=[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
 _USER = re.compile(r"^([a-z][a-z0-9+.-]*://)(.*)@", re.IGNORECASE | re.DOTALL)
 
 
 def masked_url(url: str) -> str:
     """``url`` (or several, ``;``-separated, as sentinels are given) with every password replaced by ``***``:
     what a message may show of a URL."""
-    return ";".join(_masked(part) for part in url.split(";"))
+    return ";".join(_masked(part) for part in _URLS.split(url))
 
 
 def with_password(url: str, password: str) -> str:
     """``url`` (or several, ``;``-separated) with ``password``, percent-encoded, in each URL that has no user
     part: what writing it there would do, without the encoding left to whoever writes it."""
-    return ";".join(part if not part or _USER.match(part) or "://" not in part
-                    else part.replace("://", f"://:{quote(password, safe='')}@", 1) for part in url.split(";"))
+    return ";".join(_with_password(part, quote(password, safe="")) for part in _URLS.split(url))
+
+
+def _with_password(url: str, password: str) -> str:
+    user = _USER.match(url)
+    if user is None:
+        return url.replace("://", f"://:{password}@", 1) if "://" in url else url
+    if ":" in user.group(2):
+        return url  # a password of its own
+    return f"{user.group(1)}{user.group(2)}:{password}@{url[user.end():]}"  # a user name alone: its password
 
 
 def masked(value: str) -> str:

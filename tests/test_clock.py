@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from rerankq.tasks import clock
 
 
@@ -25,11 +27,17 @@ def test_now_follows_redis_clock_not_this_hosts() -> None:
     assert abs(clock.now() - (time.time() - 7.5)) < 0.05
 
 
-def test_the_offset_is_measured_again_only_after_the_sync_period() -> None:
+def test_the_offset_is_measured_again_only_after_the_sync_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clock, "SYNC_S", 0.3)
     server = Redis(3.0)
     clock.sync(lambda: server, force=True)
     clock.sync(lambda: server)  # within SYNC_S: not asked again
     assert server.calls == 1
+    time.sleep(0.35)
+    moved = Redis(-1.0)  # the clock moved meanwhile (a failover to a Redis on another host, say)
+    clock.sync(lambda: moved)  # past SYNC_S: measured again
+    assert moved.calls == 1 and abs(clock.offset() + 1.0) < 0.05
+    clock.sync(lambda: Redis(0.0), force=True)  # leave this process's clock as it was
 
 
 def test_a_failed_measurement_keeps_the_last_offset() -> None:

@@ -13,6 +13,7 @@ from rerankq.tasks import Result, lanes, rerank
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.worker.stats import WorkerStats, workers_key
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
+from tests.faults.jobs import left_to_come_back, scored_once
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +146,8 @@ def test_a_worker_killed_holding_both_lanes_loses_nothing_and_scores_each_job_on
     rescuer = start_worker(*simulated(1), queue=queue, **env)
     handles = runs + interactive
     assert {Result.from_dict(h.get(timeout=60)).ranker for h in handles} == {"simulated"}
-    eventually(lambda: served(broker, queue) == len(handles), 5, "each job scored once, by the rescuer")
+    ids = [h.id for h in handles]
+    scored_once(lambda: served(broker, queue), ids, lambda: left_to_come_back(broker, ids), 3,
+                "each job scored once, by the rescuer")
     report = broker.client.hget(workers_key(broker, queue), rescuer.node)
     assert report is not None and WorkerStats.decode(report).served == len(handles)

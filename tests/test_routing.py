@@ -20,6 +20,7 @@ from rerankq.worker.backlog import measure
 from rerankq.worker.stats import WorkerStats, workers_key
 from rerankq.worker.watchdog import recent_changes
 from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue
+from tests.faults.jobs import left_to_come_back, scored_once
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +72,11 @@ class Stack:
     def changes(self) -> list[dict[str, str]]:
         oldest_first = reversed(recent_changes(self.broker, self.gpu))
         return [c for c in oldest_first if float(c["at"]) >= self.started]
+
+    def scored_once(self, what: str, handles: list[Any] | None = None) -> None:
+        """Each job sent (or of ``handles``) scored once by the stack's workers, and no more a while later."""
+        ids = [h.id for h in (self.sent if handles is None else handles)]
+        scored_once(self.served, ids, lambda: left_to_come_back(self.broker, ids), 2, what)
 
     def served(self) -> int:
         """Jobs the stack's workers scored, from the figures they report."""
@@ -126,7 +132,7 @@ def test_a_backlog_sheds_new_jobs_to_the_fast_ranker_until_it_drains(stack: Stac
     shed, back = changes[-2:]
     assert float(shed["gpu_wait_s"]) > HIGH_WAIT_S and float(back["gpu_wait_s"]) <= LOW_WAIT_S
     # Every job got its result above, and each was scored exactly once.
-    eventually(lambda: stack.served() == len(stack.sent), 5, f"{len(stack.sent)} jobs served once each")
+    stack.scored_once(f"{len(stack.sent)} jobs served once each")
 
 
 def test_a_bulk_backlog_never_sheds_interactive_jobs_and_interactive_overload_still_does(stack: Stack) -> None:
@@ -154,7 +160,7 @@ def test_a_bulk_backlog_never_sheds_interactive_jobs_and_interactive_overload_st
     eventually(routed_to(stack, "shed", True), 5, "route shed on the interactive backlog")
     time.sleep(0.1)
     assert stack.rankers(stack.delay(5)) == {"fast"}
-    eventually(lambda: stack.served() == len(stack.sent), 20, f"{len(stack.sent)} jobs served once each")
+    stack.scored_once(f"{len(stack.sent)} jobs served once each")
 
 
 def test_of_two_watchdogs_one_leads_and_the_other_takes_over_within_the_route_ttl_when_it_is_killed(
@@ -190,7 +196,8 @@ def test_prefetched_unacked_jobs_count_in_the_backlog(stack: Stack, start_worker
     assert load.waiting == 0 and load.workers == 1
     assert load.held > 300 and load.backlog == load.held
     assert stack.rankers(stack.sent) == {"simulated"}
-    eventually(lambda: stack.served() == 500, 5, "500 jobs served once each")
+    assert len(stack.sent) == 500
+    stack.scored_once("500 jobs served once each")
     assert worker.proc.poll() is None
 
 
@@ -214,4 +221,4 @@ def test_both_queues_full_gives_passthrough_at_once_and_a_dead_watchdog_falls_ba
     time.sleep(0.1)
     assert stack.rankers(stack.delay(3)) == {"simulated"}
     queued = [h for h in stack.sent if h not in handles]
-    eventually(lambda: stack.served() == len(queued), 10, "every queued job served once")
+    stack.scored_once("every queued job served once", queued)

@@ -204,18 +204,25 @@ def test_metrics_count_requests_by_route_and_status_and_answers_by_ranker(http: 
     assert "rerankq_http_request_seconds_bucket" in text
 
 
-def test_concurrent_requests_all_get_their_own_scores(served: ServerProcess, scores: list[float]) -> None:
-    async def post_all(n: int) -> list[httpx.Response]:
+def test_concurrent_requests_all_get_their_own_scores(served: ServerProcess, model: CrossEncoder) -> None:
+    """50 requests at once, each with its own query and document order, each compared with its own reference:
+    a server that mixed answers up between requests fails here."""
+    requests = []
+    for i in range(50):
+        docs = DOCS[i % len(DOCS):] + DOCS[:i % len(DOCS)] + [f"document number {i}"]
+        requests.append({"query": f"{QUERY} {i}", "documents": docs})
+
+    async def post_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=served.url, headers={"authorization": f"Bearer {KEY}"},
                                      timeout=60) as client:
-            return list(await asyncio.gather(*(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
-                                               for _ in range(n))))
+            return list(await asyncio.gather(*(client.post("/v1/rerank", json=body) for body in requests)))
 
-    responses = asyncio.run(post_all(50))
+    responses = asyncio.run(post_all())
     assert [r.status_code for r in responses] == [200] * 50
-    for response in responses:
+    for body, response in zip(requests, responses, strict=True):
         got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
-        np.testing.assert_allclose([got[i] for i in range(len(DOCS))], scores, atol=1e-5)
+        want = model.predict([(body["query"], d) for d in body["documents"]])
+        np.testing.assert_allclose([got[i] for i in range(len(body["documents"]))], want, atol=1e-5)
 
 
 @pytest.mark.parametrize(("body", "reason"), [

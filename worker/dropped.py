@@ -23,4 +23,5 @@ SHOWN = 200
 
 def dropped(queue: str, reason: str, why: object, item: object) -> None:
     metrics.DROPPED.labels(queue=queue, reason=reason).inc()
-    logger.error("dropped an item of queue %s: %s (%s): %r", queue, reason, why, str(item)[:SHOWN])
+    shown = item[:SHOWN] if isinstance(item, bytes | str) else item  # cut before str(): an item may be large
+    logger.error("dropped an item of queue %s: %s (%s): %r", queue, reason, why, str(shown)[:SHOWN])

@@ -137,25 +137,29 @@ def install_gpu_collector(device: str) -> None:
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
-        REGISTRY.register(_GpuCollector())
+        REGISTRY.register(GpuCollector())
 
 
-class _GpuCollector(Collector):
-    def collect(self) -> Iterable[Any]:
-        import torch
+class GpuCollector(Collector):
+    def describe(self) -> list[Any]:
+        """The families ``collect`` gives, without values (what a CPU-only process can list)."""
         from prometheus_client.core import GaugeMetricFamily
 
-        memory = GaugeMetricFamily("rerankq_gpu_memory_bytes", "GPU memory held by this worker.", labels=["kind"])
+        return [GaugeMetricFamily("rerankq_gpu_memory_bytes", "GPU memory held by this worker.", labels=["kind"]),
+                GaugeMetricFamily("rerankq_gpu_memory_total_bytes", "The GPU's memory."),
+                GaugeMetricFamily("rerankq_gpu_utilization_ratio", "Share of the last sample period the GPU ran a "
+                                  "kernel (NVML).")]
+
+    def collect(self) -> Iterable[Any]:
+        import torch
+
+        memory, total, busy = self.describe()
         memory.add_metric(["allocated"], torch.cuda.memory_allocated())
         memory.add_metric(["reserved"], torch.cuda.memory_reserved())
-        total = GaugeMetricFamily("rerankq_gpu_memory_total_bytes", "The GPU's memory.")
         total.add_metric([], torch.cuda.get_device_properties(0).total_memory)
-        families = [memory, total]
         try:  # needs NVML (the nvidia-ml-py package)
             utilization = torch.cuda.utilization()
         except Exception:
-            return families
-        busy = GaugeMetricFamily("rerankq_gpu_utilization_ratio", "Share of the last sample period the GPU ran "
-                                 "a kernel (NVML).")
+            return [memory, total]
         busy.add_metric([], utilization / 100)
-        return [*families, busy]
+        return [memory, total, busy]

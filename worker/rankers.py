@@ -219,7 +219,10 @@ def token_offsets(tokenizer: Any, doc: str) -> list[tuple[int, int]]:
 
 
 def text_head(tokenizer: Any, text: str, tokens: int) -> str:
-    """``text`` up to the end of its first ``tokens`` tokens (all of it if it has no more), tokenised once."""
+    """``text`` up to the end of its first ``tokens`` tokens (all of it if it has no more), tokenised once. A
+    Python ("slow") tokenizer has no character offsets: the whole text then (RERANKQ_MAX_QUERY_CHARS bounds it)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return text
     encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=tokens,
                         return_offsets_mapping=True, verbose=False)
     offsets = encoded["offset_mapping"]

@@ -3,11 +3,14 @@ one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import httpx
@@ -16,6 +19,8 @@ import redis
 from rerankq.local import RerankqProcess
 from rerankq.redis_server import free_port
 from rerankq.tasks import memory
+from rerankq.tasks.connections import BrokerRedis
+from rerankq.worker import inflight
 from tests.conftest import eventually, rerankq
 
 AUTH = ("ops", "s3cret-for-tests")
@@ -99,3 +104,28 @@ def a_bulk_run_completes(env: dict[str, str], tmp_path: Path) -> None:
     done = rerankq("submit", str(source), "-o", str(output), env=env)
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == list(range(20))
+
+
+def left_to_come_back(broker: BrokerRedis, ids: Collection[str]) -> int:
+    """How many of the jobs ``ids`` could still be delivered again: with a record in kombu's unacked hash, or in
+    an in-flight list of any worker."""
+    wanted = set(ids)
+    records = [json.loads(raw)[0] for raw in broker.client.hvals(broker.unacked_keys()[1])]
+    held = {message["headers"]["id"] for message in records} & wanted
+    for key in broker.client.hkeys(inflight.registry_key(broker.prefix)):
+        for raw in broker.client.lrange(key, 0, -1):
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # another test's junk
+                held |= {json.loads(raw)["headers"]["id"]} & wanted
+    return len(held)
+
+
+def scored_once(served: Callable[[], int], ids: Collection[str], left: Callable[[], int], past_s: float,
+                what: str) -> None:
+    """Each of the jobs ``ids`` scored exactly once: ``served()`` (scorings reported by the workers) reaches
+    their number, none can come back (``left()`` is 0), and ``past_s`` later (past the visibility timeout, the
+    reclaim's grace and a report) it has not moved. Passing the moment the count reaches the number missed
+    every duplicate that came later."""
+    eventually(lambda: served() >= len(ids), 30, what)
+    eventually(lambda: left() == 0, 30, f"{what}: none of them left unacked or in flight")
+    time.sleep(past_s)
+    assert served() == len(ids), f"{what}: {served()} scorings for {len(ids)} jobs"

@@ -18,7 +18,7 @@ from rerankq.redis_server import RedisServer
 from rerankq.tasks.connections import rerankq_key
 from rerankq.worker.stats import WorkerStats
 from tests.conftest import eventually, new_queue
-from tests.faults.jobs import send, where
+from tests.faults.jobs import scored_once, send, where
 from tests.faults.proxy import BlackHoleProxy
 
 pytestmark = pytest.mark.integration
@@ -55,6 +55,11 @@ def answered_once(client: redis.Redis, queue: str, ids: list[str], node: str, ti
     assert seen["waiting"] == seen["in flight"] == 0, seen
 
 
+def left(client: redis.Redis, queue: str, ids: list[str], node: str) -> int:
+    seen = where(client, queue, ids, node)
+    return seen["waiting"] + seen["unacked"] + seen["in flight"]
+
+
 def test_a_redis_gone_silent_on_a_workers_connections_mid_batch_costs_a_timeout_not_a_job(
         server: RedisServer, tmp_path: Path) -> None:
     queue, client = new_queue(), redis.Redis.from_url(server.url)
@@ -69,7 +74,9 @@ def test_a_redis_gone_silent_on_a_workers_connections_mid_batch_costs_a_timeout_
         answered_once(client, queue, ids, worker.node, 60)
         more = send({"RERANKQ_BROKER_URL": server.url}, queue, 6)
         answered_once(client, queue, more, worker.node, 60)  # served again, over new connections
-        eventually(lambda: served(client, queue, worker.node) == 12, 10, "each job scored exactly once")
+        every = ids + more
+        scored_once(lambda: served(client, queue, worker.node), every, lambda: left(client, queue, every, worker.node),
+                    3, "each job scored exactly once")
         assert worker.proc.poll() is None
     finally:
         worker.stop()
@@ -92,7 +99,9 @@ def test_a_redis_hung_mid_batch_for_longer_than_the_timeouts_costs_no_job_and_no
         answered_once(client, queue, ids, worker.node, 60)
         more = send({"RERANKQ_BROKER_URL": server.url}, queue, 6)
         answered_once(client, queue, more, worker.node, 60)
-        eventually(lambda: served(client, queue, worker.node) == 12, 10, "each job scored exactly once")
+        every = ids + more
+        scored_once(lambda: served(client, queue, worker.node), every, lambda: left(client, queue, every, worker.node),
+                    3, "each job scored exactly once")
         assert worker.proc.poll() is None and watchdog.proc.poll() is None
     finally:
         if server.pid is not None:

@@ -55,21 +55,23 @@ def receiver(task: Any, app: Any, consumer: Any, hand_over: Callable[[Any], None
 
 
 def _check(request: Any) -> None:
-    """A request a result can be written for (a non-empty string id), with a body Celery's protocol 2 shape
-    (``[args, kwargs, embed]``); whether its args make a rerank job is the preparer's to say, in that result."""
+    """A request a result can be written for: a non-empty string id. (A body Celery could unpack into args,
+    kwargs and embed is one already; whether its args make a rerank job is the preparer's to say, in that
+    result, so that its caller hears of it.)"""
     if not isinstance(request.id, str) or not request.id.strip():
         raise ValueError(f"task id {request.id!r}: not a string")
-    if not isinstance(request.args, list | tuple) or not isinstance(request.kwargs, dict):
-        raise ValueError("the body is not [args, kwargs, embed]")
 
 
 def _drop(app: Any, message: Any, exc: Exception) -> None:
     """Removed from Redis as an ack would; logged and counted under its queue if it is one this worker serves
-    (the routing key is the message's own say, so any other goes under one label)."""
-    routing_key = (getattr(message, "delivery_info", None) or {}).get("routing_key")
-    queue = routing_key if routing_key in (app.amqp.queues.consume_from or app.amqp.queues) else "other"
-    dropped(str(queue), NOT_A_JOB, repr(exc), getattr(message, "body", message))
+    (the routing key is the message's own say, so any other goes under one label). Never raises: a drop that
+    failed would end the worker as the message did."""
+    queue = "other"
     try:
+        routing_key = (getattr(message, "delivery_info", None) or {}).get("routing_key")
+        if isinstance(routing_key, str) and routing_key in (app.amqp.queues.consume_from or app.amqp.queues):
+            queue = routing_key
+        dropped(queue, NOT_A_JOB, repr(exc), getattr(message, "body", message))
         message.ack()
     except Exception:
-        logger.warning("could not remove a dropped message of %s from Redis", queue, exc_info=True)
+        logger.warning("could not drop a message of %s cleanly", queue, exc_info=True)

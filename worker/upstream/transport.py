@@ -287,6 +287,9 @@ class Channel(kombu_redis.Channel):
                 tag, delivery = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
                 if not isinstance(tag, str) or not tag or tag in parsed:
                     raise ValueError(f"delivery tag {tag!r}: not a string, or one this receive has already")
+                headers = payload.get("headers") or {}
+                if not isinstance(headers, dict) or not isinstance(headers.get("task", ""), str):
+                    raise ValueError("headers not an object, or a task name that is not a string")
                 # kombu's record: [message, exchange, routing key], the message as it came.
                 record = b"[%s,%s,%s]" % (raw, dumps(delivery["exchange"]).encode(),
                                           dumps(delivery["routing_key"]).encode())
