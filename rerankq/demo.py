@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import tempfile
@@ -59,7 +60,13 @@ def run_demo(model: str = "", redis_url: str = "") -> int:
         try:
             worker.wait_ready(app)
             pending = [rerank.apply_async((s["query"], s["docs"]), queue=DEMO_QUEUE) for s in samples]
-            results = [Result.from_dict(p.get(timeout=120)) for p in pending]
+            try:
+                results = [Result.from_dict(p.get(timeout=120)) for p in pending]
+            finally:
+                # Each handle unsubscribes as it is collected (they sit in reference cycles): now, while Redis is
+                # up, not at exit after it stopped, with a traceback each.
+                pending.clear()
+                gc.collect()
         except RerankError as exc:
             print(f"demo failed: {exc}")
             return 1

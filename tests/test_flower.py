@@ -17,7 +17,7 @@ import pytest
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import free_port
 from rerankq.tasks import rerank
-from tests.conftest import StartWorker, answering
+from tests.conftest import StartWorker, answering, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,12 @@ def test_the_tasks_page_shows_the_jobs_in_headless_chromium(flower: str, worker:
     handles = [rerank.apply_async((f"screenshot {i}", ["a doc"]), queue=worker.queue) for i in range(3)]
     for handle in handles:
         handle.get(timeout=60)
-    time.sleep(1)
+
+    def listed() -> bool:  # Flower has the jobs' events: the page can show them
+        tasks = httpx.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json()
+        return all(handle.id in tasks for handle in handles)
+
+    eventually(listed, 30, "Flower lists the jobs")
     user, password = AUTH
     page = flower.replace("http://", f"http://{user}:{password}@") + "/tasks"
     chromium = [str(shutil.which("chromium")), "--headless", "--no-sandbox", "--disable-gpu",

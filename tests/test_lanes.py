@@ -70,7 +70,7 @@ def test_an_interactive_job_sent_while_a_bulk_run_saturates_a_worker_joins_the_n
 
     assert result.ranker == "simulated"
     assert not any(handle.ready() for handle in runs)  # it went in between the bulk jobs' forward batches
-    assert result.timings.queue_ms < 500  # the batch running when it came, not the 3.2 s of bulk work
+    assert result.timings.queue_ms < 1600  # a batch or two running when it came, not the 3.2 s of bulk work
     assert waiting(broker, bulk_lane) == 16 - 8  # and ahead of every bulk job still queued
     assert all(Result.from_dict(h.get(timeout=60)).ranker == "simulated" for h in runs)
 

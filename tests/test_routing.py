@@ -180,7 +180,8 @@ def test_of_two_watchdogs_one_leads_and_the_other_takes_over_within_the_route_tt
         gaps += state is None
         assert time.monotonic() - killed < 5, "no takeover"
         time.sleep(0.02)
-    assert time.monotonic() - killed < 1.0 + 0.5  # the route TTL (1 s here), give or take a poll
+    # The route TTL (1 s here) and a poll or two of a loaded machine; without a takeover it never moves.
+    assert time.monotonic() - killed < 1.0 + 1.5
     assert gaps == 0  # producers never saw the route state missing
     assert f"-{standby.proc.pid}-" in state.leader and "leading" in standby.log()
 
@@ -191,7 +192,8 @@ def test_prefetched_unacked_jobs_count_in_the_backlog(stack: Stack, start_worker
     stack.flood_gpu(500)
     lists = stack.broker.queue_lists(stack.gpu)
     eventually(lambda: sum(stack.broker.client.llen(name) for name in lists) == 0, 20, "all 500 prefetched")
-    time.sleep(0.25)  # one report interval
+    eventually(lambda: measure(stack.broker, [stack.gpu], 0.1).loads[stack.gpu].held > 300, 10,
+               "the worker reports what it holds")
     load = measure(stack.broker, [stack.gpu], 0.1).loads[stack.gpu]
     assert load.waiting == 0 and load.workers == 1
     assert load.held > 300 and load.backlog == load.held

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,14 @@ def shifted(seconds: float) -> list[str]:
     return ["datefudge", start.strftime("%Y-%m-%d %H:%M:%S.%f UTC")]
 
 
+def _logged_at(log: str, containing: str, first: bool = False) -> float:
+    """When (by its own clock) a process wrote its last (or first) log line containing ``containing``."""
+    stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\].*" + re.escape(containing), log, re.M)
+    assert stamps, log[-2000:]
+    stamp = stamps[0] if first else stamps[-1]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as logged
+
+
 def _status(env: dict[str, str]) -> dict[str, Any]:
     done = rerankq("status", "--json", env=env, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -58,11 +67,15 @@ def test_routing_reclaim_and_deadlines_hold_with_the_hosts_clocks_10s_apart(
     watchdog: RerankqProcess | None = None
     try:
         worker.wait_ready(celery_app)
+        assert abs(_logged_at(worker.log(), " ready.") - time.time() - worker_at) < 3  # its clock is shifted
+        launched = time.time()
         watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log", prefix=shifted(watchdog_at))
         # Liveness: this host (the real clock) and the watchdog both see the worker live, and nothing sheds.
         eventually(lambda: (lambda s: s["route"]["watchdog"] and worker.node in {w["node"] for w in s["workers"]})(
             _status(env)), 30, "status shows the watchdog's route and the worker live")
         time.sleep(3)  # several polls of the watchdog
+        # Its first line, written as it starts (within a few seconds of launch), by its shifted clock.
+        assert watchdog_at - 0.5 < _logged_at(watchdog.log(), "", first=True) - launched < watchdog_at + 4
         assert _status(env)["route"]["route"] == "gpu", watchdog.log()[-2000:]
         assert "-> shed" not in watchdog.log(), watchdog.log()[-2000:]
 

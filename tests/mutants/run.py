@@ -1,0 +1,130 @@
+"""Mutants of rerankq's core invariants: each breaks one on purpose in a copy of the tree, and the tests named
+beside it must fail. A mutant they let through (a *survivor*) means a test that cannot fail for the property
+its name claims.
+
+    python -m tests.mutants.run            # every mutant
+    python -m tests.mutants.run ack reclaim  # those whose name starts so
+
+Not in CI (each runs integration tests against real workers, a few minutes in all): run it before resolving
+an issue that touches acks, receive, reclaim, routing or serve, and record the result in RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    #: What it breaks, in words.
+    breaks: str
+    path: str
+    #: Each piece of code replaced (it must occur exactly once) and what replaces it.
+    changes: tuple[tuple[str, str], ...]
+    #: The tests that must fail (pytest node ids, from the repository's root).
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant("ack-never-in-redis", "acks never reach Redis: every job stays unacked, to be served again",
+           "worker/upstream/acks.py", (("    client.eval(memory.script(client, _ACK), 2, *keys, *args)",
+                                        "    pass"),),
+           ("tests/faults/test_worker_faults.py::test_a_worker_killed_mid_chunk_has_its_jobs_redelivered_and_completed",
+            "tests/test_lanes.py::test_a_worker_killed_holding_both_lanes_loses_nothing_and_scores_each_job_once")),
+    Mutant("reclaim-does-nothing", "the watchdog never puts a dead worker's jobs back",
+           "worker/reclaim.py", (("    orphans = [tag for tag in candidates if tag not in held]",
+                                  "    orphans: list[str] = []"),),
+           ("tests/faults/test_worker_faults.py::test_with_a_watchdog_a_killed_workers_jobs_are_back_in_seconds_not_"
+            "after_the_visibility_timeout",)),
+    Mutant("requeue-forgets-task-ready", "a job put back stays in Celery's worker state, one entry per round",
+           "worker/settle.py", (("                             pending.request.id)\n"
+                                 "        worker_state.task_ready(pending.request)",
+                                 "                             pending.request.id)"),),
+           ("tests/faults/test_backend_faults.py",)),
+    Mutant("router-ignores-state", "producers send every job to the GPU queue whatever the watchdog says",
+           "tasks/router.py", (("        if state is None or state.route != SHED:", "        if True:"),),
+           ("tests/test_routing.py::test_a_backlog_sheds_new_jobs_to_the_fast_ranker_until_it_drains",)),
+    Mutant("lanes-flipped", "a worker takes bulk jobs before interactive ones",
+           "worker/upstream/transport.py", (("key=lambda queue: (lanes.lane_of(queue) == lanes.BULK, queue))",
+                                             "key=lambda queue: (lanes.lane_of(queue) != lanes.BULK, queue))"),),
+           ("tests/test_lanes.py::test_an_interactive_job_sent_while_a_bulk_run_saturates_a_worker_joins_the_next_"
+            "forward_batch",)),
+    Mutant("clock-never-resynced", "the offset from Redis's clock is measured once, never again",
+           "tasks/clock.py", (("    if not force and time.monotonic() - _synced_at < SYNC_S:",
+                               "    if _synced_at and not force:"),),
+           ("tests/test_clock.py::test_the_offset_is_measured_again_only_after_the_sync_period",)),
+    Mutant("serve-swaps-answers", "two requests in flight together get each other's scores",
+           "server/app.py", (("ERRORS: dict", "swapped: list[str] = []\nERRORS: dict"),
+                             ("        result = await arerank(query, texts,",
+                              "        swapped.append(query)  # a request takes the query of the one before it\n"
+                              "        query = swapped.pop(0) if len(swapped) > 1 else query\n"
+                              "        result = await arerank(query, texts,")),
+           ("tests/test_serve.py::test_concurrent_requests_all_get_their_own_scores",)),
+    Mutant("malformed-kept", "a message that is no rerank job goes back to its queue instead of being dropped",
+           "worker/upstream/strategy.py", (("        message.ack()\n", "        message.reject(requeue=True)\n"),),
+           ("tests/faults/test_malformed.py",)),
+)
+
+
+def copy_tree(into: Path) -> None:
+    """The working tree as it is (committed or not), without build outputs and virtual environments."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    for name in files:
+        source, target = ROOT / name, into / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)
+
+
+def run(mutant: Mutant) -> tuple[bool, float, str]:
+    """Apply ``mutant`` to a copy of the tree and run its tests there; returns (killed, seconds, last lines)."""
+    with tempfile.TemporaryDirectory(prefix=f"rerankq-mutant-{mutant.name}-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        target = tree / mutant.path
+        code = target.read_text()
+        for old, new in mutant.changes:
+            if code.count(old) != 1:
+                raise SystemExit(f"{mutant.name}: {old!r} is not in {mutant.path} exactly once: update the mutant")
+            code = code.replace(old, new)
+        target.write_text(code)
+        # This copy's rerankq first on every process's path, the tests' subprocesses too (PYTHONSAFEPATH: not the
+        # working directory ahead of it).
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
+        began = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+                               *mutant.tests], cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+        return done.returncode != 0, time.monotonic() - began, "\n".join(done.stdout.splitlines()[-3:])
+
+
+def main(prefixes: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not prefixes or any(m.name.startswith(p) for p in prefixes)]
+    survivors = []
+    print("| mutant | breaks | tests | result |")
+    print("| --- | --- | --- | --- |")
+    for mutant in chosen:
+        killed, seconds, tail = run(mutant)
+        if not killed:
+            survivors.append(mutant.name)
+        result = f"killed ({seconds:.0f} s)" if killed else f"**survived** ({seconds:.0f} s): {tail}"
+        tests = ", ".join(f"`{t.split('::')[-1]}`" for t in mutant.tests)
+        print(f"| {mutant.name} | {mutant.breaks} | {tests} | {result} |", flush=True)
+    print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} killed; survivors: {', '.join(survivors) or 'none'}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
