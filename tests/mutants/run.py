@@ -41,6 +41,16 @@ MUTANTS = (
                                         "    pass"),),
            ("tests/faults/test_worker_faults.py::test_a_worker_killed_mid_chunk_has_its_jobs_redelivered_and_completed",
             "tests/test_lanes.py::test_a_worker_killed_holding_both_lanes_loses_nothing_and_scores_each_job_once")),
+    Mutant("ack-any-delivery", "an ack removes whatever record its tag has, a later delivery's of the same job too",
+           "worker/upstream/acks.py", (("  local own = from == ''", "  local own = true"),),
+           ("tests/test_transport.py::test_an_ack_removes_only_its_own_deliverys_record_not_a_later_one_of_the_same_"
+            "job",)),
+    Mutant("late-ack-takes-new-delivery", "a late ack of a job received again on the channel acks the new delivery",
+           "worker/upstream/acks.py",
+           (("        return self.channel.qos._delivered.get(self.delivery_tag, self) is not self",
+             "        return False"),),
+           ("tests/test_transport.py::test_a_late_ack_of_a_job_received_again_on_the_same_channel_leaves_the_new_"
+            "delivery_alone",)),
     Mutant("reclaim-does-nothing", "the watchdog never puts a dead worker's jobs back",
            "worker/reclaim.py", (("    orphans = [tag for tag in candidates if tag not in held]",
                                   "    orphans: list[str] = []"),),
