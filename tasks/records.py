@@ -72,11 +72,16 @@ def _query(value: Any, max_chars: int | None) -> str:
 
 def check_query(query: str, max_chars: int | None) -> None:
     """An empty query, or one over ``max_chars`` characters (RERANKQ_MAX_QUERY_CHARS), as ``BadJob``."""
+    check_query_length(query, max_chars)
+    if not query.strip():
+        raise BadJob("query is empty: send the text to rank the docs against")
+
+
+def check_query_length(query: str, max_chars: int | None) -> None:
+    """A query over ``max_chars`` characters (RERANKQ_MAX_QUERY_CHARS), as ``BadJob``."""
     if max_chars is not None and len(query) > max_chars:
         raise BadJob(f"the query is {len(query)} characters, over the limit of {max_chars} (RERANKQ_MAX_QUERY_CHARS): "
                      "the model reads only its first RERANKQ_MAX_LENGTH tokens beside each doc anyway")
-    if not query.strip():
-        raise BadJob("query is empty: send the text to rank the docs against")
 
 
 def _docs(value: Any, max_docs: int) -> list[str]:

@@ -14,7 +14,7 @@ from rerankq.tasks import clock, lanes, memory, tracing
 from rerankq.tasks.app import app
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.tasks.errors import BadJob, RerankError
-from rerankq.tasks.records import check_query
+from rerankq.tasks.records import check_query_length
 from rerankq.tasks.router import PASSTHROUGH, Router, passthrough_result
 
 TASK_NAME = "rerankq.rerank"
@@ -111,8 +111,8 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
     query = (kwargs or {}).get("query") if isinstance(kwargs, dict) else None
     if query is None and isinstance(args, list | tuple) and args:
         query = args[0]
-    if isinstance(query, str) and len(query) > settings.max_query_chars:
-        check_query(query, settings.max_query_chars)
+    if isinstance(query, str):  # an empty one or another type is the worker's to refuse, in the job's result
+        check_query_length(query, settings.max_query_chars)
 
     try:
         size = len(json.dumps([args, kwargs], ensure_ascii=False).encode())

@@ -148,9 +148,9 @@ class ChunkConsumer:
             settings = self.settings
             job = pending.job = Job.from_call(pending.request.args, pending.request.kwargs, settings.max_docs,
                                                 settings.max_query_chars)
-            if job.deadline is not None and job.deadline < clock.now():  # not worth a moment of tokenising
-                raise DeadlineExceeded(f"the deadline passed {clock.now() - job.deadline:.3f}s before a worker "
-                                       "received this job")
+            late = clock.now() - job.deadline if job.deadline is not None else 0.0
+            if late > 0:  # not worth a moment of tokenising
+                raise DeadlineExceeded(f"the deadline passed {late:.3f}s before a worker received this job")
             query = pending.query = self.ranker.query_read(job.query)
             mode = windows.effective(job.long_docs or settings.long_docs, self.ranker.kind)
             budget = self.ranker.window_budget(query) if job.docs and mode != TRUNCATE else 0
