@@ -286,11 +286,16 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def sentinel(url: str) -> bool:
+    """Whether ``url`` names the sentinels of a Redis Sentinel deployment."""
+    return url.startswith("sentinel://")
+
+
 def _sentinel(settings: Settings, url: str) -> dict[str, Any]:
     """kombu's and Celery's transport options for a ``sentinel://`` URL: the master's name, and the sentinels'
     own connections timed out and not retried (redis-py retries each 10 times; one hung sentinel held every
     new connection about a minute before the next sentinel was asked)."""
-    if not url.startswith("sentinel://"):
+    if not sentinel(url):
         return {}
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -363,6 +368,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     key among them), and no module that happens to be called ``celeryconfig`` on ``sys.path`` is read."""
     return {
         "broker_url": verified(settings.broker_url),
+        # With sentinels, connections that leave a master the sentinels no longer name (tasks/sentinel.py).
+        "broker_transport": "rerankq.tasks.sentinel:SentinelTransport" if sentinel(settings.broker_url) else None,
         "result_backend": verified(settings.backend_url),
         # JSON only: a pickle message is refused before it reaches any task code.
         "task_serializer": "json",

@@ -9,10 +9,11 @@ app's configuration is first used, not on import, so a bad ``RERANKQ_*`` variabl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery
 from celery.app.utils import Settings
+from celery.loaders.app import AppLoader
 
 
 class _OwnSettings(Settings):  # type: ignore[misc]
@@ -43,9 +44,14 @@ def _configuration() -> dict[str, Any]:
     return celery_config(settings)
 
 
-# The app loader, named: Celery's default one (CELERY_LOADER=default) would import CELERY_CONFIG_MODULE, by default
-# a module named celeryconfig, the caller's.
-app = Celery("rerankq", loader="celery.loaders.app:AppLoader", set_as_current=False)
+class Loader(AppLoader):  # type: ignore[misc]
+    """Celery's app loader (its default one, CELERY_LOADER=default, would import CELERY_CONFIG_MODULE, by default a
+    module named celeryconfig, the caller's), with rerankq's Sentinel result backend (tasks/sentinel.py)."""
+
+    override_backends: ClassVar[dict[str, str]] = {"sentinel": "rerankq.tasks.sentinel:SentinelBackend"}
+
+
+app = Celery("rerankq", loader=Loader, amqp="rerankq.tasks.sentinel:AMQP", set_as_current=False)
 # Celery takes no settings class: give its settings object this one (its attribute writes are config keys, hence
 # object.__setattr__). Celery swaps the object's contents once configured, and keeps the object.
 object.__setattr__(app._conf, "__class__", _OwnSettings)

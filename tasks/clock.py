@@ -64,6 +64,12 @@ def sync(client: Callable[[], Any], force: bool = False) -> None:
         _lock.release()
 
 
+def measure_again() -> None:
+    """Have the next ``sync`` measure the offset whatever its age: Redis's clock is another server's now."""
+    global _synced_at
+    _synced_at = float("-inf")
+
+
 def offset() -> float:
     """This host's clock subtracted from Redis's, as last measured."""
     return _offset

@@ -12,7 +12,7 @@ from kombu.connection import Connection
 from kombu.utils.url import parse_url
 
 from rerankq import celeryconfig
-from rerankq.tasks import lanes, rerank
+from rerankq.tasks import lanes, rerank, sentinel
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.worker import inflight
 from rerankq.worker.upstream import acks, transport
@@ -271,7 +271,7 @@ def test_a_worker_connection_keeps_rerankqs_transport_when_it_moves_to_the_next_
     """On a failover kombu moves a connection to the next URL (``maybe_switch_next``), taking the transport
     from the URL's scheme: a worker's connections keep rerankq's receive across it."""
     url, cls = transport.for_url(urls)
-    moved = transport.Connection(url, transport=cls)
+    moved = sentinel.Connection(url, transport=cls)
     plain = Connection(url, transport=cls)
     expected = transport.SentinelTransport if urls.startswith("sentinel") else transport.Transport
     for connection in (moved, plain):

@@ -32,7 +32,7 @@ from rerankq.worker.runner import Ready, Runner
 from rerankq.worker.settle import put_back
 from rerankq.worker.stats import StatsReporter, WorkerStats
 from rerankq.worker.upstream import acks
-from rerankq.worker.upstream.patches import flush_task_events, route_task_events
+from rerankq.worker.upstream.patches import bound_heartbeat_retries, flush_task_events, route_task_events
 from rerankq.worker.upstream.strategy import receiver
 
 logger = logging.getLogger(__name__)
@@ -210,6 +210,7 @@ def _batch_events(consumer: Any) -> None:
             pending.set()
             hub.call_soon(lambda: hub.call_later(EVENTS_FLUSH_S, flush))
 
+    bound_heartbeat_retries(dispatcher)
     route_task_events(dispatcher, outbox, on_sent)
 
 

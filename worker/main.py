@@ -35,9 +35,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     from rerankq.worker.upstream import transport
 
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
-    # rerankq's receive, chosen by class for this app in this process only (worker/upstream/transport.py).
-    app.amqp_cls = f"{transport.__name__}:AMQP"
-    app.__dict__.pop("amqp", None)  # a cached AMQP of Celery's own class, if anything built one already
+    # rerankq's receive, chosen by class for this app in this process only (worker/upstream/transport.py); the
+    # app's connections keep it when they move to the next URL (tasks/sentinel.py).
     app.conf.broker_url, app.conf.broker_transport = transport.for_url(app.conf.broker_url)
     app.conf.broker_transport_options = {**app.conf.broker_transport_options,
                                          **transport.options(owner=node, bulk_limit=settings.bulk_limit)}

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -17,6 +19,7 @@ from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import RedisServer
 from rerankq.tasks.connections import rerankq_key
 from rerankq.worker.stats import WorkerStats
+from rerankq.worker.upstream.patches import bound_heartbeat_retries
 from tests.conftest import eventually, new_queue
 from tests.faults.jobs import scored_once, send, where
 from tests.faults.proxy import BlackHoleProxy
@@ -25,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 #: One forward batch of the test's jobs takes this long: long enough to hang Redis in the middle of it.
 BATCH_MS = 1500
+#: How long the heartbeat test keeps Redis hung: a bounded publish (two tries of a 1 s timeout) is long done.
+HUNG_S = 20
 TIMEOUTS = {"RERANKQ_SOCKET_TIMEOUT_S": "1", "RERANKQ_HEALTH_CHECK_S": "1", "RERANKQ_POLL_MS": "100"}
 
 
@@ -108,3 +113,31 @@ def test_a_redis_hung_mid_batch_for_longer_than_the_timeouts_costs_no_job_and_no
             os.kill(server.pid, signal.SIGCONT)
         worker.stop()
         watchdog.stop()
+
+
+def test_a_heartbeat_sent_while_redis_hangs_gives_up_after_its_bounded_retries(server: RedisServer,
+                                                                                 celery_app: Any) -> None:
+    """Celery's heartbeat, as a worker sends it (``Heart._send``, ``retry=True`` and no policy), on a Redis that
+    hangs: kombu alone retried for as long as Redis hung, the worker's event loop inside that one publish."""
+    from celery.worker.heartbeat import Heart
+    from kombu.connection import Connection
+    from kombu.asynchronous.timer import Timer
+
+    timeouts = {"socket_timeout": 1, "socket_connect_timeout": 1}
+    with Connection(server.url, transport_options=timeouts) as connection:
+        dispatcher = celery_app.events.Dispatcher(connection, hostname="heart@test", enabled=True)
+        bound_heartbeat_retries(dispatcher)
+        heart = Heart(Timer(), dispatcher, interval=2)
+        heart._send("worker-heartbeat")  # Redis answers
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            beat = threading.Thread(target=heart._send, args=("worker-heartbeat",), daemon=True)
+            beat.start()
+            beat.join(HUNG_S)
+            assert not beat.is_alive(), f"a heartbeat still retrying {HUNG_S} s into a hang"
+            print(f"\nthe heartbeat gave up after {time.monotonic() - started:.1f} s")
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        heart._send("worker-heartbeat")  # and goes again once Redis does

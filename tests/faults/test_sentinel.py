@@ -24,7 +24,7 @@ import redis.sentinel
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, free_port, redis_server_binary
 from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
-from tests.faults.jobs import a_bulk_run_completes, flower_shows_a_job, send, where
+from tests.faults.jobs import a_bulk_run_completes, flower_shows_a_job, scored_once, send, where
 from tests.faults.test_hung_redis import served
 
 pytestmark = pytest.mark.integration
@@ -157,6 +157,85 @@ def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted
     finally:
         worker.stop()
         watchdog.stop()
+
+
+#: How long the test's planned failover pauses writes on the old master: past the sentinels' switch (about a
+#: second) and every connection's next check of the master (``sentinel.CHECK_S``) and socket timeout (1 s).
+PAUSE_S = 6
+
+
+def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_each_job_once(
+        cluster: tuple[RedisServer, RedisServer, Sentinels], tmp_path: Path) -> None:
+    """``SENTINEL FAILOVER`` leaves the old master up, accepting writes until the sentinels make it a replica
+    (about 10 s). With writes paused there first (RELIABILITY.md), a steady producer loses nothing; and a
+    producer whose connection was idle meanwhile sends to the new master, not the old one, once the sentinels
+    name it: redis-py alone sent there, the jobs lost when the old master resyncs."""
+    master, replica, sentinels = cluster
+    queue = new_queue()
+    env = {"RERANKQ_BROKER_URL": sentinels.url, "RERANKQ_RESULT_BACKEND": sentinels.url,
+           "RERANKQ_SENTINEL_MASTER": MASTER, "RERANKQ_GPU_QUEUE": queue, "RERANKQ_POLL_MS": "100",
+           "RERANKQ_SOCKET_TIMEOUT_S": "1", "RERANKQ_HEALTH_CHECK_S": "1"}
+    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=5,token_us=0"], env,
+                           tmp_path / "worker.log", f"planned.{queue}@localhost")
+    idle = _Producer(env, queue)
+    old, new = redis.Redis(port=master.port, socket_timeout=5), redis.Redis(port=replica.port, socket_timeout=5)
+    try:
+        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+        before = idle.send(20)
+        eventually(lambda: where(old, queue, before, worker.node)["answered"] == 20, 30, "served before")
+
+        def fail_over() -> None:
+            old.execute_command("CLIENT", "PAUSE", str(PAUSE_S * 1000), "WRITE")
+            assert redis.Redis(port=sentinels.ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER)
+        started = time.monotonic()
+        sent, failed, _ = _steady_sends(env, queue, fail_over, until=lambda: sentinels.master_port() == replica.port)
+        time.sleep(max(0.0, started + PAUSE_S + 0.5 - time.monotonic()))  # the old master takes writes again
+        still_master = old.info("replication")["role"] == "master"
+        after = idle.send(20)  # on the connection it opened before the failover
+        print(f"\nplanned failover: {len(sent)} jobs accepted while it ran, {failed} sends refused; the old "
+              f"master {'still' if still_master else 'no longer'} master when the idle producer sent again")
+        ids = before + sent + after
+        evidence = lambda: (f"on the new master {where(new, queue, ids, worker.node)}, "  # noqa: E731
+                            f"on the old {where(old, queue, ids, worker.node)}\n{worker.log()[-6000:]}")
+        try:
+            eventually(lambda: where(new, queue, ids, worker.node)["answered"] == len(ids), 60, "all answered")
+
+            def left() -> int:
+                jobs = where(new, queue, ids, worker.node)
+                return jobs["waiting"] + jobs["unacked"] + jobs["in flight"]
+            scored_once(lambda: served(new, queue, worker.node), ids, left,
+                        30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the planned failover's jobs")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{evidence()}") from exc
+        assert worker.proc.poll() is None
+    finally:
+        idle.stop()
+        worker.stop()
+
+
+class _Producer:
+    """A producer process that sends when told, keeping its connections open in between."""
+
+    def __init__(self, env: dict[str, str], queue: str) -> None:
+        script = textwrap.dedent(f"""
+            import json, sys
+            from rerankq.tasks import rerank
+            for line in sys.stdin:
+                print(json.dumps([rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}).id
+                                  for _ in range(int(line))]), flush=True)
+        """)
+        self.proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **env}, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def send(self, count: int) -> list[str]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.flush()
+        return list(json.loads(self.proc.stdout.readline()))
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def test_a_bulk_run_flower_and_serve_work_through_the_sentinels(

@@ -80,6 +80,16 @@ MUTANTS = (
                               "        query = swapped.pop(0) if len(swapped) > 1 else query\n"
                               "        result = await arerank(query, texts,")),
            ("tests/test_serve.py::test_concurrent_requests_all_get_their_own_scores",)),
+    Mutant("former-master-kept", "connections stay on the old master after a planned Sentinel failover",
+           "tasks/sentinel.py",
+           (("        elif time.monotonic() - self._checked_at >= CHECK_S:", "        elif False:"),),
+           ("tests/faults/test_sentinel.py::test_a_planned_failover_moves_every_connection_to_the_new_master_and_"
+            "scores_each_job_once",)),
+    Mutant("heartbeat-unbounded", "a heartbeat retries for as long as Redis hangs",
+           "worker/upstream/patches.py",
+           (('original_send(type, **{**fields, "retry_policy": HEARTBEAT_RETRY})', "original_send(type, **fields)"),),
+           ("tests/faults/test_hung_redis.py::test_a_heartbeat_sent_while_redis_hangs_gives_up_after_its_bounded_"
+            "retries",)),
     Mutant("malformed-kept", "a message that is no rerank job goes back to its queue instead of being dropped",
            "worker/upstream/strategy.py", (("        message.ack()\n", "        message.reject(requeue=True)\n"),),
            ("tests/faults/test_malformed.py",)),

@@ -119,6 +119,39 @@ def route_task_events(dispatcher: Any, outbox: deque[Any], on_sent: Callable[[],
     dispatcher.send = send
 
 
+#: kombu's retry policy for the worker's heartbeats: two tries, a second apart.
+HEARTBEAT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 1, "interval_max": 1}
+
+
+def bound_heartbeat_retries(dispatcher: Any) -> None:
+    """Celery's ``Heart`` publishes each heartbeat with ``retry=True`` and no policy, which kombu reads as
+    retrying for ever (``Connection.ensure``, ``max_retries=None``): while Redis hung (connections that neither
+    answer nor fail) the worker's event loop stayed inside one heartbeat, a timeout per try, and did nothing
+    else until Redis answered. Bounded, a heartbeat that cannot go is skipped (said once until one goes again);
+    the next is due an interval later, and the receive's own timeouts reconnect."""
+    from kombu.exceptions import OperationalError
+
+    original_send = dispatcher.send
+    failing = False
+
+    def send(type: str, **fields: Any) -> Any:
+        nonlocal failing
+        if not (type == "worker-heartbeat" and fields.get("retry") and not fields.get("retry_policy")):
+            return original_send(type, **fields)
+        try:
+            sent = original_send(type, **{**fields, "retry_policy": HEARTBEAT_RETRY})
+        except (OperationalError, *dispatcher.connection.connection_errors) as exc:
+            if not failing:
+                logger.warning("could not send a heartbeat (%r): skipped, the next is due in %s s", exc,
+                               fields.get("freq"))
+            failing = True
+            return None
+        failing = False
+        return sent
+
+    dispatcher.send = send
+
+
 def flush_task_events(dispatcher: Any, outbox: deque[Any]) -> None:
     """On the event loop: publish every task event in ``outbox`` with ``dispatcher``, in one message."""
     events = []

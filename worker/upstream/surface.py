@@ -33,13 +33,21 @@ _PATCHES = "worker/upstream/patches.py"
 _STRATEGY = "worker/upstream/strategy.py"
 _RESULTS = "worker/upstream/results.py"
 _KEYS = "tasks/connections.py"
+_SENTINEL = "tasks/sentinel.py"
 
 #: What rerankq uses that is not kombu's or Celery's public API, and where.
 RELIED_ON: dict[str, str] = {
     "kombu.transport:TRANSPORT_ALIASES": f"{_TRANSPORT} for_url: the `rerankq` alias, for redis+socket:// URLs",
     "kombu.transport.virtual:Channel.from_transport_options": f"{_TRANSPORT}: the worker's owner and bulk limit",
-    "kombu.connection:Connection()._initial_params": f"{_TRANSPORT} Connection.switch: the transport class given",
-    "celery.app.amqp:AMQP.Connection": f"{_TRANSPORT} AMQP: the worker's connections keep rerankq's transport",
+    "kombu.connection:Connection()._initial_params": f"{_SENTINEL} Connection.switch: the transport class given",
+    "celery.app.amqp:AMQP.Connection": f"{_SENTINEL} AMQP: the app's connections keep rerankq's transport",
+    "kombu.transport.redis:SentinelChannel.connection_class": f"{_SENTINEL}: connections that leave a former master",
+    "kombu.transport.redis:Channel._connparams": f"{_SENTINEL}: the class of the connections kombu's receive polls",
+    "celery.backends.redis:SentinelBackend._get_sentinel_instance": f"{_SENTINEL}: the backend's connections too",
+    "celery.loaders.base:BaseLoader.override_backends": "tasks/app.py: rerankq's Sentinel result backend",
+    "redis.sentinel:SentinelManagedConnection.connect_to": f"{_SENTINEL}: the sentinels were asked as it connected",
+    "redis.sentinel:SentinelConnectionPool.get_master_address": f"{_SENTINEL}: asks the sentinels, closes idle "
+                                                                 "connections to a former master",
     "celery.app.utils:Settings.first": "tasks/app.py: rerankq's app reads no CELERY_BROKER_URL",
     "kombu.transport.redis:Channel._brpop_start": f"{_TRANSPORT}: overridden, sends BLMOVE or the lanes script",
     "kombu.transport.redis:Channel._brpop_read": f"{_TRANSPORT}: overridden, reads and records what moved",
@@ -80,6 +88,7 @@ RELIED_ON: dict[str, str] = {
     "celery.backends.base:Backend._get_result_meta": f"{_RESULTS}: the result record Celery would write",
     "celery.events.dispatcher:EventDispatcher()._group_buffer": f"{_PATCHES} flush_task_events",
     "celery.events.event:group_from": f"{_PATCHES} route_task_events",
+    "celery.worker.heartbeat:Heart._send": f"{_PATCHES} bound_heartbeat_retries: sent with retry=True, no policy",
 }
 
 #: Library code that rerankq repeats or replaces: where, and its fingerprint per version read against it.

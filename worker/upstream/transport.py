@@ -33,15 +33,13 @@ import time
 from typing import Any, NamedTuple
 
 import redis
-from celery.app import amqp
 from kombu import transport as kombu_transports
-from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from rerankq.tasks import clock, lanes, memory
+from rerankq.tasks import clock, lanes, memory, sentinel
 from rerankq.tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
 from rerankq.worker import inflight, metrics
 from rerankq.worker.dropped import NOT_A_MESSAGE, dropped
@@ -415,33 +413,15 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(kombu_redis.SentinelChannel, Channel):
-    """kombu's Sentinel channel (its pools reach whichever server the sentinels name master), receiving as
-    ``Channel`` does."""
+class SentinelChannel(sentinel.SentinelChannel, Channel):
+    """rerankq's Sentinel channel (its connections reach whichever server the sentinels name master,
+    tasks/sentinel.py), receiving as ``Channel`` does."""
 
     from_transport_options = kombu_redis.SentinelChannel.from_transport_options + OPTIONS  # type: ignore[assignment]
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
-
-
-class Connection(KombuConnection):  # type: ignore[misc]
-    """kombu's connection, keeping the transport it was given (by path) when it moves to the next of several URLs
-    (``sentinel://a;sentinel://b``, on a failover): kombu's ``switch`` takes the transport from the URL's
-    scheme, which would put the worker back on kombu's own receive."""
-
-    def switch(self, conn_str: str) -> None:
-        super().switch(conn_str)
-        given = self._initial_params.get("transport")
-        if given:
-            self.transport_cls = given
-
-
-class AMQP(amqp.AMQP):  # type: ignore[misc]
-    """Celery's broker side of a worker's app, its connections ``Connection``s (Celery's ``amqp_cls``)."""
-
-    Connection = Connection
 
 
 def for_url(url: str) -> tuple[str, str]:
