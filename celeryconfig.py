@@ -85,6 +85,11 @@ class Settings:
                         "Cross-encoder runtime of CPU workers: `torch`, or `onnx-int8` (ONNX Runtime with "
                         "int8 weights: about 2x torch, scores a little off; BENCHMARKS.md; needs "
                         "`pip install 'rerankq[onnx]'`). GPU workers run torch in fp16.")
+    dtype: str = _env("RERANKQ_DTYPE", "auto",
+                      "Number format of the torch models (cross-encoder and fast ranker): `auto` is fp16 on CUDA, "
+                      "bf16 on a CPU with native bf16 (avx512_bf16 or AMX; about 2x fp32, scores within about "
+                      "0.01, BENCHMARKS.md), else fp32; or `fp32`, `bf16`, `fp16` (CUDA only). The ONNX "
+                      "backend ignores it. The worker logs its choice and why; `rerankq status` shows it.")
     max_length: int = _env("RERANKQ_MAX_LENGTH", 512,
                            "Cross-encoder tokens per (query, doc) pair; longer docs are truncated. Capped by the "
                            "model's own limit; 0 means that limit.")
@@ -213,6 +218,8 @@ class Settings:
             raise ConfigError(f"RERANKQ_TRACING={self.tracing!r}: use 'otlp', 'console', or nothing")
         if self.serve_overload not in ("degrade", "reject"):
             raise ConfigError(f"RERANKQ_SERVE_OVERLOAD={self.serve_overload!r}: use 'degrade' or 'reject'")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"RERANKQ_DTYPE={self.dtype!r}: use 'auto', 'fp32', 'bf16' or 'fp16'")
         if self.backend not in ("torch", "onnx-int8"):
             raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):

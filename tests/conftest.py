@@ -71,14 +71,16 @@ def start_worker(celery_app: Any, redis_url: str, tmp_path_factory: pytest.TempP
                  ) -> Iterator[StartWorker]:
     """``start_worker(*cli_args, queue=None, node=None, **env)`` starts a real ``rerankq worker`` on
     ``queue`` (by default a new queue of its own, ``worker.queue``), named ``node`` (by default a new name),
-    and waits until it answers; every worker stops when the module ends."""
+    and waits until it answers; every worker stops when the module ends. Its models compute in fp32 unless
+    ``RERANKQ_DTYPE`` says otherwise: the tests compare scores with fp32 ``predict``'s exactly."""
     started: list[WorkerProcess] = []
 
     def start(*args: str, queue: str | None = None, node: str | None = None, **env: str) -> WorkerProcess:
         queue = queue or new_queue()
         logdir = tmp_path_factory.mktemp("worker")
         worker = WorkerProcess(queue, ["--loglevel", "INFO", *args],
-                               {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url, **env},
+                               {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url,
+                                "RERANKQ_DTYPE": "fp32", **env},
                                logdir / "worker.log", node or f"{uuid.uuid4().hex[:8]}.{queue}@localhost")
         started.append(worker)
         worker.wait_ready(celery_app)

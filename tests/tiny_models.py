@@ -43,11 +43,14 @@ def build_minilm_cross_encoder(path: Path, seed: int = 0) -> Path:
     return path
 
 
-#: XLM-RoBERTa shapes: bge-reranker-v2-m3's (XLM-RoBERTa-large, 568M parameters) and a tiny one for tests,
+#: XLM-RoBERTa shapes: bge-reranker-v2-m3's (XLM-RoBERTa-large, 568M parameters), XLM-RoBERTa-base's width in six
+#: layers (a mid-sized reranker, for benchmarks on a CPU) and a tiny one for tests,
 #: whose wide initial weights keep scores of different inputs apart.
 XLMR_SHAPES: dict[str, dict[str, Any]] = {
     "bge-reranker-v2-m3": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                            "intermediate_size": 4096, "vocab_size": 250002},
+    "base-6": {"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 3072,
+               "vocab_size": 30522},
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "vocab_size": 30522, "initializer_range": 0.2},
 }

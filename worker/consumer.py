@@ -228,8 +228,11 @@ def _start_reporter(app: Any, node: str, chunks: ChunkConsumer, interval_s: floa
             held[key if key in served else served[0]] += n
         runner = chunks.runner
         pairs, jobs, busy_s, per_queue = runner.throughput.window()
-        return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=_device, held=dict(held),
-                           pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6), served=runner.throughput.served,
+        # The device column says the number format too ("cpu bf16"): a field of its own would break the readers
+        # of an older release during an upgrade (WorkerStats.decode takes every field it is given).
+        return WorkerStats(node=node, ranker=ranker.kind, model=ranker.model, device=f"{_device} {ranker.dtype}",
+                           held=dict(held), pairs=pairs, jobs=jobs, busy_s=round(busy_s, 6),
+                           served=runner.throughput.served,
                            tags=chunks.held_tags(), per_queue=per_queue,
                            busy_ratio=round(runner.recent.busy_ratio(), 4), wait_p95_ms=runner.recent.wait_p95_ms(),
                            metrics_port=metrics.served_port)
@@ -246,7 +249,8 @@ class ChunkStep(bootsteps.StartStopStep):
         """Part of the worker's ``stats`` (``celery inspect stats``, Flower's worker page)."""
         if _ranker is None:
             return {}
-        return {"rerankq": {"ranker": _ranker.kind, "model": _ranker.model, "device": _device}}
+        return {"rerankq": {"ranker": _ranker.kind, "model": _ranker.model, "device": _device,
+                            "dtype": _ranker.dtype}}
 
     def shutdown(self, parent: Any) -> None:
         chunks: ChunkConsumer | None = getattr(parent, "rerankq_chunks", None)

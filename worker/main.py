@@ -31,6 +31,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     from celery.utils.nodenames import host_format
 
     from rerankq.tasks import app, lanes
+    from rerankq.worker.dtype import for_device
     from rerankq.worker.rankers import load_ranker
     from rerankq.worker.upstream import transport
 
@@ -42,12 +43,14 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
                                          **transport.options(owner=node, bulk_limit=settings.bulk_limit)}
 
     name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
-    runtime = f" ({settings.backend})" if ranker == "cross-encoder" and settings.backend != "torch" else ""
-    print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} "
-          f"on {device}{runtime}", file=sys.stderr, flush=True)
+    onnx = ranker == "cross-encoder" and settings.backend != "torch"
     started = time.monotonic()
     try:
-        loaded = load_ranker(ranker, name, torch_device, settings.max_length, settings.backend)
+        dtype, why = ("fp32", "") if onnx or ranker == "simulated" else for_device(settings.dtype, torch_device)
+        print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} on {device}"
+              + (f" ({settings.backend})" if onnx else f" in {dtype} ({why})" if why else ""),
+              file=sys.stderr, flush=True)
+        loaded = load_ranker(ranker, name, torch_device, settings.max_length, settings.backend, dtype)
     except RerankError as exc:
         _count_load(app, queues, "failure")
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)

@@ -41,6 +41,7 @@ class OnnxCrossEncoderRanker(CrossEncoderRanker):
             # The session holds the weights in memory: the files may go.
             self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]
+        self.dtype = "int8" if int8 else "fp32"  # RERANKQ_DTYPE is the torch models'
         self._ce.model.to("meta")  # the torch weights are not used again: free them
 
     def _export(self, path: Path) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rerankq.tasks.errors import ModelLoadError
+from rerankq.worker.dtype import TORCH as TORCH_DTYPES
 
 Pair = tuple[str, str]
 
@@ -26,6 +27,8 @@ class Ranker(ABC):
     model: str
     #: Tokens per pair before truncation.
     max_length: int
+    #: The number format it computes in (worker/dtype.py).
+    dtype: str = "fp32"
 
     @abstractmethod
     def token_counts(self, query: str, docs: Sequence[str]) -> list[int]:
@@ -56,12 +59,12 @@ class Ranker(ABC):
 
 
 class CrossEncoderRanker(Ranker):
-    """A sentence-transformers ``CrossEncoder``: fp16 on CUDA, fp32 on CPU; scores are ``predict``'s, its
+    """A sentence-transformers ``CrossEncoder`` in ``dtype`` (worker/dtype.py); scores are ``predict``'s, its
     activation (a sigmoid for a reranker) applied per job, so a job may ask for the logits instead."""
 
     kind = "cross-encoder"
 
-    def __init__(self, model: str, device: str, max_length: int = 0) -> None:
+    def __init__(self, model: str, device: str, max_length: int = 0, dtype: str = "fp32") -> None:
         from sentence_transformers import CrossEncoder
 
         self.model = model
@@ -72,8 +75,9 @@ class CrossEncoderRanker(Ranker):
             setattr(self._ce, attr, max_length)
         if self._ce.num_labels != 1:
             raise ModelLoadError(f"{model!r} has {self._ce.num_labels} output labels; a reranker has one score")
-        if device.startswith("cuda"):
-            self._ce.model.half()
+        self.dtype = dtype
+        if dtype != "fp32":
+            self._ce.model.to(TORCH_DTYPES[dtype])
         self.max_length = int(getattr(self._ce, attr))
         self._tokenizer = private_copy(self._ce.tokenizer)
 
@@ -116,7 +120,7 @@ class FastRanker(Ranker):
 
     kind = "fast"
 
-    def __init__(self, model: str, device: str) -> None:
+    def __init__(self, model: str, device: str, dtype: str = "fp32") -> None:
         from sentence_transformers import SentenceTransformer
 
         if not model:
@@ -127,6 +131,9 @@ class FastRanker(Ranker):
         else:
             path = self.model = model
         self._st = SentenceTransformer(path, device=device)
+        self.dtype = dtype
+        if dtype != "fp32":
+            self._st.to(TORCH_DTYPES[dtype])
         self.max_length = int(self._st.max_seq_length or 512)
         self._tokenizer = private_copy(self._st.tokenizer)
 
@@ -236,9 +243,11 @@ def private_copy(tokenizer: Any) -> Any:
     return copy.deepcopy(tokenizer)
 
 
-def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend: str = "torch") -> Ranker:
+def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend: str = "torch",
+                dtype: str = "fp32") -> Ranker:
     """Load a ranker once for this process, or raise ``ModelLoadError`` naming the model and the cause.
-    ``backend`` (``RERANKQ_BACKEND``) picks the cross-encoder's runtime on a CPU."""
+    ``backend`` (``RERANKQ_BACKEND``) picks the cross-encoder's runtime on a CPU; ``dtype`` (worker/dtype.py
+    ``choose``) the torch models' number format."""
     name = model or ("all-MiniLM-L6-v2 (bundled)" if kind == "fast" else "")
     if backend != "torch" and kind == "cross-encoder" and device != "cpu":
         raise ModelLoadError(f"RERANKQ_BACKEND={backend} runs the cross-encoder on a CPU, not on {device}: "
@@ -250,13 +259,13 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend
             f"(torch {torch.__version__} sees no GPU); use --device cpu or install a CUDA build of torch")
     try:
         if kind == "fast":
-            return FastRanker(model, device)
+            return FastRanker(model, device, dtype)
         if kind == "cross-encoder" and backend == "onnx-int8":
             from rerankq.worker.onnx_ranker import OnnxCrossEncoderRanker
 
             return OnnxCrossEncoderRanker(model, device, max_length, int8=True)
         if kind == "cross-encoder":
-            return CrossEncoderRanker(model, device, max_length)
+            return CrossEncoderRanker(model, device, max_length, dtype)
         if kind == "simulated":
             return SimulatedRanker(model, max_length)
     except ModelLoadError:

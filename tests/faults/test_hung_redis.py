@@ -120,8 +120,8 @@ def test_a_heartbeat_sent_while_redis_hangs_gives_up_after_its_bounded_retries(s
     """Celery's heartbeat, as a worker sends it (``Heart._send``, ``retry=True`` and no policy), on a Redis that
     hangs: kombu alone retried for as long as Redis hung, the worker's event loop inside that one publish."""
     from celery.worker.heartbeat import Heart
-    from kombu.connection import Connection
     from kombu.asynchronous.timer import Timer
+    from kombu.connection import Connection
 
     timeouts = {"socket_timeout": 1, "socket_connect_timeout": 1}
     with Connection(server.url, transport_options=timeouts) as connection:

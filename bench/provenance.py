@@ -1,0 +1,40 @@
+"""What a result file says about the run that wrote it: the build (commit, and whether the tree had changes),
+the command, the machine and the date. Written by the benchmark, not by a person."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+#: CPU flags that change what a benchmark measures (bf16 and int8 kernels).
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def describe() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                      if line.startswith("model name")), platform.processor())
+    except OSError:
+        flags, model = [], platform.processor()
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() if _has("nvidia-smi") else ""
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", ".")),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {"cores": os.cpu_count(), "cpu": model, "flags": [f for f in FLAGS if f in flags],
+                        "gpu": gpu or None},
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def _has(command: str) -> bool:
+    return any((Path(p) / command).exists() for p in os.environ.get("PATH", "").split(os.pathsep))
