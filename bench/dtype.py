@@ -82,6 +82,7 @@ def main() -> None:
     from rerankq.worker.dtype import cpu_has_native_bf16
     from rerankq.worker.rankers import load_ranker
 
+    run = provenance.describe()  # the tree as the run starts
     requests = workload(args.seed, args.requests, **shape(args))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rerankq-bench-dtype-") as tmp:
@@ -116,7 +117,7 @@ def main() -> None:
               f"{r['max_abs_diff']} ({r['median_max_abs_diff']}) | {r['kendall_tau_median']} "
               f"({r['kendall_tau_min']}) | {100 * r['top5_agreement_mean']:.1f}% | "
               f"{100 * r['top5_same_set_share']:.0f}% |")
-    report = {**provenance.describe(), "native_bf16": cpu_has_native_bf16(),
+    report = {**run, "native_bf16": cpu_has_native_bf16(),
               "workload": {"seed": args.seed, "requests": args.requests, **shape(args)}, "repeats": args.repeats,
               "rows": rows}
     if args.out:

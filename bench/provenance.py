@@ -30,10 +30,18 @@ def describe() -> dict[str, Any]:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if _has("nvidia-smi") else ""
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", ".")),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": " ".join(["python", *_args()]),
             "machine": {"cores": os.cpu_count(), "cpu": model, "flags": [f for f in FLAGS if f in flags],
                         "gpu": gpu or None},
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def _args() -> list[str]:
+    """The command line as run from the checkout: ``-m bench.x`` for a module (no path of this machine)."""
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(ROOT) and script.suffix == ".py":
+        return ["-m", ".".join(script.relative_to(ROOT).with_suffix("").parts), *sys.argv[1:]]
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
 
 
 def _has(command: str) -> bool:

@@ -213,6 +213,40 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
         worker.stop()
 
 
+def test_sentinels_that_hang_delay_no_command(cluster: tuple[RedisServer, RedisServer, Sentinels]) -> None:
+    """The sentinels are asked which server is master by a thread of each process: with every sentinel hung,
+    a producer's sends go on at Redis's pace. Asked before each command instead, each send waited a socket
+    timeout per sentinel, once a second."""
+    _, _, sentinels = cluster
+    env = {"RERANKQ_BROKER_URL": sentinels.url, "RERANKQ_RESULT_BACKEND": sentinels.url,
+           "RERANKQ_SENTINEL_MASTER": MASTER, "RERANKQ_SOCKET_TIMEOUT_S": "1"}
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from rerankq.tasks import rerank
+        rerank.apply_async(("q", ["d"]), queue={new_queue()!r})  # connected through the sentinels
+        for pid in map(int, sys.argv[1:]):
+            os.kill(pid, signal.SIGSTOP)
+        longest = 0.0
+        for _ in range(20):
+            started = time.monotonic()
+            rerank.apply_async(("q", ["d"]), queue={new_queue()!r})
+            longest = max(longest, time.monotonic() - started)
+            time.sleep(0.25)
+        print(longest)
+    """)
+    pids = [str(proc.pid) for proc in sentinels._procs]
+    try:
+        done = subprocess.run([sys.executable, "-c", script, *pids], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        for pid in pids:
+            os.kill(int(pid), signal.SIGCONT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    longest = float(done.stdout.splitlines()[-1])
+    # A send takes milliseconds; asking three hung sentinels took three 1 s timeouts.
+    assert longest < 1.5, f"a send took {longest:.1f} s with the sentinels hung"
+
+
 class _Producer:
     """A producer process that sends when told, keeping its connections open in between."""
 

@@ -80,11 +80,15 @@ MUTANTS = (
                               "        query = swapped.pop(0) if len(swapped) > 1 else query\n"
                               "        result = await arerank(query, texts,")),
            ("tests/test_serve.py::test_concurrent_requests_all_get_their_own_scores",)),
-    Mutant("former-master-kept", "connections stay on the old master after a planned Sentinel failover",
+    Mutant("former-master-kept", "nothing asks the sentinels again: connections stay on the old master",
            "tasks/sentinel.py",
-           (("        elif time.monotonic() - self._checked_at >= CHECK_S:", "        elif False:"),),
+           (('threading.Thread(target=self._loop, name="rerankq-sentinels", daemon=True).start()', "pass"),),
            ("tests/faults/test_sentinel.py::test_a_planned_failover_moves_every_connection_to_the_new_master_and_"
             "scores_each_job_once",)),
+    Mutant("sentinels-asked-inline", "each connection asks the sentinels before a command, once a second",
+           "tasks/sentinel.py", (("            master = _masters.named(self.connection_pool)",
+                                  "            master = tuple(self.connection_pool.get_master_address())"),),
+           ("tests/faults/test_sentinel.py::test_sentinels_that_hang_delay_no_command",)),
     Mutant("heartbeat-unbounded", "a heartbeat retries for as long as Redis hangs",
            "worker/upstream/patches.py",
            (('original_send(type, **{**fields, "retry_policy": HEARTBEAT_RETRY})', "original_send(type, **fields)"),),

@@ -119,8 +119,9 @@ def route_task_events(dispatcher: Any, outbox: deque[Any], on_sent: Callable[[],
     dispatcher.send = send
 
 
-#: kombu's retry policy for the worker's heartbeats: two tries, a second apart.
-HEARTBEAT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 1, "interval_max": 1}
+#: kombu's retry policy for the worker's heartbeats: one try (a hung Redis costs it one socket timeout; a retry
+#: would add a reconnect's and a second publish's).
+HEARTBEAT_RETRY = {"max_retries": 0}
 
 
 def bound_heartbeat_retries(dispatcher: Any) -> None:

@@ -42,10 +42,9 @@ RELIED_ON: dict[str, str] = {
     "kombu.connection:Connection()._initial_params": f"{_SENTINEL} Connection.switch: the transport class given",
     "celery.app.amqp:AMQP.Connection": f"{_SENTINEL} AMQP: the app's connections keep rerankq's transport",
     "kombu.transport.redis:SentinelChannel.connection_class": f"{_SENTINEL}: connections that leave a former master",
-    "kombu.transport.redis:Channel._connparams": f"{_SENTINEL}: the class of the connections kombu's receive polls",
+    "redis.retry:Retry.get_retries": f"{_SENTINEL}: a connection without retries retries a master's move once",
     "celery.backends.redis:SentinelBackend._get_sentinel_instance": f"{_SENTINEL}: the backend's connections too",
     "celery.loaders.base:BaseLoader.override_backends": "tasks/app.py: rerankq's Sentinel result backend",
-    "redis.sentinel:SentinelManagedConnection.connect_to": f"{_SENTINEL}: the sentinels were asked as it connected",
     "redis.sentinel:SentinelConnectionPool.get_master_address": f"{_SENTINEL}: asks the sentinels, closes idle "
                                                                  "connections to a former master",
     "celery.app.utils:Settings.first": "tasks/app.py: rerankq's app reads no CELERY_BROKER_URL",
