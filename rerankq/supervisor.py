@@ -94,7 +94,9 @@ def stop_on_signals() -> threading.Event:
 
 
 def visible_gpus(spec: str) -> list[int]:
-    """``all`` (every GPU torch sees, within ``CUDA_VISIBLE_DEVICES``) or a list like ``0,2``."""
+    """``all`` or a list like ``0,2``. ``all`` is each entry of ``CUDA_VISIBLE_DEVICES`` where it is set (a MIG
+    instance is one: CUDA shows a process only the first MIG instance it is given, so torch counted one), or
+    every GPU torch sees."""
     if spec != "all":
         try:
             gpus = [int(part) for part in spec.split(",") if part.strip()]
@@ -103,6 +105,14 @@ def visible_gpus(spec: str) -> list[int]:
         if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
             raise ConfigError(f"--gpus {spec!r}: give 'all' or distinct GPU indices like 0,1")
         return gpus
+    from rerankq.worker.device import visible
+
+    given = visible()
+    if given == []:
+        raise ConfigError("--gpus all: CUDA_VISIBLE_DEVICES is set and empty, which hides every GPU; use --device "
+                          "cpu, or unset it")
+    if given is not None:
+        return list(range(len(given)))
     import torch
 
     count = torch.cuda.device_count()

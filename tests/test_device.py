@@ -8,6 +8,7 @@ import types
 
 import pytest
 
+from rerankq.supervisor import visible_gpus
 from rerankq.tasks.errors import ConfigError
 from rerankq.worker import device
 
@@ -19,6 +20,8 @@ def torch_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     # Set first, so that undoing restores the variable as it was even when pin() set it from nothing.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
 
 
 def test_cuda_n_makes_gpu_n_the_only_visible_one() -> None:
@@ -48,3 +51,35 @@ def test_pinning_after_torch_loaded_is_refused(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
     with pytest.raises(ConfigError, match="before torch is imported"):
         device.pin("cuda:0")
+
+
+def test_an_empty_cuda_visible_devices_hides_every_gpu_and_is_not_replaced_by_gpu_0(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="set and empty, which hides every GPU"):
+        device.pin("cuda:0")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    with pytest.raises(ConfigError, match="set and empty"):
+        visible_gpus("all")
+
+
+@pytest.mark.parametrize("entries", [
+    ["GPU-5b1c3e2a-0f4d-4c1e-9d7e-3a2b1c0d9e8f", "GPU-0e9d8c7b-6a5f-4e3d-2c1b-0a9f8e7d6c5b"],
+    ["MIG-1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718", "MIG-2a3b4c5d-6e7f-8091-a2b3-c4d5e6f70819",
+     "MIG-3b4c5d6e-7f80-91a2-b3c4-d5e6f708192a"]])
+def test_gpus_named_by_uuid_or_mig_instance_are_pinned_and_counted_by_entry(monkeypatch: pytest.MonkeyPatch,
+                                                                              entries: list[str]) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(entries))
+    assert visible_gpus("all") == list(range(len(entries)))  # torch counts one MIG instance only
+    assert device.pin("cuda:1") == "cuda:0"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == entries[1]
+
+
+def test_gpus_are_numbered_in_nvidia_smis_order_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    device.pin("cuda:1")
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    device.pin("cuda:1")
+    assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"

@@ -94,3 +94,15 @@ def test_a_warm_shutdown_ends_after_the_running_batch_and_a_large_job_in_progres
     assert not large.ready()
     start_worker(*simulated(1), queue=stopping.queue)
     assert result(large).scores == [1.0] * 50
+
+
+def test_a_job_the_model_scores_nan_fails_alone_saying_so(start_worker: StartWorker) -> None:
+    """A non-finite score (an fp16 overflow, a broken model) fails its job alone: before, the NaN went into the
+    result, and `rerankq serve` could not encode the answer (500)."""
+    worker = start_worker(*simulated(1, nan_on="OVERFLOW"))
+    mates = [rerank.apply_async(("bread", docs(3)), queue=worker.queue) for _ in range(3)]
+    broken = rerank.apply_async(("bread", [*docs(2), "flour OVERFLOW"]), queue=worker.queue)
+    with pytest.raises(RankerFailed, match=r"non-finite score \(nan\) for doc 2 of this job"):
+        broken.get(timeout=60)
+    for handle in mates:
+        assert set(result(handle).scores) == {1.0}

@@ -9,10 +9,19 @@ import sys
 from rerankq.tasks.errors import ConfigError
 
 
+def visible() -> list[str] | None:
+    """The entries of ``CUDA_VISIBLE_DEVICES`` (indices, ``GPU-`` UUIDs, ``MIG-`` instances), or None when it is not
+    set (every GPU visible). Set and empty, it hides every GPU: an empty list."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [d.strip() for d in value.split(",") if d.strip()]
+
+
 def pin(device: str) -> str:
     """Make ``cuda:N`` the only GPU this process sees; return the device name torch should use.
 
-    ``N`` counts within an existing ``CUDA_VISIBLE_DEVICES`` (as in a container given some GPUs).
+    ``N`` counts within an existing ``CUDA_VISIBLE_DEVICES`` (as in a container given some GPUs, or MIG
+    instances), and without one in ``nvidia-smi``'s order: CUDA's own (fastest first) numbers the GPUs of a
+    mixed host differently, so ``cuda:1`` was not ``nvidia-smi``'s GPU 1, nor the card the NVML gauge read.
     """
     if device == "cpu":
         return "cpu"
@@ -22,12 +31,16 @@ def pin(device: str) -> str:
     if "torch" in sys.modules:
         raise ConfigError("pin the GPU before torch is imported: CUDA_VISIBLE_DEVICES is read once")
     index = int(match.group(1) or 0)
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if visible:
-        if index >= len(visible):
-            raise ConfigError(f"--device {device}: only {len(visible)} GPU(s) visible "
-                              f"(CUDA_VISIBLE_DEVICES={','.join(visible)})")
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index]
+    given = visible()
+    if given == []:
+        raise ConfigError(f"--device {device}: CUDA_VISIBLE_DEVICES is set and empty, which hides every GPU; use "
+                          "--device cpu, or name the GPUs this worker may use")
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if given is not None:
+        if index >= len(given):
+            raise ConfigError(f"--device {device}: only {len(given)} GPU(s) visible "
+                              f"(CUDA_VISIBLE_DEVICES={','.join(given)})")
+        os.environ["CUDA_VISIBLE_DEVICES"] = given[index]
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     return "cuda:0"

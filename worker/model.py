@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -64,7 +65,12 @@ class Model:
             indices.append(index)
             values.append(score)
         for pending, (indices, values) in by_job.items():
-            pending.scored(indices, values)
+            bad = [i for i, v in zip(indices, values, strict=True) if not math.isfinite(v)]
+            if bad:  # an overflow (fp16), or a broken model: this job fails, not its batch-mates nor the answer
+                pending.fail(RankerFailed(f"the {self.ranker.kind} model gave a non-finite score "
+                                          f"({values[indices.index(bad[0])]}) for doc {bad[0]} of this job"))
+            else:
+                pending.scored(indices, values)
 
     def _isolate(self, batch: Batch, exc: Exception) -> None:
         jobs = list(dict.fromkeys(p for p, _ in batch))

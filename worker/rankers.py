@@ -68,7 +68,8 @@ class CrossEncoderRanker(Ranker):
         from sentence_transformers import CrossEncoder
 
         self.model = model
-        self._ce = CrossEncoder(model, device=device)
+        # Loaded in its dtype, not converted after: bge-reranker-v2-m3 in fp32 first needs twice the memory.
+        self._ce = CrossEncoder(model, device=device, model_kwargs=_loaded_in(dtype))
         # sentence-transformers 6 renamed max_length to max_seq_length.
         attr = "max_seq_length" if hasattr(type(self._ce), "max_seq_length") else "max_length"
         if max_length and max_length < (getattr(self._ce, attr) or max_length + 1):
@@ -76,8 +77,6 @@ class CrossEncoderRanker(Ranker):
         if self._ce.num_labels != 1:
             raise ModelLoadError(f"{model!r} has {self._ce.num_labels} output labels; a reranker has one score")
         self.dtype = dtype
-        if dtype != "fp32":
-            self._ce.model.to(TORCH_DTYPES[dtype])
         self.max_length = int(getattr(self._ce, attr))
         self._tokenizer = private_copy(self._ce.tokenizer)
 
@@ -130,10 +129,8 @@ class FastRanker(Ranker):
             self.model = "all-MiniLM-L6-v2"
         else:
             path = self.model = model
-        self._st = SentenceTransformer(path, device=device)
+        self._st = SentenceTransformer(path, device=device, model_kwargs=_loaded_in(dtype))
         self.dtype = dtype
-        if dtype != "fp32":
-            self._st.to(TORCH_DTYPES[dtype])
         self.max_length = int(self._st.max_seq_length or 512)
         self._tokenizer = private_copy(self._st.tokenizer)
 
@@ -170,8 +167,9 @@ class SimulatedRanker(Ranker):
     ``token_us`` per padded token and uses no CPU. Tokens are words; the score is the share of the
     query's words found in the doc. ``--model 'latency_ms=20,token_us=5'`` sets the costs.
 
-    Faults to inject: ``fail_on=WORD`` raises on any batch holding a doc with that word;
-    ``oom_above=N`` runs out of memory on any batch over N padded tokens.
+    Faults to inject: ``fail_on=WORD`` raises on any batch holding a doc with that word; ``nan_on=WORD`` scores
+    such a doc NaN, as a model that overflowed would; ``oom_above=N`` runs out of memory on any batch over N
+    padded tokens.
     """
 
     kind = "simulated"
@@ -179,7 +177,8 @@ class SimulatedRanker(Ranker):
     def __init__(self, spec: str, max_length: int = 0) -> None:
         self.model = spec or "simulated"
         self.max_length = max_length or 512
-        options: dict[str, float | str] = {"latency_ms": 10.0, "token_us": 5.0, "oom_above": 0.0, "fail_on": ""}
+        options: dict[str, float | str] = {"latency_ms": 10.0, "token_us": 5.0, "oom_above": 0.0, "fail_on": "",
+                                           "nan_on": ""}
         for part in filter(None, (spec or "").split(",")):
             name, _, value = (p.strip() for p in part.partition("="))
             try:
@@ -187,11 +186,12 @@ class SimulatedRanker(Ranker):
                 options[name] = value if isinstance(default, str) else float(value)
             except (KeyError, ValueError):
                 raise ModelLoadError(f"the simulated ranker takes 'latency_ms=<ms>,token_us=<us>' (and optionally "
-                                     f"fail_on=<word>, oom_above=<tokens>), got {spec!r}") from None
+                                     f"fail_on=<word>, nan_on=<word>, oom_above=<tokens>), got {spec!r}") from None
         self._latency_s = float(options["latency_ms"]) / 1000
         self._token_s = float(options["token_us"]) / 1_000_000
         self._oom_above = float(options["oom_above"])
         self._fail_on = str(options["fail_on"])
+        self._nan_on = str(options["nan_on"])
 
     def _tokens(self, query: str, doc: str) -> int:
         return min(self.max_length, len(query.split()) + len(doc.split()) + 3)
@@ -216,7 +216,14 @@ class SimulatedRanker(Ranker):
         for query, doc in pairs:
             words, found = set(query.lower().split()), set(doc.lower().split())
             scores.append(len(words & found) / len(words) if words else 0.0)
+            if self._nan_on and self._nan_on in doc.split():
+                scores[-1] = float("nan")
         return scores
+
+
+def _loaded_in(dtype: str) -> dict[str, Any]:
+    """transformers' ``from_pretrained`` arguments that load the weights in ``dtype``."""
+    return {} if dtype == "fp32" else {"dtype": TORCH_DTYPES[dtype]}
 
 
 def token_offsets(tokenizer: Any, doc: str) -> list[tuple[int, int]]:
