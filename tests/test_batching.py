@@ -15,6 +15,7 @@ from rerankq.worker.batching import (
     BULK_EVERY,
     KEEP,
     MAX_BUSY,
+    OUTLIERS_SKIPPED,
     SWEEP_AGE_EVERY,
     Budget,
     Pace,
@@ -394,3 +395,33 @@ def test_with_one_batch_size_seen_the_pace_counts_all_of_its_time_per_token() ->
     pace.add(0.05, 1000)
     assert pace.fit() == pytest.approx((0.0, 0.05 / 1000))
     assert pace.tokens_for(0.025, 8192) == 500
+
+
+def test_a_batch_far_slower_than_the_fit_predicts_is_not_learned_from_unless_slowness_persists() -> None:
+    pace = Pace()
+    for size in (2000, 500, 1000) * 5:
+        pace.add(0.002 + 1e-5 * size, size)
+    settled = pace.tokens_for(0.015, 8192)
+    assert settled is not None
+    pace.add(2.0, 1000)  # one pause (a cold kernel, a collection): 167x the prediction
+    assert pace.tokens_for(0.015, 8192) == settled
+    for _ in range(OUTLIERS_SKIPPED):  # the model is slower now: after a few in a row, it is learned
+        pace.add(1.0, 1000)
+    assert (pace.tokens_for(0.015, 8192) or 0) < settled
+
+
+def test_the_warm_up_runs_each_of_its_shapes_through_the_model() -> None:
+    from rerankq.worker.model import WARM_UP, warm_up
+    from rerankq.worker.rankers import SimulatedRanker
+
+    calls: list[int] = []
+
+    class Cold(SimulatedRanker):
+        kind = "cross-encoder"  # a simulated ranker has no cold start, and is not warmed up
+
+        def score(self, pairs: list[tuple[str, str]]) -> list[float]:  # type: ignore[override]
+            calls.append(len(pairs))
+            return super().score(pairs)
+
+    warm_up(Cold("latency_ms=0,token_us=0"))
+    assert calls == [pairs for pairs, _ in WARM_UP]

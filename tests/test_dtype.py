@@ -48,6 +48,7 @@ def test_a_worker_computes_in_the_dtype_chosen_and_shows_it(start_worker: StartW
     worker = start_worker("--model", str(xlmr_model), "--metrics-port", "0", RERANKQ_DTYPE=asked,
                           RERANKQ_POLL_MS="200")
     assert f"in {expected} ({why})" in worker.log()
+    assert worker.log().index("warmed up in") < worker.log().index(" ready.")  # before any job
     stats = celery_app.control.inspect([worker.node], timeout=5).stats() or {}
     assert stats[worker.node]["rerankq"]["dtype"] == expected
     eventually(lambda: f"cpu {expected}" in rerankq("status", env={"RERANKQ_BROKER_URL": redis_url,

@@ -68,7 +68,8 @@ def test_a_worker_shows_its_queue_ranker_model_and_device(flower: str, worker: W
     workers = httpx.get(f"{flower}/api/workers", params={"refresh": 1}, auth=AUTH, timeout=30).json()
     info = workers[worker.node]
     assert sorted(q["name"] for q in info["active_queues"]) == [worker.queue, f"{worker.queue}.bulk"]
-    assert info["stats"]["rerankq"] == {"ranker": "cross-encoder", "model": str(tiny_model), "device": "cpu"}
+    assert info["stats"]["rerankq"] == {"ranker": "cross-encoder", "model": str(tiny_model), "device": "cpu",
+                                        "dtype": "fp32"}
 
 
 def test_flower_will_not_start_without_a_password(redis_url: str) -> None:

@@ -234,6 +234,13 @@ def _sweep_start(lane_jobs: Sequence[W], window: Sequence[W], limit: int) -> tup
     return anchor, next(i for i in anchor.left if anchor.costs[i] == chosen)
 
 
+#: A batch that took this many times the fitted prediction is not learned from (``Pace.add``): one cold CUDA
+#: forward (0.5-3 s) made the next 138-198 batches one pair each in a replay on the CPU.
+OUTLIER = 4.0
+OUTLIERS_SKIPPED = 3
+SETTLED = 10
+
+
 class Pace:
     """The model's cost of a forward batch as ``fixed + per_token x padded tokens``, fitted to recent batches
     (exponentially weighted least squares), to size a batch that takes ``target_s``.
@@ -248,8 +255,18 @@ class Pace:
     def __init__(self, weight: float = 0.05) -> None:
         self._weight = weight
         self._sums = [0.0] * 5  # weight, tokens, seconds, tokens^2, tokens x seconds
+        self._skipped = self._learned = 0
 
     def add(self, seconds: float, padded_tokens: int) -> None:
+        """Learn from one batch, unless it took over ``OUTLIER`` times what a fit of ``SETTLED`` batches or more
+        predicts (a pause: a cold kernel, a collection, a swapped page), up to ``OUTLIERS_SKIPPED`` in a row:
+        more is the model slower."""
+        fit = self.fit()
+        if fit is not None and self._learned >= SETTLED and self._skipped < OUTLIERS_SKIPPED and \
+                seconds > OUTLIER * (fit[0] + fit[1] * padded_tokens):
+            self._skipped += 1
+            return
+        self._skipped, self._learned = 0, self._learned + 1
         keep, x = 1 - self._weight, float(padded_tokens)
         for i, value in enumerate((1.0, x, seconds, x * x, x * seconds)):
             self._sums[i] = keep * self._sums[i] + self._weight * value

@@ -32,6 +32,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
 
     from rerankq.tasks import app, lanes
     from rerankq.worker.dtype import for_device
+    from rerankq.worker.model import warm_up
     from rerankq.worker.rankers import load_ranker
     from rerankq.worker.upstream import transport
 
@@ -55,6 +56,11 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         _count_load(app, queues, "failure")
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1
+    try:
+        print(f"rerankq worker: warmed up in {1000 * warm_up(loaded):.0f} ms", file=sys.stderr, flush=True)
+    except Exception as exc:  # each job's own forward says the rest (RankerFailed)
+        print(f"rerankq worker: the model loaded but failed a warm-up forward batch: {exc!r}", file=sys.stderr,
+              flush=True)
     metrics.MODEL_LOAD.set(time.monotonic() - started)
     metrics.MODEL.labels(loaded.kind, loaded.model, device).set(1)
     metrics.install_gpu_collector(torch_device)

@@ -27,6 +27,21 @@ def padded_tokens(batch: Batch) -> int:
     return len(batch) * max(p.costs[i] for p, i in batch)
 
 
+#: (pairs, words per doc) of the forward batches a worker runs before it receives jobs.
+WARM_UP = ((1, 8), (8, 64), (16, 128))
+
+
+def warm_up(ranker: Ranker) -> float:
+    """Run the model over a few batch shapes before any job: the first forward of a process (CUDA's kernels
+    chosen and compiled, memory reserved; 0.5-3 s) is not a job's, and is not learned from by ``Pace``.
+    Returns the seconds it took."""
+    began = time.perf_counter()
+    if ranker.kind != "simulated":  # it has no cold start
+        for pairs, words in WARM_UP:
+            ranker.score([("warm up", " ".join(["warm"] * words))] * pairs)
+    return time.perf_counter() - began
+
+
 class Model:
     def __init__(self, ranker: Ranker, recent: Recent) -> None:
         self.ranker = ranker
