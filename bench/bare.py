@@ -1,5 +1,5 @@
-"""Bare ``CrossEncoder.predict`` (batch 32), the in-process ceiling, timed in a process of its own;
-in fp16 on CUDA, as the workers run.
+"""Bare ``CrossEncoder.predict`` (batch 32), the in-process ceiling, timed in a process of its own; in the
+spec's ``dtype`` (fp16 on CUDA, fp32 on a CPU, unless it says otherwise).
 
     python -m bench.bare MODEL '{"device": "cpu", "saturation": {"seed": 1, "requests": 30, ...}, ...}'
 
@@ -31,9 +31,11 @@ def main() -> None:
     model, spec = sys.argv[1], json.loads(sys.argv[2])
     requests = workload(**spec["saturation"])
     light = workload(**spec["light"])
-    ce = CrossEncoder(model, device=spec["device"])
-    if spec["device"].startswith("cuda"):
-        ce.model.half()
+    import torch
+
+    dtype = spec.get("dtype") or ("fp16" if spec["device"].startswith("cuda") else "fp32")
+    loaded = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"dtype": torch.float16}}[dtype]
+    ce = CrossEncoder(model, device=spec["device"], model_kwargs=loaded)
     ce.predict([(requests[0].query, d) for d in requests[0].docs], show_progress_bar=False)  # warm-up
     start = time.perf_counter()
     ce.predict([(r.query, d) for r in requests for d in r.docs], batch_size=32, show_progress_bar=False)

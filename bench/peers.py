@@ -41,6 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import provenance  # noqa: E402
 from bench.systems import Completions, System, celery_peer, infinity_system, rerankq_system, scrape  # noqa: E402
 from bench.workload import Request, add_arguments, pairs, shape, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
@@ -101,9 +102,10 @@ def one_at_a_time(system: System, requests: list[Request], completions: Completi
     return latencies
 
 
-def bare_predict(model: str, device: str, saturation: dict[str, int], light: dict[str, int]) -> dict[str, Any]:
+def bare_predict(model: str, device: str, saturation: dict[str, int], light: dict[str, int],
+                 dtype: str = "") -> dict[str, Any]:
     """``bench/bare.py`` in a process of its own, as the workers are: nothing else shares its threads."""
-    spec = json.dumps({"device": device, "saturation": saturation, "light": light})
+    spec = json.dumps({"device": device, "saturation": saturation, "light": light, "dtype": dtype})
     run = subprocess.run([sys.executable, "-m", "bench.bare", model, spec], cwd=ROOT, check=True,
                          capture_output=True, text=True)
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))
@@ -139,12 +141,15 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="minilm")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (fp16)")
     parser.add_argument("--backend", default="torch", help="rerankq's RERANKQ_BACKEND (the peers run torch)")
+    parser.add_argument("--bare-dtypes", default="",
+                        help="also time bare predict in these dtypes (e.g. bf16: a row 'bare predict bf16')")
     parser.add_argument("--infinity", help="the infinity_emb command (omit to leave infinity-emb out)")
     parser.add_argument("--zero-cost", action="store_true")
     parser.add_argument("--baseline", default="", help="also run rerankq as of this git commit, side by side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or ROOT / "bench" / "results" / ("overhead.json" if args.zero_cost else "peers.json")
+    run = provenance.describe()  # the build as the run starts
 
     from rerankq.redis_server import RedisServer
 
@@ -176,12 +181,16 @@ def main() -> None:
                 saturate(system, requests[:4], completions)
             seconds: dict[str, list[float]] = {s.name: [] for s in systems}
             bare: dict[str, Any] = {}
+            bare_dtypes = [d for d in args.bare_dtypes.split(",") if d]
             if not args.zero_cost:
-                seconds = {"bare predict": [], **seconds}
+                seconds = {"bare predict": [], **{f"bare predict {d}": [] for d in bare_dtypes}, **seconds}
             for _ in range(args.repeats):
                 if not args.zero_cost:
                     bare = bare_predict(model, args.device, saturation_spec, light_spec)
                     seconds["bare predict"].append(bare["saturation_s"])
+                    for dtype in bare_dtypes:
+                        other = bare_predict(model, args.device, saturation_spec, light_spec, dtype)
+                        seconds[f"bare predict {dtype}"].append(other["saturation_s"])
                 for system in systems:
                     seconds[system.name].append(saturate(system, requests, completions))
             rss = {s.name: round(s.rss_mb()) for s in systems}
@@ -202,6 +211,7 @@ def main() -> None:
 
     median = {name: statistics.median(ts) for name, ts in seconds.items()}
     report: dict[str, Any] = {
+        "build": run, "rerankq_dtype": os.environ.get("RERANKQ_DTYPE", "auto"),
         "date": date.today().isoformat(), "machine": machine(args.device), "model": args.model,
         "device": args.device,
         "command": "python bench/peers.py " + shlex.join(sys.argv[1:]), "requests": len(requests),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def describe() -> dict[str, Any]:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if _has("nvidia-smi") else ""
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", ".")),
-            "command": " ".join(["python", *_args()]),
+            "command": shlex.join(["python", *_args()]),
             "machine": {"cores": os.cpu_count(), "cpu": model, "flags": [f for f in FLAGS if f in flags],
                         "gpu": gpu or None},
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}

@@ -18,6 +18,7 @@ sentinel URL (Celery's ``amqp`` class).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -43,17 +44,22 @@ logger = logging.getLogger(__name__)
 
 
 class MasterMoved(redis.ConnectionError):
-    """The sentinels name another master than the one this connection reaches."""
+    """The sentinels name another master than the one this connection reaches: sent again once, to the new one."""
+
+
+class MasterMovedUnderSubscriber(redis.ConnectionError):
+    """The same, on a pub/sub connection: never sent again quietly, so that its owner subscribes again and reads
+    what it may have missed (Celery's result listener does, on a connection error)."""
 
 
 class MasterCheckedConnection(redis.sentinel.SentinelManagedConnection):
     """A connection to the master the sentinels name, which fails its next command as a lost connection once they
     name another (redis-py asks them only as it connects, or when a write is refused as ``READONLY``).
 
-    Failing, not moving quietly: a pipeline under ``WATCH`` then raises ``WatchError`` instead of running its
-    ``EXEC`` on the new master unwatched; Celery's result listener subscribes again and reads the results it may
-    have missed; kombu's receive reconnects (its poller watches the socket). A plain command is sent again once,
-    to the new master (``MasterMoved`` is retried where nothing else is)."""
+    Failing, not moving quietly: a pipeline under ``WATCH`` fails instead of running its ``EXEC`` on the new
+    master unwatched; Celery's result listener subscribes again and reads the results it may have missed;
+    kombu's receive reconnects (its poller watches the socket). A plain command is sent again once, to the new
+    master (``MasterMoved`` is retried where nothing else is)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -65,54 +71,74 @@ class MasterCheckedConnection(redis.sentinel.SentinelManagedConnection):
         if self._sock is None:
             self.connect()  # through the sentinels: redis-py 8 reconnects a retried command to its last address
         else:
-            master = _masters.named(self.connection_pool)
-            if master is not None and (self.host, self.port) != master:
+            # The pool's master: set as any of its connections connects, and by the thread below.
+            master = self.connection_pool.master_address
+            if master is not None and (self.host, self.port) != tuple(master):
                 former = (self.host, self.port)
                 self.disconnect()
-                raise MasterMoved(f"the sentinels name {master[0]}:{master[1]} master of "
-                                  f"{self.connection_pool.service_name!r}, no longer {former[0]}:{former[1]}")
+                subscriber = bool(getattr(self, "_connect_callbacks", None))  # redis-py's pub/sub registers one
+                raise (MasterMovedUnderSubscriber if subscriber else MasterMoved)(
+                    f"the sentinels name {master[0]}:{master[1]} master of {self.connection_pool.service_name!r}, "
+                    f"no longer {former[0]}:{former[1]}")
         super().send_packed_command(command, check_health)
 
 
 class _Masters:
-    """The master the sentinels name for each pool of this process, asked every ``CHECK_S`` by one thread: a
-    sentinel that hangs delays that thread, never a command."""
+    """Asks the sentinels every ``CHECK_S`` which server is master, once for each set of sentinels and master
+    name this process's pools use, by one thread: a sentinel that hangs delays that thread, never a command. A
+    pool whose master changed learns it (``get_master_address``, which also closes its idle connections)."""
 
     def __init__(self) -> None:
-        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._named: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a lock held by the parent's thread would stay held
+
+    def _reset(self) -> None:
+        self._pools: list[weakref.ref[Any]] = []
         self._lock = threading.Lock()
-        self._pid = 0
+        self._started = False
 
     def watch(self, pool: Any) -> None:
         if not pool.is_master:
             return
         with self._lock:
-            self._pools.add(pool)
-            if self._pid != os.getpid():  # the first pool, or the first in a forked child (threads do not fork)
-                self._pid = os.getpid()
+            if not any(ref() is pool for ref in self._pools):
+                self._pools.append(weakref.ref(pool))
+            if not self._started:
+                self._started = True
                 threading.Thread(target=self._loop, name="rerankq-sentinels", daemon=True).start()
-
-    def named(self, pool: Any) -> tuple[Any, Any] | None:
-        return self._named.get(pool)
 
     def _loop(self) -> None:
         while True:
             time.sleep(CHECK_S)
-            with self._lock:
-                pools = list(self._pools)
-            for pool in pools:
-                try:
-                    # redis-py's own call: also closes the pool's idle connections when the master changed.
-                    master = tuple(pool.get_master_address())
-                except Exception:  # no sentinel answers: the connections' own commands say the rest
-                    continue
-                former = self._named.get(pool)
-                self._named[pool] = master  # type: ignore[assignment]
-                if former is not None and former != master:
-                    logger.warning("the sentinels name %s:%s master of %r, no longer %s:%s: moving there", *master,
-                                   pool.service_name, *former)
-                    clock.measure_again()  # another server, another clock
+            try:
+                self._check()
+            except Exception:  # a bug must not end the checks for good, silently
+                logger.exception("could not ask the sentinels which server is master; trying again")
+
+    def _check(self) -> None:
+        with self._lock:
+            self._pools = [ref for ref in self._pools if ref() is not None]
+            pools = [pool for ref in self._pools if (pool := ref()) is not None]
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for pool in pools:
+            sentinels = frozenset((s.connection_pool.connection_kwargs.get("host"),
+                                   s.connection_pool.connection_kwargs.get("port"))
+                                  for s in pool.sentinel_manager.sentinels)
+            groups.setdefault((sentinels, pool.service_name), []).append(pool)
+        for group in groups.values():
+            try:
+                master = tuple(group[0].sentinel_manager.discover_master(group[0].service_name))
+            except Exception:  # no sentinel answers: the connections' own commands say the rest
+                continue
+            moved = [pool for pool in group if pool.master_address is not None and tuple(pool.master_address) != master]
+            for pool in moved:
+                former = tuple(pool.master_address)
+                with contextlib.suppress(Exception):
+                    pool.get_master_address()
+            if moved:
+                logger.warning("the sentinels name %s:%s master of %r, no longer %s:%s: moving there", *master,
+                               group[0].service_name, *former)
+                clock.measure_again()  # another server, another clock
 
 
 _masters = _Masters()

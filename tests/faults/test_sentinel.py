@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -205,6 +206,9 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
                 return jobs["waiting"] + jobs["unacked"] + jobs["in flight"]
             scored_once(lambda: served(new, queue, worker.node), ids, left,
                         30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the planned failover's jobs")
+            # Its callers get every answer, from before the failover and after: its result listener, subscribed on
+            # the old master, subscribed again on the new one and read what was published meanwhile.
+            assert idle.answered() == len(before) + len(after)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{evidence()}") from exc
         assert worker.proc.poll() is None
@@ -254,18 +258,31 @@ class _Producer:
         script = textwrap.dedent(f"""
             import json, sys
             from rerankq.tasks import rerank
+            handles = []
             for line in sys.stdin:
-                print(json.dumps([rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}).id
-                                  for _ in range(int(line))]), flush=True)
+                if line.strip() == "wait":  # every result, as a caller gets it (Celery's result listener)
+                    print(json.dumps(sum(1 for h in handles if h.get(timeout=60)["scores"])), flush=True)
+                    continue
+                sent = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r})
+                        for _ in range(int(line))]
+                handles += sent
+                print(json.dumps([h.id for h in sent]), flush=True)
         """)
         self.proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **env}, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def send(self, count: int) -> list[str]:
+        return list(self._ask(str(count)))
+
+    def answered(self) -> int:
+        """How many of the jobs it sent its callers got answers for, waiting for each."""
+        return int(self._ask("wait"))
+
+    def _ask(self, line: str) -> Any:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.write(f"{line}\n")
         self.proc.stdin.flush()
-        return list(json.loads(self.proc.stdout.readline()))
+        return json.loads(self.proc.stdout.readline())
 
     def stop(self) -> None:
         self.proc.kill()

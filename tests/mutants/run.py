@@ -86,8 +86,8 @@ MUTANTS = (
            ("tests/faults/test_sentinel.py::test_a_planned_failover_moves_every_connection_to_the_new_master_and_"
             "scores_each_job_once",)),
     Mutant("sentinels-asked-inline", "each connection asks the sentinels before a command, once a second",
-           "tasks/sentinel.py", (("            master = _masters.named(self.connection_pool)",
-                                  "            master = tuple(self.connection_pool.get_master_address())"),),
+           "tasks/sentinel.py", (("            master = self.connection_pool.master_address",
+                                  "            master = self.connection_pool.get_master_address()"),),
            ("tests/faults/test_sentinel.py::test_sentinels_that_hang_delay_no_command",)),
     Mutant("heartbeat-unbounded", "a heartbeat retries for as long as Redis hangs",
            "worker/upstream/patches.py",

@@ -43,6 +43,11 @@ RELIED_ON: dict[str, str] = {
     "celery.app.amqp:AMQP.Connection": f"{_SENTINEL} AMQP: the app's connections keep rerankq's transport",
     "kombu.transport.redis:SentinelChannel.connection_class": f"{_SENTINEL}: connections that leave a former master",
     "redis.retry:Retry.get_retries": f"{_SENTINEL}: a connection without retries retries a master's move once",
+    "redis.sentinel:SentinelConnectionPool.master_address": f"{_SENTINEL}: the master a pool's connections reach",
+    "redis.sentinel:SentinelConnectionPool().sentinel_manager": f"{_SENTINEL}: the sentinels a pool asks",
+    "redis.sentinel:Sentinel().sentinels": f"{_SENTINEL}: which sentinels, to ask once per set",
+    "redis.connection:AbstractConnection()._connect_callbacks": f"{_SENTINEL}: a pub/sub connection is not moved "
+                                                                 "quietly",
     "celery.backends.redis:SentinelBackend._get_sentinel_instance": f"{_SENTINEL}: the backend's connections too",
     "celery.loaders.base:BaseLoader.override_backends": "tasks/app.py: rerankq's Sentinel result backend",
     "redis.sentinel:SentinelConnectionPool.get_master_address": f"{_SENTINEL}: asks the sentinels, closes idle "
