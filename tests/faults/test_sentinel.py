@@ -103,15 +103,22 @@ def cluster() -> Iterator[tuple[RedisServer, RedisServer, Sentinels]]:
             sentinels.stop()
 
 
-def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted(
-        cluster: tuple[RedisServer, RedisServer, Sentinels], tmp_path: Path) -> None:
-    master, replica, sentinels = cluster
+def _sentinel_worker(sentinels: Sentinels, tmp_path: Path, name: str) -> tuple[dict[str, str], WorkerProcess]:
+    """A simulated worker on a queue of its own, reaching Redis through the sentinels, with 1 s timeouts; and
+    the environment its producers take."""
     queue = new_queue()
     env = {"RERANKQ_BROKER_URL": sentinels.url, "RERANKQ_RESULT_BACKEND": sentinels.url,
            "RERANKQ_SENTINEL_MASTER": MASTER, "RERANKQ_GPU_QUEUE": queue, "RERANKQ_POLL_MS": "100",
            "RERANKQ_SOCKET_TIMEOUT_S": "1", "RERANKQ_HEALTH_CHECK_S": "1"}
-    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=5,token_us=0"], env,
-                           tmp_path / "worker.log", f"sentinel.{queue}@localhost")
+    return env, WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=5,token_us=0"], env,
+                              tmp_path / "worker.log", f"{name}.{queue}@localhost")
+
+
+def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted(
+        cluster: tuple[RedisServer, RedisServer, Sentinels], tmp_path: Path) -> None:
+    master, replica, sentinels = cluster
+    env, worker = _sentinel_worker(sentinels, tmp_path, "sentinel")
+    queue = worker.queue
     watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log")
     client = sentinels.sentinel.master_for(MASTER, socket_timeout=1)
     try:
@@ -172,12 +179,8 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
     producer whose connection was idle meanwhile sends to the new master, not the old one, once the sentinels
     name it: redis-py alone sent there, the jobs lost when the old master resyncs."""
     master, replica, sentinels = cluster
-    queue = new_queue()
-    env = {"RERANKQ_BROKER_URL": sentinels.url, "RERANKQ_RESULT_BACKEND": sentinels.url,
-           "RERANKQ_SENTINEL_MASTER": MASTER, "RERANKQ_GPU_QUEUE": queue, "RERANKQ_POLL_MS": "100",
-           "RERANKQ_SOCKET_TIMEOUT_S": "1", "RERANKQ_HEALTH_CHECK_S": "1"}
-    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=5,token_us=0"], env,
-                           tmp_path / "worker.log", f"planned.{queue}@localhost")
+    env, worker = _sentinel_worker(sentinels, tmp_path, "planned")
+    queue = worker.queue
     idle = _Producer(env, queue)
     old, new = redis.Redis(port=master.port, socket_timeout=5), redis.Redis(port=replica.port, socket_timeout=5)
     try:
