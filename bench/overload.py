@@ -28,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import provenance  # noqa: E402
 from bench.peers import cell, open_loop, percentiles, saturate  # noqa: E402
 from bench.systems import Completions, RoutedSender, System  # noqa: E402
 from bench.workload import workload  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args()
+    run = provenance.describe()  # the build as the run starts
 
 
     from rerankq.local import RerankqProcess, WorkerProcess
@@ -88,7 +90,7 @@ def main() -> None:
               "offered_jobs_per_s": rate, "requests": len(requests), "runs": runs}
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report))
+    args.out.write_text(json.dumps({"build": run, **report}))
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import provenance  # noqa: E402
 from bench.peers import MODELS, build_model, open_loop, percentile, saturate  # noqa: E402
 from bench.systems import Completions, System, checkout, scrape  # noqa: E402
 from bench.workload import Request, workload  # noqa: E402
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "queue_wait.json")
     args = parser.parse_args()
+    run = provenance.describe()  # the build as the run starts
 
     from rerankq.redis_server import RedisServer
     from rerankq.tasks import app
@@ -111,7 +113,7 @@ def main() -> None:
               "capacity_jobs_per_s": {name: round(c, 1) for name, c in capacity.items()}, "rows": rows}
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report))
+    args.out.write_text(json.dumps({"build": run, **report}))
 
 
 class Build:

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import provenance  # noqa: E402
 from bench.systems import Completions  # noqa: E402
 from bench.workload import workload  # noqa: E402
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scaleout.json")
     args = parser.parse_args()
+    run = provenance.describe()  # the build as the run starts
 
     from rerankq.local import WorkerProcess
     from rerankq.redis_server import RedisServer
@@ -81,6 +83,7 @@ def main() -> None:
         print(f"| {n} | {statistics.median(seconds[n]):.2f} | {rate[n]:.0f} | {rate[n] / (n * one):.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
+        "build": run,
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "command": "python bench/scaleout.py " + shlex.join(sys.argv[1:]), "requests": len(requests),
         "seconds": seconds, "jobs_per_s": rate}, indent=2))

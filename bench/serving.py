@@ -22,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import provenance
 from bench.peers import MODELS, build_model, cell, machine, open_loop, percentiles, saturate
 from bench.systems import Completions, infinity_system, serve_system
 from bench.workload import add_arguments, pairs, shape, workload
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--baseline", default="", help="also run rerankq serve as of this git commit, side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
+    run = provenance.describe()  # the build as the run starts
 
     from rerankq.redis_server import RedisServer
 
@@ -76,7 +78,7 @@ def main() -> None:
         ratio = pairs_per_s[name] / pairs_per_s["infinity-emb"]
         print(f"{name:<16} {pairs_per_s[name]:>8.1f} {ratio:>11.2f}x   {cell(latency[name])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps({"build": run, **report}, indent=2))
 
 
 if __name__ == "__main__":
