@@ -38,6 +38,12 @@ class RankerFailed(RerankError):
     """The model raised while scoring this job (after isolating it from its batch-mates)."""
 
 
+class DeviceLost(RerankError):
+    """The GPU is in an error state no process can leave (a device-side assert, an illegal memory access): the
+    jobs of the batch that hit it fail with this message, the worker puts its other jobs back and exits for a
+    restart."""
+
+
 class RerankTimeout(RerankError):
     """No result arrived in time: are workers running on the job's queue?"""
 

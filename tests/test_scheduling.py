@@ -5,11 +5,15 @@ one pair, so a job of N docs is N forward batches."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rerankq.local import WorkerProcess
 from rerankq.tasks import RankerFailed, Result, rerank
+from rerankq.tasks.errors import DeviceLost
+from rerankq.worker.runner import DEVICE_LOST_EXIT
 from tests.conftest import StartWorker, eventually
 
 pytestmark = pytest.mark.integration
@@ -106,3 +110,30 @@ def test_a_job_the_model_scores_nan_fails_alone_saying_so(start_worker: StartWor
         broken.get(timeout=60)
     for handle in mates:
         assert set(result(handle).scores) == {1.0}
+
+
+def test_a_gpu_error_no_process_can_leave_puts_the_jobs_back_restarts_the_worker_and_fails_a_repeat_offender(
+        start_worker: StartWorker, redis_url: str, tmp_path: Path) -> None:
+    """A device-side assert leaves the GPU unusable for the process: every later batch failed while the worker
+    stayed up. Now the worker puts its jobs back and exits to be restarted; a job that was in a failing batch
+    twice fails (an input that asserts would otherwise take down each worker it reached), with its batch."""
+    sick = start_worker(*simulated(100, device_error_on="ASSERT"), RERANKQ_MAX_BATCH_TOKENS="64")
+    waiting = [rerank.apply_async(("bread", docs(20)), queue=sick.queue) for _ in range(3)]
+    time.sleep(0.3)  # their forward batches are under way
+    poisoned = rerank.apply_async(("bread", ["bread ASSERT"]), queue=sick.queue)
+    eventually(lambda: sick.proc.poll() is not None, 60, "the worker exits")
+    assert sick.proc.returncode == DEVICE_LOST_EXIT, sick.log()[-3000:]
+    assert "the GPU is in an error state this process cannot leave" in sick.log()
+    assert not poisoned.ready()  # back in its queue: the first time, nothing says which job it was
+    again = WorkerProcess(sick.queue, [*simulated(100, device_error_on="ASSERT")],  # its restart: it takes them
+                          {"RERANKQ_BROKER_URL": redis_url, "RERANKQ_RESULT_BACKEND": redis_url,
+                           "RERANKQ_MAX_BATCH_TOKENS": "64"}, tmp_path / "again.log", f"again.{sick.queue}@localhost")
+    try:
+        with pytest.raises(DeviceLost, match="the GPU failed while scoring this job"):
+            poisoned.get(timeout=60)  # the second time, it fails
+        eventually(lambda: again.proc.poll() is not None, 60, "the restarted worker exits too")
+    finally:
+        again.stop()
+    start_worker(*simulated(1), queue=sick.queue)  # a healthy one
+    outcomes = [h.get(timeout=60, propagate=False) for h in waiting]
+    assert all(isinstance(o, DeviceLost) or set(o["scores"]) == {1.0} for o in outcomes), outcomes

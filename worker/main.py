@@ -76,6 +76,11 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=lanes.both(queues), loglevel=loglevel,
                         without_gossip=True, without_mingle=True, task_events=True)
     worker.start()
+    from rerankq.worker.runner import DEVICE_LOST_EXIT, device_lost
+
+    if device_lost.is_set():
+        print("rerankq worker: the GPU failed for good; exiting to be restarted", file=sys.stderr, flush=True)
+        return DEVICE_LOST_EXIT
     return int(worker.exitcode or 0)
 
 

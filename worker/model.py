@@ -10,11 +10,11 @@ import math
 import time
 from collections.abc import Sequence
 
-from rerankq.tasks.errors import RankerFailed
+from rerankq.tasks.errors import DeviceLost, RankerFailed
 from rerankq.worker import metrics
 from rerankq.worker.batching import Pace
 from rerankq.worker.pending import Pending
-from rerankq.worker.rankers import Ranker, is_out_of_memory, release_cached_memory
+from rerankq.worker.rankers import Ranker, is_device_lost, is_out_of_memory, release_cached_memory
 from rerankq.worker.stats import Recent
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class Model:
             if len(scores) != len(pairs):
                 raise RankerFailed(f"the model gave {len(scores)} scores for {len(pairs)} pairs")
         except Exception as exc:
+            if is_device_lost(exc):  # retried by halves, every batch would fail the same way
+                raise DeviceLost(f"the GPU failed while scoring this job ({exc!r}); its worker restarts") from exc
             self._isolate(batch, exc)
             return
         busy_s = time.perf_counter() - began

@@ -168,8 +168,8 @@ class SimulatedRanker(Ranker):
     query's words found in the doc. ``--model 'latency_ms=20,token_us=5'`` sets the costs.
 
     Faults to inject: ``fail_on=WORD`` raises on any batch holding a doc with that word; ``nan_on=WORD`` scores
-    such a doc NaN, as a model that overflowed would; ``oom_above=N`` runs out of memory on any batch over N
-    padded tokens.
+    such a doc NaN, as a model that overflowed would; ``device_error_on=WORD`` raises the CUDA error a
+    device-side assert gives; ``oom_above=N`` runs out of memory on any batch over N padded tokens.
     """
 
     kind = "simulated"
@@ -178,7 +178,7 @@ class SimulatedRanker(Ranker):
         self.model = spec or "simulated"
         self.max_length = max_length or 512
         options: dict[str, float | str] = {"latency_ms": 10.0, "token_us": 5.0, "oom_above": 0.0, "fail_on": "",
-                                           "nan_on": ""}
+                                           "nan_on": "", "device_error_on": ""}
         for part in filter(None, (spec or "").split(",")):
             name, _, value = (p.strip() for p in part.partition("="))
             try:
@@ -186,12 +186,14 @@ class SimulatedRanker(Ranker):
                 options[name] = value if isinstance(default, str) else float(value)
             except (KeyError, ValueError):
                 raise ModelLoadError(f"the simulated ranker takes 'latency_ms=<ms>,token_us=<us>' (and optionally "
-                                     f"fail_on=<word>, nan_on=<word>, oom_above=<tokens>), got {spec!r}") from None
+                                     f"fail_on=<word>, nan_on=<word>, device_error_on=<word>, oom_above=<tokens>), "
+                                     f"got {spec!r}") from None
         self._latency_s = float(options["latency_ms"]) / 1000
         self._token_s = float(options["token_us"]) / 1_000_000
         self._oom_above = float(options["oom_above"])
         self._fail_on = str(options["fail_on"])
         self._nan_on = str(options["nan_on"])
+        self._device_error_on = str(options["device_error_on"])
 
     def _tokens(self, query: str, doc: str) -> int:
         return min(self.max_length, len(query.split()) + len(doc.split()) + 3)
@@ -211,6 +213,8 @@ class SimulatedRanker(Ranker):
             raise MemoryError(f"simulated out of memory: {padded} padded tokens > {self._oom_above:g}")
         if self._fail_on and any(self._fail_on in doc.split() for _, doc in pairs):
             raise RuntimeError(f"simulated model failure on {self._fail_on!r}")
+        if self._device_error_on and any(self._device_error_on in doc.split() for _, doc in pairs):
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered (simulated)")
         time.sleep(self._latency_s + self._token_s * padded)
         scores = []
         for query, doc in pairs:
@@ -283,6 +287,12 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend
             f"cannot load the {kind} model {name!r} on {device}: {cause}. Check that it is a local "
             "model directory or a hub id this machine can download (or find in its HF cache)") from exc
     raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder', 'fast' or 'simulated'")
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """A CUDA error that leaves the device unusable for this process (every later call fails the same way):
+    torch raises ``AcceleratorError`` for those (2.8+); out of memory is not one."""
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) and not is_out_of_memory(exc)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

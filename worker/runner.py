@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import signal
 import threading
 import time
 from collections import Counter, deque
@@ -22,7 +24,7 @@ from celery.worker import state as worker_state
 from rerankq.celeryconfig import Settings
 from rerankq.tasks import clock
 from rerankq.tasks.connections import BrokerRedis
-from rerankq.tasks.errors import DeadlineExceeded, RankerFailed
+from rerankq.tasks.errors import DeadlineExceeded, DeviceLost, RankerFailed
 from rerankq.tasks.lanes import BULK, INTERACTIVE, LANES
 from rerankq.tasks.records import BatchInfo
 from rerankq.worker import metrics
@@ -34,6 +36,31 @@ from rerankq.worker.settle import Settler, ack_all, requeue
 from rerankq.worker.stats import Busy, Recent, Throughput
 
 logger = logging.getLogger(__name__)
+
+
+#: Set once the GPU failed for good (``Runner._lose_device``); the worker then exits with ``DEVICE_LOST_EXIT``.
+device_lost = threading.Event()
+DEVICE_LOST_EXIT = 3
+
+
+#: How long a job is remembered as having been in a batch the GPU failed on (``suspects``).
+SUSPECT_S = 3600
+
+
+def suspects(broker: BrokerRedis, jobs: Sequence[Pending]) -> list[Pending]:
+    """Of the jobs of a batch the GPU failed on, those that were in such a batch before (counted in Redis,
+    ``rerankq:device-lost:<job id>``, for ``SUSPECT_S``); all of them if Redis cannot say."""
+    try:
+        pipe = broker.client.pipeline(transaction=False)
+        for pending in jobs:
+            key = broker.key("device-lost", pending.request.id)
+            pipe.incr(key)
+            pipe.expire(key, SUSPECT_S)
+        counts = pipe.execute()[::2]
+    except Exception:
+        logger.warning("could not count the jobs the GPU failed on; failing them all", exc_info=True)
+        return list(jobs)
+    return [pending for pending, count in zip(jobs, counts, strict=True) if int(count) > 1]
 
 
 class Ready:
@@ -93,6 +120,9 @@ class Runner:
                         return
                     if self.window:
                         self._step()
+                except DeviceLost:
+                    self._lose_device()
+                    return
                 except Exception:
                     logger.exception("the runner failed outside the model; requeueing its %d jobs in progress",
                                      len(self.window))
@@ -101,6 +131,23 @@ class Runner:
                     requeue(jobs, self._broker)
         finally:
             self._settler.stop()
+
+    def _lose_device(self) -> None:
+        """The GPU is in an error state this process cannot leave: every job it holds goes back to its queue,
+        and the worker ends (a warm shutdown, exit status ``DEVICE_LOST_EXIT``) to be started again."""
+        ready = self.ready
+        with ready.cond:
+            ready.stopping = True
+            waiting = [pending for lane in ready.lanes.values() for pending in lane]
+            for lane in ready.lanes.values():
+                lane.clear()
+        jobs, self.window = [*self.window, *waiting], []
+        logger.critical("the GPU is in an error state this process cannot leave: %d job(s) go back to their "
+                        "queue and the worker exits to be restarted", len(jobs))
+        self._on_settled(jobs)
+        requeue(jobs, self._broker)
+        device_lost.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: its event loop puts the jobs back
 
     # -- the window -------------------------------------------------------------------------------
 
@@ -191,6 +238,13 @@ class Runner:
             for pending in jobs:
                 pending.batches.append(info)
             self._model.forward(batch)
+        except DeviceLost as exc:
+            # This batch's jobs go back with the others, but one that was in such a batch before fails: an input
+            # that makes the device assert would take down every worker it reached, one after another.
+            for pending in suspects(self._broker, jobs):
+                pending.fail(exc)
+            self._finish([p for p in jobs if p.error is not None])
+            raise
         except Exception as exc:  # a bug, not the model (worker/model.py catches that): an outcome, not a loop
             logger.exception("forward batch failed outside the model; failing its %d jobs", len(jobs))
             for pending in jobs:
