@@ -33,7 +33,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     from rerankq.tasks import app, lanes
     from rerankq.worker.dtype import for_device
     from rerankq.worker.model import warm_up
-    from rerankq.worker.rankers import load_ranker
+    from rerankq.worker.rankers import is_device_lost, load_ranker
+    from rerankq.worker.runner import DEVICE_LOST_EXIT, device_lost
     from rerankq.worker.upstream import transport
 
     node = host_format(hostname or f"rerankq-{ranker}-{device.replace(':', '')}-{os.getpid()}@%h")
@@ -61,6 +62,8 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     except Exception as exc:  # each job's own forward says the rest (RankerFailed)
         print(f"rerankq worker: the model loaded but failed a warm-up forward batch: {exc!r}", file=sys.stderr,
               flush=True)
+        if is_device_lost(exc):  # a GPU broken before any job: taking jobs would only fail them
+            return DEVICE_LOST_EXIT
     metrics.MODEL_LOAD.set(time.monotonic() - started)
     metrics.MODEL.labels(loaded.kind, loaded.model, device).set(1)
     metrics.install_gpu_collector(torch_device)
@@ -76,8 +79,6 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
     worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=lanes.both(queues), loglevel=loglevel,
                         without_gossip=True, without_mingle=True, task_events=True)
     worker.start()
-    from rerankq.worker.runner import DEVICE_LOST_EXIT, device_lost
-
     if device_lost.is_set():
         print("rerankq worker: the GPU failed for good; exiting to be restarted", file=sys.stderr, flush=True)
         return DEVICE_LOST_EXIT

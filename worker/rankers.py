@@ -214,7 +214,7 @@ class SimulatedRanker(Ranker):
         if self._fail_on and any(self._fail_on in doc.split() for _, doc in pairs):
             raise RuntimeError(f"simulated model failure on {self._fail_on!r}")
         if self._device_error_on and any(self._device_error_on in doc.split() for _, doc in pairs):
-            raise torch.AcceleratorError("CUDA error: device-side assert triggered (simulated)")
+            raise DEVICE_ERROR("CUDA error: device-side assert triggered (simulated)")
         time.sleep(self._latency_s + self._token_s * padded)
         scores = []
         for query, doc in pairs:
@@ -289,10 +289,16 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend
     raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder', 'fast' or 'simulated'")
 
 
+#: What torch raises for a CUDA error that leaves the device unusable (2.8+; before, a RuntimeError saying so).
+DEVICE_ERROR: type[Exception] = getattr(torch, "AcceleratorError", RuntimeError)
+
+
 def is_device_lost(exc: BaseException) -> bool:
-    """A CUDA error that leaves the device unusable for this process (every later call fails the same way):
-    torch raises ``AcceleratorError`` for those (2.8+); out of memory is not one."""
-    return isinstance(exc, getattr(torch, "AcceleratorError", ())) and not is_out_of_memory(exc)
+    """A CUDA error that leaves the device unusable for this process (every later call fails the same way);
+    out of memory is not one."""
+    if is_out_of_memory(exc):
+        return False
+    return isinstance(exc, DEVICE_ERROR) and (DEVICE_ERROR is not RuntimeError or "CUDA error" in str(exc))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

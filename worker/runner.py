@@ -49,18 +49,20 @@ SUSPECT_S = 3600
 
 def suspects(broker: BrokerRedis, jobs: Sequence[Pending]) -> list[Pending]:
     """Of the jobs of a batch the GPU failed on, those that were in such a batch before (counted in Redis,
-    ``rerankq:device-lost:<job id>``, for ``SUSPECT_S``); all of them if Redis cannot say."""
+    ``rerankq:device-lost:<job id>``, for ``SUSPECT_S``). None if Redis cannot say: they go back, and a
+    poison input costs one more restart."""
+    ids = list(dict.fromkeys(pending.request.id for pending in jobs))  # a job received again: counted once
     try:
         pipe = broker.client.pipeline(transaction=False)
-        for pending in jobs:
-            key = broker.key("device-lost", pending.request.id)
+        for job_id in ids:
+            key = broker.key("device-lost", job_id)
             pipe.incr(key)
             pipe.expire(key, SUSPECT_S)
-        counts = pipe.execute()[::2]
+        counts = dict(zip(ids, pipe.execute()[::2], strict=True))
     except Exception:
-        logger.warning("could not count the jobs the GPU failed on; failing them all", exc_info=True)
-        return list(jobs)
-    return [pending for pending, count in zip(jobs, counts, strict=True) if int(count) > 1]
+        logger.warning("could not count the jobs the GPU failed on; they go back to their queue", exc_info=True)
+        return []
+    return [pending for pending in jobs if int(counts[pending.request.id]) > 1]
 
 
 class Ready:
