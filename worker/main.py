@@ -57,6 +57,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         _count_load(app, queues, "failure")
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1
+    metrics.MODEL_LOAD.set(time.monotonic() - started)  # the load alone, not the warm-up after it
     try:
         print(f"rerankq worker: warmed up in {1000 * warm_up(loaded):.0f} ms", file=sys.stderr, flush=True)
     except Exception as exc:  # each job's own forward says the rest (RankerFailed)
@@ -64,7 +65,6 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
               flush=True)
         if is_device_lost(exc):  # a GPU broken before any job: taking jobs would only fail them
             return DEVICE_LOST_EXIT
-    metrics.MODEL_LOAD.set(time.monotonic() - started)
     metrics.MODEL.labels(loaded.kind, loaded.model, device).set(1)
     metrics.install_gpu_collector(torch_device)
     _count_load(app, queues, "success")
