@@ -227,7 +227,7 @@ class Settings:
             if "cluster" in url.split("://", 1)[0]:
                 raise ConfigError(f"{_env_of(name)}={masked_url(url)!r}: Redis Cluster is not supported (kombu's Redis "
                                   "transport cannot use one); use one Redis, or Redis Sentinel for failover")
-            if url.startswith("sentinel://") and "ssl" in url:
+            if sentinel(url) and "ssl" in url:
                 raise ConfigError(f"{_env_of(name)}: TLS with Redis Sentinel is not supported yet (the connections "
                                   "would go unencrypted); use `rediss://` to one Redis, or Sentinel without TLS")
             if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://", "sentinel://")):

@@ -82,10 +82,11 @@ class Model:
             indices.append(index)
             values.append(score)
         for pending, (indices, values) in by_job.items():
-            bad = [i for i, v in zip(indices, values, strict=True) if not math.isfinite(v)]
+            bad = [(i, v) for i, v in zip(indices, values, strict=True) if not math.isfinite(v)]
             if bad:  # an overflow (fp16), or a broken model: this job fails, not its batch-mates nor the answer
-                pending.fail(RankerFailed(f"the {self.ranker.kind} model gave a non-finite score "
-                                          f"({values[indices.index(bad[0])]}) for doc {bad[0]} of this job"))
+                doc, value = bad[0]
+                pending.fail(RankerFailed(f"the {self.ranker.kind} model gave a non-finite score ({value}) for "
+                                          f"doc {doc} of this job"))
             else:
                 pending.scored(indices, values)
 

@@ -39,6 +39,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from rerankq import celeryconfig
 from rerankq.tasks import clock, lanes, memory, sentinel
 from rerankq.tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
 from rerankq.worker import inflight, metrics
@@ -430,7 +431,7 @@ def for_url(url: str) -> tuple[str, str]:
     rewriting kombu's process-wide scheme aliases. kombu takes the transport from a ``redis+socket://`` URL's
     prefix over the one it is given, so such a URL is read as ``rerankq+socket://``, the one alias this adds (no
     alias of kombu's changes)."""
-    if url.startswith("sentinel://"):
+    if celeryconfig.sentinel(url):
         return url, f"{__name__}:SentinelTransport"
     if url.startswith("redis+socket://"):
         kombu_transports.TRANSPORT_ALIASES.setdefault("rerankq", f"{__name__}:Transport")
