@@ -57,9 +57,11 @@ class Settings:
                                  "Tokens (real, counted with the model's tokenizer) of the jobs a worker scores "
                                  "at once, its window: each forward batch is picked from the window's pairs.")
     max_batch_tokens: int = _env("RERANKQ_MAX_BATCH_TOKENS", 0,
-                                 "Padded tokens in one forward batch (bounds activation memory); 0 means 8192 on "
-                                 "a GPU and 2048 on a CPU, where larger batches run slower per pair "
-                                 "(BENCHMARKS.md).")
+                                 "Padded tokens in one forward batch (bounds activation memory); 0 means, on a "
+                                 "GPU, what half its memory free after the warm-up holds (at most 32768; 8192 if "
+                                 "unmeasured), and 2048 on a CPU, where larger batches run slower per pair "
+                                 "(BENCHMARKS.md). After an out-of-memory error the worker lowers it to half the "
+                                 "batch that ran out.")
     max_chunk_jobs: int = _env("RERANKQ_MAX_CHUNK_JOBS", 64, "Most jobs in a worker's window.")
     target_batch_ms: float = _env("RERANKQ_TARGET_BATCH_MS", 15.0,
                                   "Forward batches are sized from the measured cost per batch to take about "
@@ -243,9 +245,10 @@ class Settings:
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
 
-    def batch_tokens(self, device: str) -> int:
-        """The forward-batch budget on ``device``."""
-        return self.max_batch_tokens or (8192 if device.startswith("cuda") else 2048)
+    def batch_tokens(self, device: str, fits: int | None = None) -> int:
+        """The forward-batch budget on ``device``: as set, else what a GPU's free memory ``fits`` (measured at the
+        warm-up), else 8192 on a GPU and 2048 on a CPU."""
+        return self.max_batch_tokens or fits or (8192 if device.startswith("cuda") else 2048)
 
     @property
     def prefetch_count(self) -> int:

@@ -48,7 +48,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from rerankq.worker.onnx_ranker import OnnxCrossEncoderRanker
-    from rerankq.worker.rankers import CrossEncoderRanker, Ranker
+    from rerankq.worker.rankers import Ranker
+    from rerankq.worker.torch_rankers import CrossEncoderRanker
     from tests.tiny_models import build_minilm_cross_encoder
 
     requests = workload(1, args.requests, 1, args.max_docs, 5, args.max_words)
@@ -60,7 +61,7 @@ def main() -> None:
         "onnx": lambda: OnnxCrossEncoderRanker(model, "cpu", 512),  # fp32: measured, not a setting
         "onnx-int8": lambda: OnnxCrossEncoderRanker(model, "cpu", 512, int8=True)}
     rankers = {b: backends[b]() for b in args.backends.split(",")}
-    costs = [c for r in requests for c in predict.token_counts(r.query, r.docs)]  # every backend's tokenizer
+    costs = [c for r in requests for c in predict.encode(r.query, r.docs).costs]  # every backend's tokenizer
 
     def budget(ranker: Ranker, tokens: int) -> Callable[[], list[float]]:
         def run() -> list[float]:

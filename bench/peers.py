@@ -45,19 +45,9 @@ from bench import provenance  # noqa: E402
 from bench.systems import Completions, System, celery_peer, infinity_system, rerankq_system, scrape  # noqa: E402
 from bench.workload import Request, add_arguments, pairs, shape, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
+from tests.tiny_models import MODELS, build_model  # noqa: E402
 
 ZERO_COST = "latency_ms=0,token_us=0"
-
-
-MODELS = ("minilm", "bge-reranker-v2-m3", "xlmr-tiny")
-
-
-def build_model(name: str, path: Path) -> Path:
-    from tests.tiny_models import build_minilm_cross_encoder, build_xlmr_cross_encoder
-
-    if name == "minilm":
-        return build_minilm_cross_encoder(path)
-    return build_xlmr_cross_encoder(path, name.removeprefix("xlmr-"))
 
 
 def saturate(system: System, requests: list[Request], completions: Completions) -> float:

@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import provenance  # noqa: E402
-from bench.peers import MODELS, build_model, open_loop, percentile, saturate  # noqa: E402
+from bench.peers import open_loop, percentile, saturate  # noqa: E402
 from bench.systems import Completions, System, checkout, scrape  # noqa: E402
 from bench.workload import Request, workload  # noqa: E402
 from rerankq.redis_server import free_port  # noqa: E402
+from tests.tiny_models import MODELS, build_model  # noqa: E402
 
 
 def main() -> None:

@@ -23,9 +23,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import provenance
-from bench.peers import MODELS, build_model, cell, machine, open_loop, percentiles, saturate
+from bench.peers import cell, machine, open_loop, percentiles, saturate
 from bench.systems import Completions, infinity_system, serve_system
 from bench.workload import add_arguments, pairs, shape, workload
+from tests.tiny_models import MODELS, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

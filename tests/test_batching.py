@@ -412,7 +412,7 @@ def test_a_batch_far_slower_than_the_fit_predicts_is_not_learned_from_unless_slo
 
 def test_the_warm_up_runs_each_of_its_shapes_through_the_model() -> None:
     from rerankq.worker.model import WARM_UP, warm_up
-    from rerankq.worker.rankers import SimulatedRanker
+    from rerankq.worker.simulated import SimulatedRanker
 
     calls: list[int] = []
 
@@ -425,3 +425,22 @@ def test_the_warm_up_runs_each_of_its_shapes_through_the_model() -> None:
 
     warm_up(Cold("latency_ms=0,token_us=0"))
     assert calls == [pairs for pairs, _ in WARM_UP]
+
+
+def test_a_gpus_batch_budget_is_half_its_free_memory_at_the_warm_ups_cost_per_token_within_bounds() -> None:
+    from rerankq.worker.batching import MAX_GPU_TOKENS, memory_budget
+
+    mib = 1 << 20
+    assert memory_budget(8 * 1024 * mib, 0.5 * mib, 512) == 8192  # 4 GiB for batches at 0.5 MiB a token
+    assert memory_budget(8 * 1024 * mib, 0.3 * mib, 512) == 13312  # rounded down to whole 1,024s
+    assert memory_budget(80 * 1024 * mib, 0.1 * mib, 512) == MAX_GPU_TOKENS
+    assert memory_budget(100 * mib, 1 * mib, 512) == 512  # never under one longest pair
+
+
+def test_after_out_of_memory_the_budget_is_half_the_batch_that_ran_out() -> None:
+    from rerankq.worker.batching import after_out_of_memory
+
+    assert after_out_of_memory(8192, None, 512) == 8192
+    assert after_out_of_memory(8192, 6000, 512) == 3000
+    assert after_out_of_memory(2048, 6000, 512) == 2048  # ran out far above the budget: no lower than it was
+    assert after_out_of_memory(8192, 600, 512) == 512

@@ -20,8 +20,9 @@ def torch_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     # Set first, so that undoing restores the variable as it was even when pin() set it from nothing.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setenv("CUDA_DEVICE_ORDER", "")
-    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    for name in ("CUDA_DEVICE_ORDER", *device.ALLOC_CONF):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def test_cuda_n_makes_gpu_n_the_only_visible_one() -> None:
@@ -83,3 +84,15 @@ def test_gpus_are_numbered_in_nvidia_smis_order_unless_the_user_chose(monkeypatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     device.pin("cuda:1")
     assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
+def test_the_allocator_grows_its_segments_for_changing_batch_shapes_unless_the_user_set_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    device.pin("cuda:0")
+    name = device._alloc_conf_name()  # PYTORCH_ALLOC_CONF from torch 2.9
+    assert os.environ[name] == "expandable_segments:True"
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the older name, set by the user
+    device.pin("cuda:0")
+    assert name not in os.environ or name == "PYTORCH_CUDA_ALLOC_CONF"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

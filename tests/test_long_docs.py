@@ -14,7 +14,7 @@ from rerankq.producer import rerank
 from rerankq.tasks import BadJob
 from rerankq.tasks.records import SPLIT, TRUNCATE, TRUNCATE_LEFT
 from rerankq.worker import windows
-from rerankq.worker.rankers import CrossEncoderRanker
+from rerankq.worker.torch_rankers import CrossEncoderRanker
 from tests.conftest import StartWorker
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def test_split_windows_are_pairs_in_the_forward_batches_and_the_doc_takes_the_be
     ranker = CrossEncoderRanker(str(tiny_model), "cpu")
     pieces = windows.pieces(long_doc, ranker.offsets(long_doc), ranker.window_budget(QUERY), SPLIT, 64, 8)
     assert len(pieces) == 8  # the most RERANKQ_MAX_WINDOWS keeps
-    assert all(n <= ranker.max_length for n in ranker.token_counts(QUERY, pieces))
+    assert all(n <= ranker.max_length for n in ranker.encode(QUERY, pieces).costs)
     reference = CrossEncoder(str(tiny_model), device="cpu")
     want = [max(reference.predict([(QUERY, p) for p in pieces])), reference.predict([(QUERY, DISTRACTOR)])[0]]
     np.testing.assert_allclose(result.scores, want, rtol=0, atol=1e-5)

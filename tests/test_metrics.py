@@ -203,3 +203,16 @@ def _names(family: Any) -> set[str]:
     """A family's sample names, and for histograms the ``_bucket``/``_sum``/``_count`` series."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
     return {family.name + suffix for suffix in suffixes}
+
+
+def test_the_gpu_utilisation_is_the_mean_of_the_samples_since_the_last_scrape() -> None:
+    from rerankq.worker.metrics import Sampled
+
+    sampled = Sampled()
+    assert sampled.take() is None  # nothing sampled (no NVML): the gauge is left out
+    for value in (0.2, 1.0, 0.6):
+        sampled.add(value)
+    assert sampled.take() == pytest.approx(0.6)
+    assert sampled.take() == pytest.approx(0.6)  # no sample since: the last one, not nothing
+    sampled.add(0.0)
+    assert sampled.take() == 0.0

@@ -11,7 +11,8 @@ from sentence_transformers import CrossEncoder
 from rerankq.tasks import Result, rerank
 from rerankq.tasks.errors import ModelLoadError
 from rerankq.worker.onnx_ranker import OnnxCrossEncoderRanker
-from rerankq.worker.rankers import CrossEncoderRanker, load_ranker
+from rerankq.worker.rankers import load_ranker
+from rerankq.worker.torch_rankers import CrossEncoderRanker
 from tests.conftest import StartWorker
 
 PAIRS = [("river bank", "a bank by the river"), ("loan", "interest rates rose " * 40), ("x", "y " * 600),
@@ -28,7 +29,7 @@ def test_the_onnx_export_scores_as_torch_does(model_name: str, request: pytest.F
                                rtol=0, atol=1e-5)
     np.testing.assert_allclose(onnx.score(PAIRS), CrossEncoderRanker(model, "cpu").score(PAIRS), rtol=0, atol=1e-5)
     np.testing.assert_allclose(onnx.score(PAIRS), [onnx.score([p])[0] for p in PAIRS], rtol=0, atol=1e-5)
-    assert onnx.token_counts("x", ["y " * 600])[0] == onnx.max_length == 512
+    assert onnx.encode("x", ["y " * 600]).costs[0] == onnx.max_length == 512
 
 
 def test_the_int8_backend_quantizes_and_stays_close_to_torch(tiny_model: Path) -> None:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from sentence_transformers import CrossEncoder
+from transformers import AutoTokenizer
 
 from rerankq.local import WorkerProcess
 from rerankq.tasks import Result, rerank
-from rerankq.worker.rankers import CrossEncoderRanker, FastRanker
+from rerankq.worker.model import Model
+from rerankq.worker.pending import Pending
+from rerankq.worker.rankers import Launched, Ranker
+from rerankq.worker.simulated import SimulatedRanker
+from rerankq.worker.stats import Recent
+from rerankq.worker.tokens import Tokens, pad
+from rerankq.worker.torch_rankers import CrossEncoderRanker, FastRanker
 from tests.conftest import StartWorker
 from tests.tiny_models import build_xlmr_cross_encoder
 
@@ -47,7 +56,7 @@ def test_the_fast_ranker_scores_are_cosines_of_the_bundled_model(fast: FastRanke
 
 
 def test_the_fast_ranker_charges_each_query_once(fast: FastRanker) -> None:
-    counts = fast.token_counts("one two three", ["a", "b c"])
+    counts = fast.encode("one two three", ["a", "b c"]).costs
     assert counts == [5 + 3, 4]  # [CLS] one two three [SEP] + [CLS] a [SEP]; [CLS] b c [SEP]
 
 
@@ -56,7 +65,7 @@ def test_the_cross_encoder_ranker_matches_predict(tiny_model: Path) -> None:
     pairs = [("river bank", "a bank by the river"), ("loan", "interest rates rose"), ("x", "y " * 600)]
     want = CrossEncoder(str(tiny_model), device="cpu").predict(pairs)
     np.testing.assert_allclose(ranker.activate(ranker.score(pairs)), want, rtol=0, atol=1e-5)
-    assert ranker.token_counts("x", ["y " * 600])[0] == ranker.max_length == 512
+    assert ranker.encode("x", ["y " * 600]).costs[0] == ranker.max_length == 512
 
 
 @pytest.mark.parametrize("builder", ["tiny_model", "xlmr_model"])
@@ -72,7 +81,7 @@ def test_a_long_query_read_once_scores_and_counts_as_the_whole_query(builder: st
     docs = ["flour and water", "y " * 300, "a river bank " * 100]  # the last two share the length with the query
     whole, once = [(query, d) for d in docs], [(read, d) for d in docs]
     np.testing.assert_allclose(ranker.score(once), ranker.score(whole), rtol=0, atol=1e-6)
-    assert ranker.token_counts(read, [*docs, "y " * 600]) == ranker.token_counts(query, [*docs, "y " * 600])
+    assert ranker.encode(read, [*docs, "y " * 600]).costs == ranker.encode(query, [*docs, "y " * 600]).costs
     assert ranker.query_read("short query") == "short query"
     assert fast.score([(fast.query_read(query), "flour")]) == pytest.approx(fast.score([(query, "flour")]), abs=1e-6)
 
@@ -100,3 +109,86 @@ def test_a_fast_worker_serves_jobs_and_says_so(start_worker: StartWorker) -> Non
         result = Result.from_dict(handle.get(timeout=60))
         assert result.ranker == "fast" and result.model == "all-MiniLM-L6-v2"
         assert result.scores[1] > result.scores[0]
+
+
+def encoded(ranker: Ranker, query: str, docs: list[str]) -> Pending:
+    """A job as the preparer leaves it: its pairs encoded, every one left to score."""
+    pending = Pending(None, 0.0)
+    pending.encoded = ranker.encode(query, docs)
+    pending.costs = pending.encoded.costs
+    pending.begin()
+    return pending
+
+
+def run_all(model: Model, jobs: list[Pending]) -> None:
+    """One forward batch of every pair left, taken as the runner takes them."""
+    batch = [(p, i) for p in jobs for i in p.left]
+    for pending in jobs:
+        pending.take(list(pending.left))
+    model.forward(batch)
+
+
+def test_each_pair_is_tokenised_once_by_the_preparer_and_scored_from_those_ids(
+        xlmr_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ranker = CrossEncoderRanker(str(xlmr_model), "cpu")
+    calls: list[int] = []
+    tokenizer_class = type(ranker._tokenizer)
+    real = tokenizer_class.__call__
+
+    def counting(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(text) if isinstance(text, list) else 1)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", counting)
+    jobs = [encoded(ranker, query, [good, bad, "y " * 600]) for query, good, bad in CASES]
+    assert calls == [3, 3, 3]  # one call per job, tokenising each of its pairs once
+    calls.clear()
+    run_all(Model(ranker, Recent()), jobs)
+    assert calls == []  # the forward batch was padded from the preparer's ids
+    reference = CrossEncoder(str(xlmr_model), device="cpu")
+    for pending, (query, good, bad) in zip(jobs, CASES, strict=True):
+        want = reference.predict([(query, good), (query, bad), (query, "y " * 600)], activation_fn=torch.nn.Identity())
+        np.testing.assert_allclose(pending.scores, want, rtol=0, atol=1e-5)
+        assert pending.done and pending.error is None
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_the_preparers_ids_gives_the_tokenizers_own_padded_batch(tiny_model: Path, side: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokenizer.padding_side = side
+    queries, docs = ["a short query", "q", "a query of some more words"], ["doc", "a much longer doc " * 20, "mid doc"]
+    tokens = Tokens.of(tokenizer(queries, docs, truncation=True, max_length=64), ["token_type_ids"])
+    order = [2, 0, 1]  # rows of a batch come in any order
+    want = tokenizer([queries[i] for i in order], [docs[i] for i in order], truncation=True, max_length=64,
+                     padding=True, return_tensors="np")
+    got = pad([(tokens, i) for i in order], tokenizer.pad_token_id, left=side == "left")
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_batch_that_ran_out_of_memory_is_retried_once_the_failed_forwards_memory_is_free() -> None:
+    """pytorch#18853: a retry inside the ``except`` keeps the failed forward's frames, and its activations, alive."""
+
+    class Activations:
+        pass
+
+    freed: list[bool] = []
+
+    class Tight(SimulatedRanker):
+        failed: weakref.ref[Activations] | None = None
+
+        def launch(self, prepared: Any) -> Launched:
+            activations = Activations()  # what the forward allocated: held by its frame
+            if len(prepared[1]) > 1:
+                Tight.failed = weakref.ref(activations)
+                raise MemoryError("simulated out of memory")
+            freed.append(Tight.failed is not None and Tight.failed() is None)
+            return super().launch(prepared)
+
+    model = Model(Tight("latency_ms=0,token_us=0"), Recent())
+    job = encoded(model.ranker, "bread", ["bread one", "bread two", "bread three"])
+    run_all(model, [job])
+    assert job.error is None and job.scores == [1.0, 1.0, 1.0]
+    assert freed == [True, True, True]
+    assert model.out_of_memory_at is not None  # the runner lowers its budget from here (batching.after_out_of_memory)

@@ -4,6 +4,7 @@ one pair, so a job of N docs is N forward batches."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,32 @@ def test_out_of_memory_mid_run_splits_the_batch_and_fails_only_a_pair_that_never
         doomed.get(timeout=60)
     for handle in [*running, joined]:
         assert set(result(handle).scores) == {1.0}
+
+
+def test_after_out_of_memory_batches_stay_under_the_size_that_ran_out(start_worker: StartWorker) -> None:
+    # Batches over 100 padded tokens run out of memory; the budget says 400. Pairs of 8 tokens (RERANKQ_MAX_LENGTH).
+    worker = start_worker(*simulated(5, oom_above="100"), RERANKQ_MAX_BATCH_TOKENS="400", RERANKQ_MAX_LENGTH="8",
+                          RERANKQ_TARGET_BATCH_MS="0")
+    first = result(rerank.apply_async(("bread", docs(40)), queue=worker.queue))
+    assert max(b.padded_tokens for b in first.batches) > 100  # it ran out, and was split
+    then = result(rerank.apply_async(("bread", docs(40)), queue=worker.queue))
+    assert set(then.scores) == {1.0}
+    assert max(b.padded_tokens for b in then.batches) <= 100, then.batches  # lowered: none ran out
+
+
+def test_the_next_batch_is_prepared_while_one_runs_on_the_device(start_worker: StartWorker, tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    worker = start_worker(*simulated(BATCH_MS / 2, trace=str(trace)), RERANKQ_MAX_BATCH_TOKENS="1")
+    assert len(result(rerank.apply_async(("bread", docs(6)), queue=worker.queue)).batches) == 6  # alone: 6 in a row
+    steps: dict[tuple[str, int], float] = {}
+    for line in trace.read_text().splitlines():
+        step, batch, at = line.split()
+        steps[step, int(batch)] = float(at)
+    ran = sorted(n for step, n in steps if step == "read")
+    assert len(ran) == 6, steps
+    for before, after in itertools.pairwise(ran):
+        # Padded while the one before ran (after it was launched, before its scores were read); launched after.
+        assert steps["launch", before] < steps["prepare", after] < steps["read", before] <= steps["launch", after]
 
 
 def test_a_warm_shutdown_ends_after_the_running_batch_and_a_large_job_in_progress_goes_back(

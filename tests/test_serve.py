@@ -21,7 +21,7 @@ from rerankq.tasks.connections import BrokerRedis
 from rerankq.tasks.records import SPLIT, TRUNCATE_LEFT
 from rerankq.tasks.router import SHED, RouteState, state_key
 from rerankq.worker import windows
-from rerankq.worker.rankers import CrossEncoderRanker
+from rerankq.worker.torch_rankers import CrossEncoderRanker
 from tests.conftest import StartWorker, new_queue
 
 pytestmark = pytest.mark.integration

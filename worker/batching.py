@@ -164,6 +164,29 @@ def target_tokens(tokens: int | None, busy: float) -> int | None:
     return tokens if tokens is None or busy <= MAX_BUSY else 2 * tokens
 
 
+#: A GPU's forward batches take at most this share of the memory free after the warm-up, up to this many tokens.
+MEMORY_SHARE = 0.5
+MAX_GPU_TOKENS = 32768
+
+
+def memory_budget(free_bytes: int, bytes_per_token: float, longest: int) -> int:
+    """The padded tokens a GPU's forward batch may hold: ``MEMORY_SHARE`` of the free memory at the warm-up's cost
+    per token (whole thousands of 1,024), between one pair of ``longest`` tokens and ``MAX_GPU_TOKENS``. A larger
+    budget only serves backlogs (the batch-time target sizes batches otherwise); an underestimate is corrected by
+    ``after_out_of_memory``."""
+    fits = int(free_bytes * MEMORY_SHARE / bytes_per_token) // 1024 * 1024
+    return max(longest, min(MAX_GPU_TOKENS, fits))
+
+
+def after_out_of_memory(max_tokens: int, failed_at: int | None, longest: int) -> int:
+    """The forward-batch budget once a batch of ``failed_at`` padded tokens (several pairs) ran out of memory:
+    half of it, the size of the halves its retry ran, and never under one pair of ``longest`` tokens. The
+    settings' budget is a latency choice, set before the worker saw its device's free memory."""
+    if failed_at is None:
+        return max_tokens
+    return max(longest, min(max_tokens, failed_at // 2))
+
+
 def next_batch(window: Sequence[W], budget: Mapping[str, Budget], turns: Turns = Turns()) -> list[tuple[W, int]]:
     """The next forward batch as (job, pair index) pairs, within the budget of its anchor's lane; ``window``
     in arrival order. A single pair over the budget gets a batch of its own; the oldest job's pairs lead

@@ -4,7 +4,7 @@ scores many of them together.
 Three threads share the work so that the model never waits on bookkeeping:
 
 * Celery's event loop receives each job message and hands it over (``chunk_strategy``), unacked;
-* the *preparer* validates each job and counts its tokens with the model's tokenizer, while
+* the *preparer* validates each job and tokenises its pairs, once (``Ranker.encode``), while
 * the *runner* (worker/runner.py) schedules the prepared jobs' pairs into forward batches and settles each
   job as soon as its last pair is scored (worker/settle.py): results written, then acked, then published.
 """
@@ -157,7 +157,9 @@ class ChunkConsumer:
             pending.texts, pending.owners = windows.expand(job.docs, mode, budget, self.ranker.max_length // 4,
                                                            self.ranker.offsets, settings.window_overlap,
                                                            settings.max_windows)
-            pending.costs = self.ranker.token_counts(query, pending.texts) if pending.texts else []
+            if pending.texts:  # tokenised here once: the runner pads forward batches from these ids
+                pending.encoded = self.ranker.encode(query, pending.texts)
+                pending.costs = pending.encoded.costs
         except (BadJob, DeadlineExceeded) as exc:
             pending.error = exc
         except Exception as exc:  # a tokenizer that chokes on this input fails this job alone

@@ -5,8 +5,20 @@ from __future__ import annotations
 import os
 import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from rerankq.tasks.errors import ConfigError
+
+#: torch's allocator settings: the name since torch 2.9, and the one before (still read, with a warning).
+ALLOC_CONF = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def _alloc_conf_name() -> str:
+    try:
+        major, minor = (int(part) for part in re.findall(r"\d+", version("torch"))[:2])
+    except (PackageNotFoundError, ValueError):
+        return ALLOC_CONF[0]
+    return ALLOC_CONF[0] if (major, minor) >= (2, 9) else ALLOC_CONF[1]
 
 
 def visible() -> list[str] | None:
@@ -36,6 +48,10 @@ def pin(device: str) -> str:
         raise ConfigError(f"--device {device}: CUDA_VISIBLE_DEVICES is set and empty, which hides every GPU; use "
                           "--device cpu, or name the GPUs this worker may use")
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if not any(os.environ.get(name) for name in ALLOC_CONF):
+        # Forward batches change shape all the time: growable segments keep the fragments of one shape from
+        # adding up to an out-of-memory error at another.
+        os.environ[_alloc_conf_name()] = "expandable_segments:True"
     if given is not None:
         if index >= len(given):
             raise ConfigError(f"--device {device}: only {len(given)} GPU(s) visible "

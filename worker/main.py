@@ -59,7 +59,10 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         return 1
     metrics.MODEL_LOAD.set(time.monotonic() - started)  # the load alone, not the warm-up after it
     try:
-        print(f"rerankq worker: warmed up in {1000 * warm_up(loaded):.0f} ms", file=sys.stderr, flush=True)
+        took = warm_up(loaded)
+        fits = f"; forward batches of up to {loaded.fits_tokens} padded tokens fit in its memory" \
+            if loaded.fits_tokens else ""
+        print(f"rerankq worker: warmed up in {1000 * took:.0f} ms{fits}", file=sys.stderr, flush=True)
     except Exception as exc:  # each job's own forward says the rest (RankerFailed)
         print(f"rerankq worker: the model loaded but failed a warm-up forward batch: {exc!r}", file=sys.stderr,
               flush=True)

@@ -9,6 +9,8 @@ and their meaning are in the README's *Metrics* table.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,8 +27,11 @@ BATCH_PAIRS = Histogram("rerankq_forward_batch_pairs", "Pairs per forward batch 
                         buckets=_POW2[:13])
 BATCH_PADDED = Histogram("rerankq_forward_batch_padded_tokens", "Padded tokens per forward batch.",
                          buckets=_POW2[4:])
-BUSY = Counter("rerankq_busy_seconds", "Seconds the model spent in forward batches: its rate is the share of "
-               "wall time the device computes, a utilisation figure that needs no NVML.")
+BUSY = Counter("rerankq_busy_seconds", "Seconds from launching each forward batch to its scores read, the runner's "
+               "own work between batches left out: its rate is the share of wall time the model is busy. On a GPU "
+               "it counts the launches and the copy back too: rerankq_gpu_seconds is the device's own time.")
+DEVICE_BUSY = Counter("rerankq_gpu_seconds", "Seconds the GPU spent in forward batches, timed on it by CUDA events "
+                      "(GPU workers only): its rate is the share of wall time the GPU computes for this worker.")
 REAL_TOKENS = Counter("rerankq_real_tokens", "Tokens of the pairs scored (before padding).")
 PADDED_TOKENS = Counter("rerankq_padded_tokens",
                         "Tokens the forward batches ran, padding included: real / padded is padding efficiency.")
@@ -133,22 +138,63 @@ def record_loads(loads: Mapping[str, Any]) -> None:
 
 
 def install_gpu_collector(device: str) -> None:
-    """GPU memory and utilisation, read at scrape time, on CUDA workers (not a simulated GPU)."""
+    """GPU memory (read at scrape time) and utilisation (sampled), on CUDA workers (not a simulated GPU)."""
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
         REGISTRY.register(GpuCollector())
 
 
+#: How often the NVML utilisation is sampled: it covers the last 1/6 to 1 s, depending on the GPU.
+SAMPLE_S = 0.5
+
+
+class Sampled:
+    """The mean of the samples taken since it was last read, or the last sample if none came since: one NVML
+    reading at scrape time said what the GPU did in the second before a 15 s scrape, not over it. The sampling
+    thread adds, the scrape takes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sum, self._count = 0.0, 0
+        self._last: float | None = None
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            self._count += 1
+            self._last = value
+
+    def take(self) -> float | None:
+        with self._lock:
+            mean = self._sum / self._count if self._count else self._last
+            self._sum, self._count = 0.0, 0
+            return mean
+
+
 class GpuCollector(Collector):
+    def __init__(self) -> None:
+        self.utilization = Sampled()
+        threading.Thread(target=self._sample, name="rerankq-nvml", daemon=True).start()
+
+    def _sample(self) -> None:
+        import torch
+
+        while True:
+            try:  # needs NVML (the nvidia-ml-py package); a MIG instance has no utilisation of its own
+                self.utilization.add(torch.cuda.utilization() / 100)
+            except Exception:
+                return
+            time.sleep(SAMPLE_S)
+
     def describe(self) -> list[Any]:
         """The families ``collect`` gives, without values (what a CPU-only process can list)."""
         from prometheus_client.core import GaugeMetricFamily
 
         return [GaugeMetricFamily("rerankq_gpu_memory_bytes", "GPU memory held by this worker.", labels=["kind"]),
                 GaugeMetricFamily("rerankq_gpu_memory_total_bytes", "The GPU's memory."),
-                GaugeMetricFamily("rerankq_gpu_utilization_ratio", "Share of the last sample period the GPU ran a "
-                                  "kernel (NVML).")]
+                GaugeMetricFamily("rerankq_gpu_utilization_ratio", "Share of time the GPU ran a kernel (NVML), the "
+                                  "mean of samples every 0.5 s since the last scrape; any process's kernels count.")]
 
     def collect(self) -> Iterable[Any]:
         import torch
@@ -157,9 +203,8 @@ class GpuCollector(Collector):
         memory.add_metric(["allocated"], torch.cuda.memory_allocated())
         memory.add_metric(["reserved"], torch.cuda.memory_reserved())
         total.add_metric([], torch.cuda.get_device_properties(0).total_memory)
-        try:  # needs NVML (the nvidia-ml-py package)
-            utilization = torch.cuda.utilization()
-        except Exception:
+        utilization = self.utilization.take()
+        if utilization is None:
             return [memory, total]
-        busy.add_metric([], utilization / 100)
+        busy.add_metric([], utilization)
         return [memory, total, busy]

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from rerankq.tasks.errors import ModelLoadError
-from rerankq.worker.rankers import CrossEncoderRanker, Pair
+from rerankq.worker.rankers import Launched, Row
+from rerankq.worker.tokens import pad
+from rerankq.worker.torch_rankers import CrossEncoderRanker
 
 
 class OnnxCrossEncoderRanker(CrossEncoderRanker):
@@ -40,7 +42,7 @@ class OnnxCrossEncoderRanker(CrossEncoderRanker):
                 path = Path(tmp) / "model-int8.onnx"
             # The session holds the weights in memory: the files may go.
             self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._session_inputs = [i.name for i in self._session.get_inputs()]
         self.dtype = "int8" if int8 else "fp32"  # RERANKQ_DTYPE is the torch models'
         self._ce.model.to("meta")  # the torch weights are not used again: free them
 
@@ -55,8 +57,10 @@ class OnnxCrossEncoderRanker(CrossEncoderRanker):
                           dynamic_axes={n: {0: "pairs", 1: "tokens"} for n in names}, opset_version=17, dynamo=False)
         return path
 
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        encoded: Any = self._ce.tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True,
-                                          truncation=True, max_length=self.max_length, return_tensors="np")
-        logits = self._session.run(["logits"], {name: encoded[name] for name in self._inputs})[0]
-        return [float(s) for s in logits.reshape(-1)]
+    def prepare(self, rows: Sequence[Row]) -> Any:
+        tokens = [(encoded.tokens, i) for encoded, i in rows if encoded.tokens is not None]
+        arrays = pad(tokens, self._pad_id, self._left)
+        return {name: arrays[name] for name in self._session_inputs}
+
+    def launch(self, prepared: Any) -> Launched:
+        return Launched(self._session.run(["logits"], prepared)[0])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rerankq.tasks.lanes import INTERACTIVE
 from rerankq.tasks.records import BatchInfo, Job
 from rerankq.tasks.rerank import SENT_AT_HEADER
+
+if TYPE_CHECKING:  # rankers import torch, which must wait for the GPU pinning
+    from rerankq.worker.rankers import Encoded
 
 
 @dataclass(eq=False)
@@ -24,13 +27,16 @@ class Pending:
     #: The text of each pair scored: the docs, or their pieces (``worker/windows.py``), and the doc of each.
     texts: list[str] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
-    #: Tokens of each (query, text) pair, counted by the preparer.
+    #: The (query, text) pairs tokenised by the preparer (``Ranker.encode``), and the tokens each costs.
+    encoded: Encoded | None = None
     costs: list[int] = field(default_factory=list)
     error: BaseException | None = None
-    #: Filled in by the runner, per pair: scores so far, the pairs not scored yet (longest first) and their tokens.
+    #: Filled in by the runner, per pair: scores so far, the pairs not in a forward batch yet (longest first) and
+    #: their tokens, and how many are in one (chosen, not scored yet).
     scores: list[float] = field(default_factory=list)
     left: list[int] = field(default_factory=list)
     left_tokens: int = 0
+    flying: int = 0
     #: When its first forward batch started (wall clock), and the batches that scored it.
     started: float | None = None
     batches: list[BatchInfo] = field(default_factory=list)
@@ -57,12 +63,28 @@ class Pending:
         self.left = sorted(range(len(self.costs)), key=lambda i: -self.costs[i])
         self.left_tokens = self.tokens
 
+    @property
+    def done(self) -> bool:
+        """It has its outcome: failed, or every pair scored."""
+        return self.error is not None or not (self.left or self.flying)
+
+    def take(self, indices: list[int]) -> None:
+        """Its pairs ``indices`` are in a forward batch: no later batch is to take them."""
+        chosen = set(indices)
+        self.left = [i for i in self.left if i not in chosen]
+        self.left_tokens -= sum(self.costs[i] for i in indices)
+        self.flying += len(indices)
+
+    def give_back(self, indices: list[int]) -> None:
+        """Its pairs ``indices`` left a batch that will not run: to be chosen again, in their place."""
+        self.left = sorted([*self.left, *indices], key=lambda i: -self.costs[i])
+        self.left_tokens += sum(self.costs[i] for i in indices)
+        self.flying -= len(indices)
+
     def scored(self, indices: list[int], scores: list[float]) -> None:
-        done = set(indices)
         for index, score in zip(indices, scores, strict=True):
             self.scores[index] = score
-        self.left = [i for i in self.left if i not in done]
-        self.left_tokens -= sum(self.costs[i] for i in indices)
+        self.flying -= len(indices)
 
     def fail(self, error: BaseException) -> None:
         self.error = error

@@ -18,6 +18,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from celery.worker import state as worker_state
 
@@ -28,7 +30,17 @@ from rerankq.tasks.errors import DeadlineExceeded, DeviceLost, RankerFailed
 from rerankq.tasks.lanes import BULK, INTERACTIVE, LANES
 from rerankq.tasks.records import BatchInfo
 from rerankq.worker import metrics
-from rerankq.worker.batching import BUSY_S, KEEP, QUIET_S, Turns, admit, budgets, next_batch, target_tokens
+from rerankq.worker.batching import (
+    BUSY_S,
+    KEEP,
+    QUIET_S,
+    Turns,
+    admit,
+    after_out_of_memory,
+    budgets,
+    next_batch,
+    target_tokens,
+)
 from rerankq.worker.model import Model, padded_tokens
 from rerankq.worker.pending import Pending
 from rerankq.worker.rankers import Ranker
@@ -63,6 +75,29 @@ def suspects(broker: BrokerRedis, jobs: Sequence[Pending]) -> list[Pending]:
         logger.warning("could not count the jobs the GPU failed on; they go back to their queue", exc_info=True)
         return []
     return [pending for pending in jobs if int(counts[pending.request.id]) > 1]
+
+
+@dataclass(eq=False)
+class Ahead:
+    """A forward batch chosen and prepared before the one running is read."""
+
+    batch: list[tuple[Pending, int]]
+    #: ``Runner._admissions`` when it was chosen: jobs admitted since were not considered.
+    admissions: int
+    #: Whether bulk jobs were in the window (``Turns``).
+    bulk_waits: bool
+    prepared: Any = None
+
+    def by_job(self) -> dict[Pending, list[int]]:
+        indices: dict[Pending, list[int]] = {}
+        for pending, index in self.batch:
+            indices.setdefault(pending, []).append(index)
+        return indices
+
+    def give_back(self) -> None:
+        for pending, indices in self.by_job().items():
+            if pending.error is None:
+                pending.give_back(indices)
 
 
 class Ready:
@@ -102,12 +137,18 @@ class Runner:
         self._on_settled = on_settled
         self._broker = broker
         self._settler = Settler(ranker, backend, broker, on_settled)
-        self._max_batch = settings.batch_tokens(device)
+        self._max_batch = settings.batch_tokens(device, ranker.fits_tokens)
         self._model = Model(ranker, self.recent)
         self._busy = Busy(BUSY_S)
         self._batch_ids = (f"{hostname}#{n}" for n in itertools.count(1))
+        #: Forward batches chosen, and of those in a row without bulk pairs while bulk jobs waited (``Turns``).
         self._batches = 0
         self._without_bulk = 0
+        #: The next batch, chosen and prepared while the one before it runs (``_step``).
+        self._ahead: Ahead | None = None
+        #: Jobs admitted into the window so far.
+        self._admissions = 0
+        self._max_batch_said = self._max_batch
         #: Per lane: jobs wait in Ready that the window could not take.
         self._backlog: dict[str, bool] = {}
 
@@ -128,7 +169,7 @@ class Runner:
                 except Exception:
                     logger.exception("the runner failed outside the model; requeueing its %d jobs in progress",
                                      len(self.window))
-                    jobs, self.window = self.window, []
+                    jobs, self.window, self._ahead = self.window, [], None
                     self._on_settled(jobs)
                     requeue(jobs, self._broker)
         finally:
@@ -143,7 +184,7 @@ class Runner:
             waiting = [pending for lane in ready.lanes.values() for pending in lane]
             for lane in ready.lanes.values():
                 lane.clear()
-        jobs, self.window = [*self.window, *waiting], []
+        jobs, self.window, self._ahead = [*self.window, *waiting], [], None
         logger.critical("the GPU is in an error state this process cannot leave: %d job(s) go back to their "
                         "queue and the worker exits to be restarted", len(jobs))
         self._on_settled(jobs)
@@ -165,11 +206,12 @@ class Runner:
                 # After the batch that ran last: every job not finished stays unacked and goes back to the
                 # queue when the connection closes (its scores so far are dropped), so a warm shutdown
                 # takes one forward batch, not the rest of a large job.
-                self.window = []
+                self.window, self._ahead = [], None
                 return False
             admitted = admit(ready.lanes[INTERACTIVE], ready.lanes[BULK], self.window,
                              self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
             self._backlog = {lane: bool(jobs) for lane, jobs in ready.lanes.items()}
+            self._admissions += len(admitted)
         self.window.extend(admitted)  # from here on, a failure puts them back with the rest
         done = []
         for pending in admitted:
@@ -211,7 +253,10 @@ class Runner:
                 self.recent.waited(waited)
 
     def _finish(self, jobs: Sequence[Pending]) -> None:
-        """Hand jobs that have their outcome to the settler."""
+        """Hand jobs that have their outcome to the settler, once: a job failed while it had pairs in a batch
+        (its deadline passed before the batch chosen ahead ran) is in that batch's jobs too."""
+        window = set(self.window)
+        jobs = [p for p in jobs if p in window]
         if not jobs:
             return
         gone = set(jobs)
@@ -220,26 +265,68 @@ class Runner:
 
     # -- one forward batch ------------------------------------------------------------------------
 
-    def _step(self) -> None:
-        began, began_mono = clock.now(), time.monotonic()  # a stamp other hosts read; a duration
-        self._expire(began)
+    def _choose(self) -> Ahead | None:
+        """The next forward batch: its pairs taken off their jobs and its inputs prepared."""
         pace, now = self._model.pace, time.monotonic()
         web = now - self.ready.last_interactive < QUIET_S
-        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000, self._max_batch),
+        max_batch = self._max_batch_now()
+        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000, max_batch),
                                self._busy.ratio(now))
-        budget = budgets(self._max_batch, target, self._backlog, pace.keeping(KEEP, self._max_batch) if web else None)
+        budget = budgets(max_batch, target, self._backlog, pace.keeping(KEEP, max_batch) if web else None)
         bulk_waits = any(p.lane == BULK for p in self.window)
         batch = next_batch(self.window, budget, Turns.after(self._batches, self._without_bulk))
         if not batch:
+            return None
+        ahead = Ahead(batch, self._admissions, bulk_waits)
+        try:
+            ahead.prepared = self._model.prepare(batch)
+        except DeviceLost:
+            raise
+        except Exception:  # prepared again at its launch, where a failure is the batch's (retried by halves)
+            logger.warning("could not prepare a forward batch ahead", exc_info=True)
+        for pending, indices in ahead.by_job().items():
+            pending.take(indices)
+        return ahead
+
+    def _count(self, batch: Ahead) -> None:
+        """A batch that runs (not one chosen ahead and given back): the turns count it."""
+        self._batches += 1
+        has_bulk = any(p.lane == BULK for p, _ in batch.batch)
+        self._without_bulk = self._without_bulk + 1 if batch.bulk_waits and not has_bulk else 0
+
+    def _max_batch_now(self) -> int:
+        budget = after_out_of_memory(self._max_batch, self._model.out_of_memory_at, self.ranker.max_length)
+        if budget < self._max_batch_said:
+            logger.warning("a forward batch of %d padded tokens ran out of memory: batches now take at most %d "
+                           "(RERANKQ_MAX_BATCH_TOKENS=%d)", self._model.out_of_memory_at, budget, self._max_batch)
+            self._max_batch_said = budget
+        return budget
+
+    def _step(self) -> None:
+        began, began_mono = clock.now(), time.monotonic()  # a stamp other hosts read; a duration
+        self._expire(began)
+        current, self._ahead = self._ahead, None
+        if current is not None and current.admissions != self._admissions:
+            current.give_back()  # chosen before jobs came that would have joined it: choose again with them
+            current = None
+        current = current or self._choose()
+        if current is None:
             return
-        jobs = list(dict.fromkeys(p for p, _ in batch))
+        self._count(current)
+        batch, now = current.batch, time.monotonic()
+        jobs = [p for p in dict.fromkeys(p for p, _ in batch) if p.error is None]  # not one settled meanwhile
         try:
             self._start([p for p in jobs if p.started is None], began)
             info = BatchInfo(id=next(self._batch_ids), jobs=len(jobs), pairs=len(batch),
                              padded_tokens=padded_tokens(batch))
             for pending in jobs:
                 pending.batches.append(info)
-            self._model.forward(batch)
+            flight = self._model.launch(batch, current.prepared)
+            if flight is not None:
+                # The next batch is padded, and copied to a GPU, while this one runs there (on a CPU, after): from
+                # the window as it is, chosen again if jobs are admitted before it runs.
+                self._ahead = self._choose()
+                self._model.land(flight)
         except DeviceLost as exc:
             # This batch's jobs go back with the others, but one that was in such a batch before fails: an input
             # that makes the device assert would take down every worker it reached, one after another.
@@ -253,14 +340,11 @@ class Runner:
                 pending.fail(RankerFailed(f"the worker failed while scoring this job: {exc!r}"))
         ended = time.monotonic()
         self._busy.add(ended, ended - now)
-        finished = [p for p in jobs if not p.left]
+        finished = [p for p in jobs if p.done]
         self._finish(finished)
         pairs = Counter(p.queue for p, _ in batch)
         self.throughput.add(pairs, Counter(p.queue for p in finished if p.error is None),
                             time.monotonic() - began_mono)
-        self._batches += 1
-        has_bulk = any(p.lane == BULK for p, _ in batch)
-        self._without_bulk = self._without_bulk + 1 if bulk_waits and not has_bulk else 0
 
     def _expire(self, now: float) -> None:
         """Jobs whose deadline passed before their first forward batch fail without being scored."""
