@@ -82,8 +82,8 @@ class Ahead:
     """A forward batch chosen and prepared before the one running is read."""
 
     batch: list[tuple[Pending, int]]
-    #: ``Runner._admissions`` when it was chosen: jobs admitted since were not considered.
-    admissions: int
+    #: ``Runner._joiners`` when it was chosen: interactive jobs admitted since were not considered.
+    joiners: int
     #: Whether bulk jobs were in the window (``Turns``).
     bulk_waits: bool
     prepared: Any = None
@@ -146,8 +146,8 @@ class Runner:
         self._without_bulk = 0
         #: The next batch, chosen and prepared while the one before it runs (``_step``).
         self._ahead: Ahead | None = None
-        #: Jobs admitted into the window so far.
-        self._admissions = 0
+        #: Interactive jobs admitted into the window so far: each joins the next batch (``next_batch``).
+        self._joiners = 0
         self._max_batch_said = self._max_batch
         #: Per lane: jobs wait in Ready that the window could not take.
         self._backlog: dict[str, bool] = {}
@@ -211,7 +211,7 @@ class Runner:
             admitted = admit(ready.lanes[INTERACTIVE], ready.lanes[BULK], self.window,
                              self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
             self._backlog = {lane: bool(jobs) for lane, jobs in ready.lanes.items()}
-            self._admissions += len(admitted)
+            self._joiners += sum(1 for pending in admitted if pending.lane == INTERACTIVE)
         self.window.extend(admitted)  # from here on, a failure puts them back with the rest
         done = []
         for pending in admitted:
@@ -277,7 +277,7 @@ class Runner:
         batch = next_batch(self.window, budget, Turns.after(self._batches, self._without_bulk))
         if not batch:
             return None
-        ahead = Ahead(batch, self._admissions, bulk_waits)
+        ahead = Ahead(batch, self._joiners, bulk_waits)
         try:
             ahead.prepared = self._model.prepare(batch)
         except DeviceLost:
@@ -306,8 +306,10 @@ class Runner:
         began, began_mono = clock.now(), time.monotonic()  # a stamp other hosts read; a duration
         self._expire(began)
         current, self._ahead = self._ahead, None
-        if current is not None and current.admissions != self._admissions:
-            current.give_back()  # chosen before jobs came that would have joined it: choose again with them
+        if current is not None and current.joiners != self._joiners and not self._backlog.get(INTERACTIVE):
+            # Chosen before interactive jobs came that join the next batch: chosen again with them. (A saturated
+            # lane sweeps: jobs that come join no batch before their turn, and the batch stands.)
+            current.give_back()
             current = None
         current = current or self._choose()
         if current is None:
@@ -324,7 +326,7 @@ class Runner:
             flight = self._model.launch(batch, current.prepared)
             if flight is not None:
                 # The next batch is padded, and copied to a GPU, while this one runs there (on a CPU, after): from
-                # the window as it is, chosen again if jobs are admitted before it runs.
+                # the window as it is, chosen again if interactive jobs are admitted before it runs.
                 self._ahead = self._choose()
                 self._model.land(flight)
         except DeviceLost as exc:

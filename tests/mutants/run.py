@@ -94,6 +94,27 @@ MUTANTS = (
            (('original_send(type, **{**fields, "retry_policy": HEARTBEAT_RETRY})', "original_send(type, **fields)"),),
            ("tests/faults/test_hung_redis.py::test_a_heartbeat_sent_while_redis_hangs_gives_up_after_its_bounded_"
             "retries",)),
+    Mutant("next-batch-not-ahead", "the next forward batch is chosen and padded only after the one running is read",
+           "worker/runner.py",
+           (("                self._ahead = self._choose()\n                self._model.land(flight)",
+             "                self._model.land(flight)"),),
+           ("tests/test_scheduling.py::test_the_next_batch_is_prepared_while_one_runs_on_the_device",)),
+    Mutant("retokenised-per-batch", "the runner tokenises each forward batch's pairs again",
+           "worker/torch_rankers.py",
+           (("    def prepare(self, rows: Sequence[Row]) -> Any:\n        return self._on_device(",
+             "    def prepare(self, rows: Sequence[Row]) -> Any:\n"
+             "        self._tokens(['q'] * len(rows), ['d'] * len(rows))\n        return self._on_device("),),
+           ("tests/test_rankers.py::test_each_pair_is_tokenised_once_by_the_preparer_and_scored_from_those_ids",)),
+    Mutant("oom-retry-inside-except", "a batch that ran out of memory is retried beside the failed forward's memory",
+           "worker/model.py", (("            failure = self._failure(exc)\n        if failure is not None:  # outside",
+                                "            failure = self._failure(exc)\n            self._isolate(live, failure)\n"
+                                "            return None\n        if failure is not None:  # outside"),),
+           ("tests/test_rankers.py::test_a_batch_that_ran_out_of_memory_is_retried_once_the_failed_forwards_memory_is_"
+            "free",)),
+    Mutant("oom-budget-kept", "after out of memory the budget stays where it ran out",
+           "worker/batching.py",
+           (("    return max(longest, min(max_tokens, failed_at // 2))", "    return max_tokens"),),
+           ("tests/test_scheduling.py::test_after_out_of_memory_batches_stay_under_the_size_that_ran_out",)),
     Mutant("malformed-kept", "a message that is no rerank job goes back to its queue instead of being dropped",
            "worker/upstream/strategy.py", (("        message.ack()\n", "        message.reject(requeue=True)\n"),),
            ("tests/faults/test_malformed.py",)),
