@@ -174,14 +174,17 @@ def main() -> None:
             bare_dtypes = [d for d in args.bare_dtypes.split(",") if d]
             if not args.zero_cost:
                 seconds = {"bare predict": [], **{f"bare predict {d}": [] for d in bare_dtypes}, **seconds}
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 if not args.zero_cost:
                     bare = bare_predict(model, args.device, saturation_spec, light_spec)
                     seconds["bare predict"].append(bare["saturation_s"])
                     for dtype in bare_dtypes:
                         other = bare_predict(model, args.device, saturation_spec, light_spec, dtype)
                         seconds[f"bare predict {dtype}"].append(other["saturation_s"])
-                for system in systems:
+                # Each repeat starts one system later: the slot a system runs in moved its time by ~8% (a run of
+                # one build against itself, BENCHMARKS.md), so over the repeats every system takes every slot.
+                shift = repeat % len(systems)
+                for system in systems[shift:] + systems[:shift]:
                     seconds[system.name].append(saturate(system, requests, completions))
             rss = {s.name: round(s.rss_mb()) for s in systems}
             latency: dict[str, dict[str, dict[str, float]]] = {}
