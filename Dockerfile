@@ -27,8 +27,9 @@ COPY rerankq rerankq
 ARG CELERY_VERSION=5.7.0
 ARG KOMBU_VERSION=5.7.0
 RUN pip install --no-cache-dir ".${EXTRAS}" "celery==${CELERY_VERSION}" "kombu==${KOMBU_VERSION}" \
-    && useradd --create-home rerankq
-USER rerankq
+    && useradd --create-home --uid 10001 rerankq
+# Numeric, so that Kubernetes can check runAsNonRoot (deploy/helm).
+USER 10001
 WORKDIR /home/rerankq
 # Models downloaded from the hub are kept here (a volume in docker-compose.yml).
 ENV HF_HOME=/home/rerankq/.cache/huggingface

@@ -51,6 +51,7 @@ def test_a_workers_metrics_move_when_its_jobs_run(start_worker: StartWorker, tin
     before = scrape(port)
     assert before[f'rerankq_model_info{{device="cpu",model="{tiny_model}",ranker="cross-encoder"}}'] == 1
     assert before["rerankq_model_load_seconds"] > 0
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200  # loaded: a probe passes
 
     began = time.perf_counter()
     handles = [rerank.apply_async((QUERY, DOCS), queue=worker.queue) for _ in range(20)]
@@ -216,3 +217,22 @@ def test_the_gpu_utilisation_is_the_mean_of_the_samples_since_the_last_scrape() 
     assert sampled.take() == pytest.approx(0.6)  # no sample since: the last one, not nothing
     sampled.add(0.0)
     assert sampled.take() == 0.0
+
+
+def test_healthz_answers_503_until_the_process_serves_then_200_and_metrics_stay_where_they_were() -> None:
+    from rerankq.worker import metrics
+
+    def call(path: str) -> tuple[str, bytes]:
+        status: list[str] = []
+        body = b"".join(app({"PATH_INFO": path}, lambda s, headers: status.append(s)))
+        return status[0], body
+
+    app = metrics._with_healthz(lambda environ, start_response: start_response("200 OK", []) or [b"metrics"])
+    metrics.READY.clear()
+    try:
+        assert call("/healthz") == ("503 Service Unavailable", b"starting\n")
+        assert call("/metrics") == ("200 OK", b"metrics")
+        metrics.READY.set()
+        assert call("/healthz") == ("200 OK", b"ok\n")
+    finally:
+        metrics.READY.clear()

@@ -37,6 +37,9 @@ from rerankq.worker.upstream.strategy import receiver
 
 logger = logging.getLogger(__name__)
 
+#: How long a warm shutdown waits for the forward batch running (``ChunkConsumer.stop``): a Kubernetes pod's
+#: grace period must be longer (deploy/helm).
+STOP_TIMEOUT_S = 60.0
 #: Task events wait this long to be published together (``_batch_events``).
 EVENTS_FLUSH_S = 0.05
 
@@ -117,7 +120,7 @@ class ChunkConsumer:
                     del self._held[pending.tag]
                     self._carried.discard(pending.tag)
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Finish the jobs whose scoring has started; the others go back to the head of their queue: those
         received on the channel still open as it closes (``acks.QoS.restore_unacked``), those received
         before a reconnect here, since no open channel knows them."""

@@ -77,6 +77,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
 
     survive_redis_outage()
     install(loaded, device)
+    metrics.READY.set()  # /healthz: the model is loaded and warm; the consumer starts next
     app.steps["consumer"].add(ChunkStep)
     # Each queue's two lanes: interactive jobs are received and scored first, bulk jobs fill the rest.
     worker = app.Worker(hostname=node, pool_cls="solo", concurrency=1, queues=lanes.both(queues), loglevel=loglevel,

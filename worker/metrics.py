@@ -9,13 +9,16 @@ and their meaning are in the README's *Metrics* table.
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 _POW2 = [float(2**i) for i in range(0, 17)]
@@ -102,16 +105,45 @@ def default_port(kind: str, configured: int) -> int:
     return configured + KIND_OFFSETS.get(kind, 0) if configured else 0
 
 
+#: The path a probe asks whether this process serves (``READY``).
+HEALTHZ = "/healthz"
+#: Set once the process serves (a worker: its model loaded and warmed up, its consumer starting): ``/healthz`` on
+#: the metrics port answers 200 from then on, 503 before (a Kubernetes startup probe's long model load).
+READY = threading.Event()
+
+
+def _with_healthz(metrics_app: Any) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != HEALTHZ:
+            return metrics_app(environ, start_response)
+        ready = READY.is_set()
+        start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"ok\n" if ready else b"starting\n"]
+    return app
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6  # RERANKQ_METRICS_ADDRESS=::
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a scrape or a probe every few seconds: no log line
+        pass
+
+
 def serve(port: int, address: str = "127.0.0.1") -> int:
-    """Expose ``/metrics`` on ``port`` of ``address`` (RERANKQ_METRICS_ADDRESS), or on the next free one of
-    ``PORT_TRIES``; 0 means no metrics. Returns the port served, 0 if every one was taken: a port in use never
-    keeps a process from serving jobs. The caller says where metrics are."""
+    """Expose ``/metrics`` (and ``/healthz``, see ``READY``) on ``port`` of ``address`` (RERANKQ_METRICS_ADDRESS), or
+    on the next free one of ``PORT_TRIES``; 0 means no metrics. Returns the port served, 0 if every one was taken: a
+    port in use never keeps a process from serving jobs. The caller says where metrics are."""
     global served_port, served_address
+    app = _with_healthz(make_wsgi_app(REGISTRY))
     for candidate in range(port, min(65536, port + PORT_TRIES)) if port else ():
         try:
-            start_http_server(candidate, addr=address)
+            server = make_server(address, candidate, app, _Server6 if ":" in address else ThreadingWSGIServer,
+                                 handler_class=_Quiet)
         except OSError:
             continue
+        threading.Thread(target=server.serve_forever, name="rerankq-metrics", daemon=True).start()
         served_port, served_address = candidate, address
         return candidate
     return 0

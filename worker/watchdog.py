@@ -224,6 +224,7 @@ def run_watchdog(loglevel: str, metrics_port: int) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     logger.info(metrics.describe(metrics_port, metrics.serve(metrics_port, settings.metrics_address)))
+    metrics.READY.set()
     broker = BrokerRedis(app)
     watchdog = Watchdog(broker, settings)
     logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,
