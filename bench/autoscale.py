@@ -281,11 +281,7 @@ def main() -> None:
         probe_worker = WorkerProcess("rerank.gpu", ["--ranker", "simulated", "--model", args.model, "--device",
                                                     "cuda:0", "--metrics-port", "0", "--loglevel", "WARNING"], env,
                                      logs / "probe.log", f"probe-{os.getpid()}@bench")
-        watchdog_port = free_port()
-        low, high = args.marks.split(",")
-        watchdog = RerankqProcess(["watchdog", "--metrics-port", str(watchdog_port), "--loglevel", "WARNING"],
-                                  {**env, "RERANKQ_LOW_WAIT_S": low, "RERANKQ_HIGH_WAIT_S": high},
-                                  logs / "watchdog.log")
+        watchdog: RerankqProcess | None = None
         try:
             fast.wait_ready(app)
             probe_worker.wait_ready(app)
@@ -296,13 +292,20 @@ def main() -> None:
             capacity = 200 / saturate(system, probe[100:], completions)
             probe_worker.stop()
             print(f"one worker serves {capacity:.1f} jobs/s", flush=True)
+            # Started after the probe, which is no load to shed.
+            watchdog_port = free_port()
+            low, high = args.marks.split(",")
+            watchdog = RerankqProcess(["watchdog", "--metrics-port", str(watchdog_port), "--loglevel", "WARNING"],
+                                      {**env, "RERANKQ_LOW_WAIT_S": low, "RERANKQ_HIGH_WAIT_S": high},
+                                      logs / "watchdog.log")
             for signal in args.signals.split(","):
                 time.sleep(5)  # the watchdog forgets the last run's workers
                 results.append(run(signal, args, capacity, env, logs, watchdog_port, completions, broker))
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "timeline"}), flush=True)
         finally:
             for process in (fast, watchdog):
-                process.stop()
+                if process is not None:
+                    process.stop()
     report = {"build": build, "capacity_jobs_per_s": capacity, "runs": results,
               "settings": {"speedup": args.speedup, "start_s": args.start_s, "wait_target_s": args.wait_target,
                            "marks_s": args.marks, "list_target": LIST_TARGET,
