@@ -219,7 +219,7 @@ def test_the_gpu_utilisation_is_the_mean_of_the_samples_since_the_last_scrape() 
     assert sampled.take() == 0.0
 
 
-def test_healthz_answers_503_until_the_process_serves_then_200_and_metrics_stay_where_they_were() -> None:
+def test_healthz_answers_503_until_the_process_serves_and_while_its_work_is_stalled() -> None:
     from rerankq.worker import metrics
 
     def call(path: str) -> tuple[str, bytes]:
@@ -228,11 +228,55 @@ def test_healthz_answers_503_until_the_process_serves_then_200_and_metrics_stay_
         return status[0], body
 
     app = metrics._with_healthz(lambda environ, start_response: start_response("200 OK", []) or [b"metrics"])
+    work, metrics.WORK = metrics.WORK, metrics.Work(limit_s=0.05)
     metrics.READY.clear()
     try:
         assert call("/healthz") == ("503 Service Unavailable", b"starting\n")
         assert call("/metrics") == ("200 OK", b"metrics")
         metrics.READY.set()
         assert call("/healthz") == ("200 OK", b"ok\n")
+        metrics.WORK.begin()  # a forward batch starts
+        assert call("/healthz") == ("200 OK", b"ok\n")
+        time.sleep(0.1)  # and never ends: a GPU sync that does not return
+        assert call("/healthz") == ("503 Service Unavailable", b"stalled\n")
+        metrics.WORK.end()
+        assert call("/healthz") == ("200 OK", b"ok\n")  # idle again: healthy however long it idles
     finally:
         metrics.READY.clear()
+        metrics.WORK = work
+
+
+def test_idle_connections_cannot_stall_the_metrics_server() -> None:
+    from rerankq.worker import metrics
+
+    port = metrics.serve(free_port())
+    assert port
+    over = 4
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(metrics.MAX_CONNECTIONS + over)]
+    try:  # connections that send nothing: those past the limit closed at once, the others after REQUEST_S
+        time.sleep(1)
+        assert [_closed(c) for c in idle] == [False] * metrics.MAX_CONNECTIONS + [True] * over
+        assert not _answers(port)  # every slot taken: refused, not queued behind them
+        time.sleep(metrics.REQUEST_S)
+        assert all(_closed(c) for c in idle)
+        assert _answers(port)
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def _closed(connection: socket.socket) -> bool:
+    connection.settimeout(0.1)
+    try:
+        return connection.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -105,28 +105,78 @@ def default_port(kind: str, configured: int) -> int:
     return configured + KIND_OFFSETS.get(kind, 0) if configured else 0
 
 
-#: The path a probe asks whether this process serves (``READY``).
+#: The path a probe asks whether this process serves (``READY``, and no work stalled: ``WORK``).
 HEALTHZ = "/healthz"
 #: Set once the process serves (a worker: its model loaded and warmed up, its consumer starting): ``/healthz`` on
 #: the metrics port answers 200 from then on, 503 before (a Kubernetes startup probe's long model load).
 READY = threading.Event()
+#: A forward batch (or a watchdog's poll) running longer than this is stuck: a GPU sync that never returns.
+STALL_S = 300.0
+#: Connections the metrics server serves at once; each must send its request within ``REQUEST_S``.
+MAX_CONNECTIONS, REQUEST_S = 16, 5.0
+
+
+class Work:
+    """The work in progress of the one thread that does this process's work (the runner, the watchdog's loop):
+    it calls ``begin`` and ``end``; ``/healthz`` (another thread) asks ``stalled``. Idle is never stalled."""
+
+    def __init__(self, limit_s: float = STALL_S) -> None:
+        self.limit_s = limit_s
+        self._since: float | None = None
+
+    def begin(self) -> None:
+        self._since = time.monotonic()
+
+    def end(self) -> None:
+        self._since = None
+
+    def stalled(self) -> bool:
+        since = self._since
+        return since is not None and time.monotonic() - since > self.limit_s
+
+
+WORK = Work()
 
 
 def _with_healthz(metrics_app: Any) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("PATH_INFO") != HEALTHZ:
             return metrics_app(environ, start_response)
-        ready = READY.is_set()
-        start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
-        return [b"ok\n" if ready else b"starting\n"]
+        stalled = WORK.stalled()
+        ok = READY.is_set() and not stalled
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"ok\n" if ok else b"stalled\n" if stalled else b"starting\n"]
     return app
 
 
-class _Server6(ThreadingWSGIServer):
-    address_family = socket.AF_INET6  # RERANKQ_METRICS_ADDRESS=::
+class _Server(ThreadingWSGIServer):
+    """At most ``MAX_CONNECTIONS`` at once, each with ``REQUEST_S`` to send its request: idle connections cannot
+    pile up threads until the probes fail (the handler's timeout closes them; more are refused)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = REQUEST_S
+
     def log_message(self, format: str, *args: Any) -> None:  # a scrape or a probe every few seconds: no log line
         pass
 
@@ -139,8 +189,9 @@ def serve(port: int, address: str = "127.0.0.1") -> int:
     app = _with_healthz(make_wsgi_app(REGISTRY))
     for candidate in range(port, min(65536, port + PORT_TRIES)) if port else ():
         try:
-            server = make_server(address, candidate, app, _Server6 if ":" in address else ThreadingWSGIServer,
-                                 handler_class=_Quiet)
+            family = socket.getaddrinfo(address, candidate, type=socket.SOCK_STREAM)[0][0]
+            server_class = type("_MetricsServer", (_Server,), {"address_family": family})
+            server: _Server = make_server(address, candidate, app, server_class, handler_class=_Quiet)
         except OSError:
             continue
         threading.Thread(target=server.serve_forever, name="rerankq-metrics", daemon=True).start()

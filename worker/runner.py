@@ -162,7 +162,11 @@ class Runner:
                     if not self._admit():
                         return
                     if self.window:
-                        self._step()
+                        metrics.WORK.begin()  # /healthz fails while a batch runs past metrics.STALL_S
+                        try:
+                            self._step()
+                        finally:
+                            metrics.WORK.end()
                 except DeviceLost:
                     self._lose_device()
                     return
@@ -211,7 +215,6 @@ class Runner:
             admitted = admit(ready.lanes[INTERACTIVE], ready.lanes[BULK], self.window,
                              self.settings.max_chunk_tokens, self.settings.max_chunk_jobs)
             self._backlog = {lane: bool(jobs) for lane, jobs in ready.lanes.items()}
-            self._joiners += sum(1 for pending in admitted if pending.lane == INTERACTIVE)
         self.window.extend(admitted)  # from here on, a failure puts them back with the rest
         done = []
         for pending in admitted:
@@ -222,6 +225,7 @@ class Runner:
                 self._on_settled([pending])
             elif pending.error is None and pending.costs:
                 pending.begin()
+                self._joiners += pending.lane == INTERACTIVE
             else:  # bad input, or no docs: an outcome at once
                 done.append(pending)
         self._start(done, clock.now())

@@ -188,6 +188,7 @@ class Watchdog:
         failing = False
         while not stop.is_set():
             started = time.monotonic()
+            metrics.WORK.begin()  # /healthz fails while a poll runs past metrics.STALL_S
             try:
                 self.watch_memory()
                 self.poll()
@@ -199,6 +200,8 @@ class Watchdog:
                     logger.error("cannot measure or write the route state (%r); producers fall back to %s "
                                  "once the state expires", exc, self.gpu_queue)
                 failing = True
+            finally:
+                metrics.WORK.end()
             stop.wait(max(0.0, self.settings.poll_ms / 1000 - (time.monotonic() - started)))
 
 
