@@ -113,6 +113,17 @@ def _flower_status(port: int, auth: tuple[str, str]) -> int:
         return 0
 
 
+def _commands(pids: Any) -> list[str]:
+    """What each process is running, for a failure's message."""
+    found = []
+    for pid in pids:
+        try:
+            found.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:120]}")
+        except OSError:
+            found.append(f"{pid}: gone")
+    return found
+
+
 def stack_pids(out: Path) -> list[int]:
     return [int(p) for p in re.findall(r"pid (\d+)", out.read_text())]
 
@@ -195,4 +206,8 @@ def test_a_killed_up_takes_its_processes_with_it_and_its_redis_wants_a_password(
     assert redis.Redis.from_url(url).ping()
     proc.kill()
     proc.wait()
-    eventually(lambda: not [pid for pid in stack_pids(out) if alive(pid)], 60, "every child gone")
+    try:
+        eventually(lambda: not [pid for pid in stack_pids(out) if alive(pid)], 60, "every child gone")
+    except AssertionError:
+        raise AssertionError(f"alive 60 s after up was killed: {_commands(p for p in stack_pids(out) if alive(p))}"
+                             ) from None
