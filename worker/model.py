@@ -46,14 +46,14 @@ def warm_up(ranker: Ranker) -> float:
     cuda = ranker.device.startswith("cuda")
     per_token = 0.0
     for pairs, words in WARM_UP:
-        batch = [("warm up", " ".join(["warm"] * words))] * pairs
+        doc = " ".join(["warm"] * words)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
-        ranker.score(batch)
+        ranker.score([("warm up", doc)] * pairs)
         if cuda:
-            padded = pairs * ranker.encode(*batch[0][:1], batch[0][1:]).costs[0]
+            padded = pairs * ranker.encode("warm up", [doc]).costs[0]
             per_token = max(per_token, (torch.cuda.max_memory_allocated() - held) / padded)
     if cuda and per_token > 0:
         free, _ = torch.cuda.mem_get_info()
