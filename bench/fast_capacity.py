@@ -86,7 +86,7 @@ def main() -> None:
     print("| RERANKQ_DTYPE | median s | jobs/s | vs fp32 | seconds |")
     print("| --- | --- | --- | --- | --- |")
     for dtype in DTYPES:
-        print(f"| {dtype} | {statistics.median(seconds[dtype]):.2f} | {jobs_per_s[dtype]:.0f} | "
+        print(f"| {dtype} | {statistics.median(seconds[dtype]):.2f} | {jobs_per_s[dtype]:.1f} | "
               f"{jobs_per_s[dtype] / jobs_per_s['fp32']:.2f}x | {', '.join(f'{x:.2f}' for x in seconds[dtype])} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"build": build, "requests": len(requests), "seconds": seconds,
