@@ -81,8 +81,6 @@ def budgets(ranker: Any, sizes: list[int]) -> list[dict[str, Any]]:
     """Per budget: one batch of ~256-token pairs filling it, timed ``REPEATS`` times (medians)."""
     import torch
 
-    from rerankq.worker.pending import Pending
-
     cuda = ranker.device.startswith("cuda")
     rows = []
     for size in sizes:
@@ -93,14 +91,13 @@ def budgets(ranker: Any, sizes: list[int]) -> list[dict[str, Any]]:
         peak = 0
         for _ in range(REPEATS):
             began = time.perf_counter()
-            job = Pending(None, 0.0)
-            job.encoded = ranker.encode("what a query asks", [doc] * n)
+            encoded = ranker.encode("what a query asks", [doc] * n)
             timings["tokenise_ms"].append(1000 * (time.perf_counter() - began))
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
-            prepared = ranker.prepare([(job.encoded, i) for i in range(n)])
+            prepared = ranker.prepare([(encoded, i) for i in range(n)])
             timings["pad_ms"].append(1000 * (time.perf_counter() - began))
             began = time.perf_counter()
             launched = ranker.launch(prepared)

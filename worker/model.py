@@ -150,9 +150,9 @@ class Model:
             indices.append(index)
             values.append(score)
         for pending, (indices, values) in by_job.items():
-            bad = [(i, v) for i, v in zip(indices, values, strict=True) if not math.isfinite(v)]
             if pending.error is not None:  # failed while this batch ran (its deadline, say): it has its outcome
                 continue
+            bad = [(i, v) for i, v in zip(indices, values, strict=True) if not math.isfinite(v)]
             if bad:  # an overflow (fp16), or a broken model: this job fails, not its batch-mates nor the answer
                 doc, value = bad[0]
                 pending.fail(RankerFailed(f"the {self.ranker.kind} model gave a non-finite score ({value}) for "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,7 @@ class Pending:
     def begin(self) -> None:
         """Ready to be scheduled: every pair left, longest first."""
         self.scores = [0.0] * len(self.costs)
-        self.left = sorted(range(len(self.costs)), key=lambda i: -self.costs[i])
+        self.left = self._longest_first(range(len(self.costs)))
         self.left_tokens = self.tokens
 
     @property
@@ -77,9 +78,12 @@ class Pending:
 
     def give_back(self, indices: list[int]) -> None:
         """Its pairs ``indices`` left a batch that will not run: to be chosen again, in their place."""
-        self.left = sorted([*self.left, *indices], key=lambda i: -self.costs[i])
+        self.left = self._longest_first([*self.left, *indices])
         self.left_tokens += sum(self.costs[i] for i in indices)
         self.flying -= len(indices)
+
+    def _longest_first(self, indices: Iterable[int]) -> list[int]:
+        return sorted(indices, key=lambda i: -self.costs[i])
 
     def scored(self, indices: list[int], scores: list[float]) -> None:
         for index, score in zip(indices, scores, strict=True):
