@@ -19,12 +19,14 @@ class RerankqProcess:
     """A real ``rerankq <command>`` subprocess, its output in ``log_path`` (or this process's own, if None).
 
     ``supervised``: in a session of its own (a Ctrl-C reaches only its supervisor, which stops the children
-    in order), and sent SIGTERM by the kernel if the supervisor dies without stopping it.
+    in order), and sent ``death_signal`` by the kernel if the supervisor dies without stopping it: SIGTERM
+    for a process with work to hand back (a worker), SIGKILL for one with none whose SIGTERM can wait on a
+    broker that died with the supervisor (Flower).
     """
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path | None,
                  supervised: bool = False, prefix: Sequence[str] = (), python: str = sys.executable,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, death_signal: signal.Signals = signal.SIGTERM) -> None:
         """``prefix``: a command the process runs under (e.g. ``datefudge <date>``, another clock); ``python``:
         the interpreter (another environment's), ``cwd``: where it runs."""
         self.log_path = log_path
@@ -33,7 +35,7 @@ class RerankqProcess:
         env = {**os.environ, "RERANKQ_METRICS_PORT": "0", **env}
         self.proc = subprocess.Popen([*prefix, python, "-m", "rerankq", *args], env=env, cwd=cwd,
                                      stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-                                     **(supervised_options() if supervised else {}))
+                                     **(supervised_options(death_signal) if supervised else {}))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
@@ -110,12 +112,13 @@ def rss_mb(pid: int) -> float:
     return int(match[1]) / 1024
 
 
-def supervised_options() -> dict[str, Any]:
-    """``Popen`` options for a child that must not outlive its parent (Linux: ``PR_SET_PDEATHSIG``)."""
+def supervised_options(death_signal: signal.Signals = signal.SIGTERM) -> dict[str, Any]:
+    """``Popen`` options for a child that must not outlive its parent: the kernel sends it ``death_signal``
+    when the parent dies (Linux: ``PR_SET_PDEATHSIG``)."""
     options: dict[str, Any] = {"start_new_session": True}
     if sys.platform.startswith("linux"):
         import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, only called after it
-        options["preexec_fn"] = lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        options["preexec_fn"] = lambda: prctl(1, death_signal)  # 1: PR_SET_PDEATHSIG
     return options

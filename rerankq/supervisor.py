@@ -34,9 +34,12 @@ class Child:
     started: float = 0.0
     failures: int = 0
     restart_at: float | None = None
+    #: What the kernel sends it if the supervisor dies without stopping it (``RerankqProcess``).
+    death_signal: signal.Signals = signal.SIGTERM
 
     def start(self) -> None:
-        self.process = RerankqProcess(self.args, self.env, self.log_path, supervised=True)
+        self.process = RerankqProcess(self.args, self.env, self.log_path, supervised=True,
+                                      death_signal=self.death_signal)
         self.started = time.monotonic()
 
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import signal
 import tempfile
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, serv
               dict(env), log_dir / "worker-fast.log"),
         Child("watchdog", ["watchdog", "--metrics-port", str(next(ports))], dict(env), log_dir / "watchdog.log"),
         Child("api", ["serve", "--port", str(serve_port)], dict(env), log_dir / "serve.log"),
+        # SIGKILL if up dies: Flower holds no jobs, and its SIGTERM can wait on the Redis that died with up.
         Child("flower", ["flower", "--port", str(flower_port), "--address", "127.0.0.1"], dict(env),
-              log_dir / "flower.log"),
+              log_dir / "flower.log", death_signal=signal.SIGKILL),
     ]
 
 
