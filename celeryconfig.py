@@ -7,6 +7,7 @@ names) and from nothing else. ``rerankq config`` prints the table the README car
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -14,6 +15,8 @@ from typing import Any, get_type_hints
 from urllib.parse import parse_qs, urlsplit
 
 from rerankq.tasks.errors import ConfigError
+from rerankq.tasks.models import Models
+from rerankq.tasks.models import parse as parse_models
 from rerankq.tasks.records import LONG_DOCS
 from rerankq.tasks.secrets import masked, masked_url, with_password
 
@@ -80,7 +83,15 @@ class Settings:
                             "A queue's bulk lane is the queue's name with this suffix (`rerank.gpu.bulk`): "
                             "`rerankq submit` and `submit_many` send there, workers serve it after the "
                             "interactive lane, and the watchdog never sheds it.")
-    model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL, "Cross-encoder: a hub id or a local path.")
+    model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL,
+                      "Cross-encoder: a hub id or a local path. Served under its last part's name "
+                      "(`bge-reranker-v2-m3`) unless RERANKQ_MODELS lists the models.")
+    models: str = _env("RERANKQ_MODELS", "",
+                       "Several models, each on its own queue, callers picking one by `model`: "
+                       "`name=hub-id-or-path` pairs, comma-separated, the first the default (on "
+                       "RERANKQ_GPU_QUEUE, the others on `<RERANKQ_GPU_QUEUE>.<name>`); or JSON, inline or a "
+                       "`.json` file, for aliases, queues and fallbacks (README, \"Several models\"). Empty: "
+                       "RERANKQ_MODEL alone.")
     fast_model: str = _env("RERANKQ_FAST_MODEL", "",
                            "Fast-ranker bi-encoder; empty means the bundled all-MiniLM-L6-v2.")
     backend: str = _env("RERANKQ_BACKEND", "torch",
@@ -222,6 +233,10 @@ class Settings:
             raise ConfigError(f"RERANKQ_SERVE_OVERLOAD={self.serve_overload!r}: use 'degrade' or 'reject'")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"RERANKQ_DTYPE={self.dtype!r}: use 'auto', 'fp32', 'bf16' or 'fp16'")
+        if self.models.strip() and self.model != DEFAULT_MODEL:
+            raise ConfigError("RERANKQ_MODEL and RERANKQ_MODELS are both set: with RERANKQ_MODELS, its first model is "
+                              "the default; unset RERANKQ_MODEL")
+        self.served  # noqa: B018 - a bad RERANKQ_MODELS fails here, at start, not at a caller's first job
         if self.backend not in ("torch", "onnx-int8"):
             raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):
@@ -240,6 +255,11 @@ class Settings:
             return masked(value) if name in SECRETS else masked_url(value) if name in URLS else value
 
         return f"Settings({', '.join(f'{f.name}={shown(f.name, getattr(self, f.name))!r}' for f in fields(self))})"
+
+    @functools.cached_property
+    def served(self) -> Models:
+        """The models this deployment serves, by name (tasks/models.py)."""
+        return parse_models(self.models, self.model, self.gpu_queue, self.cpu_queue, self.bulk_suffix)
 
     @property
     def backend_url(self) -> str:

@@ -23,7 +23,9 @@ class RerankqCompressor(BaseDocumentCompressor):
     #: Documents kept, best first (None: all of them).
     top_n: int | None = 3
     timeout: float = DEFAULT_TIMEOUT_S
-    #: A queue to send to instead of letting rerankq's router pick; ``long_docs`` as a job's.
+    #: A served model's name (the deployment's default if None); a queue to send to instead of letting rerankq's
+    #: router pick; ``long_docs`` as a job's.
+    model: str | None = None
     queue: str | None = None
     long_docs: str | None = None
 
@@ -32,7 +34,8 @@ class RerankqCompressor(BaseDocumentCompressor):
         if not documents:
             return []
         result = rerank(query, [d.page_content for d in documents], top_k=self._top(documents),
-                        timeout=self.timeout, queue=self.queue, long_docs=self.long_docs)
+                        timeout=self.timeout, queue=self.queue, long_docs=self.long_docs,
+                        model=self.model)
         return self._ranked(documents, result)
 
     async def acompress_documents(self, documents: Sequence[Document], query: str, callbacks: Any = None,
@@ -40,7 +43,8 @@ class RerankqCompressor(BaseDocumentCompressor):
         if not documents:
             return []
         result = await arerank(query, [d.page_content for d in documents], top_k=self._top(documents),
-                               timeout=self.timeout, queue=self.queue, long_docs=self.long_docs)
+                               timeout=self.timeout, queue=self.queue, long_docs=self.long_docs,
+                               model=self.model)
         return self._ranked(documents, result)
 
     def _top(self, documents: Sequence[Document]) -> int:

@@ -21,7 +21,9 @@ class RerankqRerank(BaseNodePostprocessor):
     #: Nodes kept, best first.
     top_n: int = 2
     timeout: float = DEFAULT_TIMEOUT_S
-    #: A queue to send to instead of letting rerankq's router pick; ``long_docs`` as a job's.
+    #: A served model's name (the deployment's default if None); a queue to send to instead of letting rerankq's
+    #: router pick; ``long_docs`` as a job's.
+    model: str | None = None
     queue: str | None = None
     long_docs: str | None = None
 
@@ -34,7 +36,8 @@ class RerankqRerank(BaseNodePostprocessor):
         if not nodes:
             return []
         result = rerank(self._query(query_bundle), _texts(nodes), top_k=min(self.top_n, len(nodes)),
-                        timeout=self.timeout, queue=self.queue, long_docs=self.long_docs)
+                        timeout=self.timeout, queue=self.queue, long_docs=self.long_docs,
+                        model=self.model)
         return _ranked(nodes, result)
 
     async def _apostprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None,
@@ -42,7 +45,8 @@ class RerankqRerank(BaseNodePostprocessor):
         if not nodes:
             return []
         result = await arerank(self._query(query_bundle), _texts(nodes), top_k=min(self.top_n, len(nodes)),
-                               timeout=self.timeout, queue=self.queue, long_docs=self.long_docs)
+                               timeout=self.timeout, queue=self.queue, long_docs=self.long_docs,
+                               model=self.model)
         return _ranked(nodes, result)
 
     def _query(self, query_bundle: QueryBundle | None) -> str:

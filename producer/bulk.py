@@ -7,6 +7,7 @@ from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
 from rerankq.producer.waiting import Outcome, Waiter
+from rerankq.tasks.errors import UnknownModel
 from rerankq.tasks.lanes import BULK, queue_for
 from rerankq.tasks.rerank import rerank as rerank_task
 
@@ -17,21 +18,23 @@ PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5,
 
 
 def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                queue: str | None = None, lane: str = BULK) -> Generator[tuple[Any, Outcome], None, None]:
-    """Send each job ``{"id", "query", "docs"[, "top_k", "long_docs"]}`` and yield ``(id, Result or exception)`` as
-    results complete, never with more than ``max_in_flight`` jobs sent and unanswered.
+                queue: str | None = None, lane: str = BULK, model: str | None = None,
+                ) -> Generator[tuple[Any, Outcome], None, None]:
+    """Send each job ``{"id", "query", "docs"[, "top_k", "long_docs", "model"]}`` and yield ``(id, Result or
+    exception)`` as results complete, never with more than ``max_in_flight`` jobs sent and unanswered.
 
-    Jobs go to ``queue`` (by default the GPU queue), in its bulk lane unless ``lane="interactive"``: workers
-    serve them with whatever interactive traffic leaves, and an offline run is never shed to the fast
-    ranker or answered with passthrough. Stopping the iteration leaves the jobs in flight to finish unread.
+    Jobs go to their model's queue (a job's own ``model``, else ``model``, else the default model), or all to
+    ``queue`` if given, in its bulk lane unless ``lane="interactive"``: workers serve them with whatever
+    interactive traffic leaves, and an offline run is never shed to the fast ranker or answered with
+    passthrough. An unknown ``model`` raises ``UnknownModel`` before any job is sent; a job naming an unknown
+    one gets it as its outcome. Stopping the iteration leaves the jobs in flight to finish unread.
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    if queue is None:
-        from rerankq.celeryconfig import settings
+    from rerankq.celeryconfig import settings
 
-        queue = settings.gpu_queue
-    queue = queue_for(queue, lane)
+    served = settings.served
+    default = served.resolve(model)
     waiter = Waiter(rerank_task.backend)
     ids: dict[str, Any] = {}
     pending = iter(jobs)
@@ -43,13 +46,18 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
                 if job is None:
                     exhausted = True
                     break
+                try:
+                    destination = queue_for(queue or served.resolve(job.get("model") or default.name).queue, lane)
+                except UnknownModel as exc:
+                    yield job.get("id"), exc
+                    continue
                 task_id = str(uuid.uuid4())
                 ids[task_id] = job.get("id")
                 waiter.expect(task_id)
                 # A malformed job fails on its own, with the worker's BadJob, like any other.
                 options = {k: job[k] for k in ("long_docs",) if job.get(k) is not None}
                 rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k"), **options},
-                                        task_id=task_id, queue=queue, retry_policy=PUBLISH_RETRY)
+                                        task_id=task_id, queue=destination, retry_policy=PUBLISH_RETRY)
             if not len(waiter):
                 return
             for task_id, outcome in waiter.arrived(timeout=1.0):

@@ -1,7 +1,7 @@
 """``rerankq submit jobs.jsonl -o scores.jsonl``: offline bulk reranking from a JSONL file.
 
-Each input line is ``{"id", "query", "docs"[, "top_k", "long_docs"]}``. Each output line is written and flushed as its
-result arrives: ``{"id", "scores", "top", "ranker", "model"}``, or ``{"id", "error"}`` for a job that
+Each input line is ``{"id", "query", "docs"[, "top_k", "long_docs", "model"]}``. Each output line is written
+and flushed as its result arrives: ``{"id", "scores", "top", "ranker", "model"}``, or ``{"id", "error"}`` for a job that
 failed. Lines that are not valid jobs (and repeated ids) go to the errors file with their line number,
 and the run goes on. ``--resume`` skips the ids the output already holds.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rerankq.producer.bulk import submit_many
-from rerankq.tasks.errors import BadJob, RerankError
+from rerankq.tasks.errors import BadJob, RerankError, UnknownModel
 from rerankq.tasks.lanes import BULK
 from rerankq.tasks.records import Job, Result
 
@@ -65,7 +65,10 @@ def done_ids(output: Path) -> set[Any]:
 
 def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
               summary: Summary, max_query_chars: int | None = None) -> Iterator[dict[str, Any]]:
-    """The valid, new jobs of the input; bad lines and repeated ids are written to ``errors``."""
+    """The valid, new jobs of the input; bad lines (an unknown model's among them) and repeated ids are written
+    to ``errors``."""
+    from rerankq.celeryconfig import settings
+
     first_line: dict[Any, int] = {}
     for number, text in enumerate(lines, 1):
         if not text.strip():
@@ -81,12 +84,18 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
             if job_id in first_line:
                 raise BadJob(f"duplicate id {job_id!r} (first on line {first_line[job_id]}); this line is skipped")
             first_line[job_id] = number
-            unknown = sorted(set(data) - {"id", "query", "docs", "top_k", "long_docs"})
+            unknown = sorted(set(data) - {"id", "query", "docs", "top_k", "long_docs", "model"})
             if unknown:
-                raise BadJob(f"unknown field {unknown[0]!r}: a line has id, query, docs and optionally top_k and "
-                             "long_docs")
-            job = Job.from_call((), {k: v for k, v in data.items() if k != "id"}, max_docs, max_query_chars)
-        except (ValueError, BadJob) as exc:
+                raise BadJob(f"unknown field {unknown[0]!r}: a line has id, query, docs and optionally top_k, "
+                             "long_docs and model")
+            model = data.get("model")
+            if model is not None:
+                if not isinstance(model, str):
+                    raise BadJob(f"model must be a served model's name, got {model!r}")
+                settings.served.resolve(model)
+            job = Job.from_call((), {k: v for k, v in data.items() if k not in ("id", "model")}, max_docs,
+                                max_query_chars)
+        except (ValueError, BadJob, UnknownModel) as exc:
             summary.bad_lines += 1
             reason = f"not JSON: {exc}" if isinstance(exc, ValueError) else str(exc)
             _write(errors, {"line": number, "id": job_id, "error": reason})
@@ -94,13 +103,15 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
         if job_id in skip:
             summary.skipped += 1
             continue
-        yield {"id": job_id, "query": job.query, "docs": job.docs, "top_k": job.top_k, "long_docs": job.long_docs}
+        yield {"id": job_id, "query": job.query, "docs": job.docs, "top_k": job.top_k, "long_docs": job.long_docs,
+               "model": model}
 
 
 def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flight: int, resume: bool,
-               queue: str | None, progress: bool | None = None, lane: str = BULK) -> int:
+               queue: str | None, progress: bool | None = None, lane: str = BULK, model: str | None = None) -> int:
     from rerankq.celeryconfig import settings
 
+    settings.served.resolve(model)  # an unknown --model ends the run before anything is read or sent
     if output.exists() and output.stat().st_size and not resume:
         raise RerankError(f"{output} exists: pass --resume to carry on from it, or remove it to start over")
     errors_path = errors_path or output.with_name(output.name + ".errors.jsonl")
@@ -112,7 +123,7 @@ def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flig
     with open(source, encoding="utf-8") as lines, open(output, "a", encoding="utf-8") as out, \
             open(errors_path, "a" if resume else "w", encoding="utf-8") as errors:
         jobs = read_jobs(lines, skip, errors, settings.max_docs, summary, settings.max_query_chars)
-        results = submit_many(jobs, max_in_flight=max_in_flight, queue=queue, lane=lane)
+        results = submit_many(jobs, max_in_flight=max_in_flight, queue=queue, lane=lane, model=model)
         try:
             for job_id, outcome in results:
                 _record(out, job_id, outcome, summary)

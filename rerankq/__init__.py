@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         RedisFull,
         RerankError,
         RerankTimeout,
+        UnknownModel,
     )
     from rerankq.tasks.records import Result
 
@@ -40,11 +41,11 @@ _HOMES = {
     "submit_many": "rerankq.producer.bulk",
     "Result": "rerankq.tasks.records",
     **dict.fromkeys(["RerankError", "BadJob", "ConfigError", "DeadlineExceeded", "ModelLoadError", "RankerFailed",
-                     "RedisFull", "RerankTimeout"], "rerankq.tasks.errors"),
+                     "RedisFull", "RerankTimeout", "UnknownModel"], "rerankq.tasks.errors"),
 }
 
 __all__ = ["BadJob", "ConfigError", "DeadlineExceeded", "ModelLoadError", "RankerFailed", "RedisFull",
-           "RerankError", "RerankTimeout", "Result", "arerank", "rerank", "submit_many"]
+           "RerankError", "RerankTimeout", "Result", "UnknownModel", "arerank", "rerank", "submit_many"]
 
 
 def __getattr__(name: str) -> Any:

@@ -34,12 +34,16 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True,
               help="'cpu', or 'cuda:N' to pin this process to GPU N (set before torch loads).")
 @click.option("--queue", "queues", multiple=True,
-              help="Queue to serve (repeatable), with its bulk lane. Default: RERANKQ_GPU_QUEUE, or "
-                   "RERANKQ_CPU_QUEUE with --ranker fast.")
+              help="Queue to serve (repeatable), with its bulk lane. Default: the model's (RERANKQ_GPU_QUEUE for "
+                   "the default model), or RERANKQ_CPU_QUEUE with --ranker fast.")
 @click.option("--ranker", type=click.Choice(["cross-encoder", "fast", "simulated"]), default="cross-encoder",
               show_default=True, help="Model kind: the cross-encoder, the bi-encoder fast ranker, or a simulated "
                                       "GPU for benchmarks and tests (sleeps; --model 'latency_ms=10,token_us=5').")
-@click.option("--model", default="", help="Hub id or local path; default RERANKQ_MODEL / RERANKQ_FAST_MODEL.")
+@click.option("--model", "models", multiple=True,
+              help="A served model's name (RERANKQ_MODELS), or a hub id or local path; default: the default model "
+                   "(RERANKQ_FAST_MODEL with --ranker fast). Repeat it with --gpus to split the GPUs among models.")
+@click.option("--served-name", default=None,
+              help="Serve --model (a path or hub id) as this served model: its queue, its name in answers.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default names ranker, device, pid).")
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
@@ -47,28 +51,42 @@ def cli() -> None:
                    "--ranker fast; 0 for none.")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="One worker per GPU, each pinned (--device cuda:N), restarted if it dies; metrics on "
-                   "consecutive ports from --metrics-port.")
-def worker(device: str, queues: tuple[str, ...], ranker: str, model: str, loglevel: str,
-           hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
+                   "consecutive ports from --metrics-port. With several models (several --model, or none "
+                   "named and RERANKQ_MODELS listing several), each gets an even share of the GPUs, in order "
+                   "(printed at start).")
+def worker(device: str, queues: tuple[str, ...], ranker: str, models: tuple[str, ...], served_name: str | None,
+           loglevel: str, hostname: str | None, metrics_port: int | None, gpus: str | None) -> None:
     """Serve rerank jobs: load the model once, then score many jobs' pairs together in forward batches."""
     _refuse_unusable()
     from rerankq.celeryconfig import settings
 
+    if len(models) > 1 and (gpus is None or served_name is not None):
+        raise click.UsageError("several --model need --gpus (the GPUs are split among them) and no --served-name; "
+                               "or start one `rerankq worker` per model")
     if gpus is not None:
         from rerankq.supervisor import run_per_gpu
 
         if device != "cpu":
             raise click.UsageError("--gpus picks each worker's device itself: leave out --device")
 
-        args = ["--ranker", ranker, "--model", model, "--loglevel", loglevel]
+        if not models and served_name is None and ranker != "fast" and len(settings.served) > 1:
+            models = settings.served.names  # every served model, as `rerankq up` does
+        args = ["--ranker", ranker, "--loglevel", loglevel]
+        args += ["--served-name", served_name] if served_name else []
         for queue in queues:
             args += ["--queue", queue]
-        sys.exit(run_per_gpu(gpus, args, _metrics_port(metrics_port, ranker), hostname))
+        sys.exit(run_per_gpu(gpus, args, _metrics_port(metrics_port, ranker), hostname, list(models)))
 
     from rerankq.worker.main import run_worker
 
-    default_queue = settings.cpu_queue if ranker == "fast" else settings.gpu_queue
-    sys.exit(run_worker(list(queues) or [default_queue], ranker, device, model, loglevel, hostname,
+    model = models[0] if models else ""
+    if ranker == "fast":
+        sys.exit(run_worker(list(queues) or [settings.cpu_queue], ranker, device, model, model, loglevel,
+                            hostname, _metrics_port(metrics_port, ranker)))
+    served = settings.served.for_worker(model, served_name, bool(queues))
+    # A simulated ranker reads --model as its timings, not as weights: it stands in for the served model.
+    path = served.path if ranker == "cross-encoder" else "" if model in served.names() else model
+    sys.exit(run_worker(list(queues) or [served.queue], ranker, device, path, served.name, loglevel, hostname,
                         _metrics_port(metrics_port, ranker)))
 
 
@@ -116,17 +134,19 @@ def status(as_json: bool) -> None:
 @click.option("--max-in-flight", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most jobs sent and not yet answered: bounds what the run puts in Redis.")
 @click.option("--resume", is_flag=True, help="Skip the ids OUTPUT already holds, and append to it.")
-@click.option("--queue", default=None, help="Queue to send to (default: RERANKQ_GPU_QUEUE; never shed).")
+@click.option("--queue", default=None, help="Queue to send to (default: the model's; never shed).")
+@click.option("--model", default=None, help="Served model for lines that name none (default: the deployment's "
+                                            "default model).")
 @click.option("--lane", type=click.Choice(["bulk", "interactive"]), default="bulk", show_default=True,
               help="bulk: served with what interactive traffic leaves; interactive: beside web traffic.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
-           lane: str, progress: bool | None) -> None:
-    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs"]} per line)."""
+           model: str | None, lane: str, progress: bool | None) -> None:
+    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs", "model"]} per line)."""
     _refuse_unusable()
     from rerankq.producer.runner import run_submit
 
-    sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane))
+    sys.exit(run_submit(source, output, errors, max_in_flight, resume, queue, progress, lane, model))
 
 
 @cli.command()

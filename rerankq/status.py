@@ -18,20 +18,32 @@ RECENT_CHANGES = 5
 
 
 def gather(broker: BrokerRedis, settings: Settings) -> dict[str, Any]:
+    """Every served model's route, counts and changes (``models``; ``route``, ``routed`` and ``changes`` are the
+    default model's), its queues' loads (fast-ranker queues last) and the live workers."""
     usage = memory.memory(broker.client)
-    queues = lanes.both([settings.gpu_queue, settings.cpu_queue], settings.bulk_suffix)
+    served = settings.served
+    queues = lanes.both([*(m.queue for m in served), *served.fallbacks], settings.bulk_suffix)
     snapshot = measure(broker, queues, settings.poll_ms / 1000)
     with broker.client.pipeline(transaction=False) as pipe:
-        pipe.get(state_key(broker, settings.gpu_queue))
-        pipe.hgetall(counts_key(broker, settings.gpu_queue))
-        raw_state, counts = pipe.execute()
-    state = RouteState.decode(raw_state) if raw_state else None
+        for model in served:
+            pipe.get(state_key(broker, model.queue))
+            pipe.hgetall(counts_key(broker, model.queue))
+        replies = pipe.execute()
+    models = []
+    for i, model in enumerate(served):
+        raw_state, counts = replies[2 * i:2 * i + 2]
+        models.append({"name": model.name, "aliases": list(model.aliases), "queue": model.queue,
+                       "fallback": model.fallback,
+                       "route": _route(RouteState.decode(raw_state) if raw_state else None),
+                       "routed": {k.decode(): int(v) for k, v in sorted(counts.items())},
+                       "changes": recent_changes(broker, model.queue, RECENT_CHANGES)})
+    owners = {q: m.name for m in served for q in lanes.both([m.queue], settings.bulk_suffix)}
     return {
-        "route": _route(state),
-        "queues": [_queue_row(snapshot, q, lanes.lane_of(q, settings.bulk_suffix)) for q in queues],
+        **{key: models[0][key] for key in ("route", "routed", "changes")},
+        "models": models,
+        "queues": [{**_queue_row(snapshot, q, lanes.lane_of(q, settings.bulk_suffix)), "model": owners.get(q, "")}
+                   for q in queues],
         "workers": _workers(snapshot, queues),
-        "routed": {k.decode(): int(v) for k, v in sorted(counts.items())},
-        "changes": recent_changes(broker, settings.gpu_queue, RECENT_CHANGES),
         "redis": {**asdict(usage), "full": usage.full, "describe": usage.describe()},
     }
 
@@ -60,22 +72,38 @@ def _queue_row(snapshot: Snapshot, queue: str, lane: str) -> dict[str, Any]:
             "wait_s": None if wait is None or wait == float("inf") else round(wait, 3)}
 
 
+def _head(route: dict[str, Any], fallback: str) -> str:
+    if not route["watchdog"]:
+        return "route: gpu (no route state: the watchdog is not running, or its state expired)"
+    gate = f"{fallback or 'fast-ranker queue'} {'open' if route['cpu_open'] else 'closed'}" if fallback \
+        else "no fast-ranker fallback"
+    return (f"route: {route['route']} for {clock.now() - route['since']:.0f}s, {gate}; watchdog {route['leader']} "
+            f"leads, metrics {_port(route['metrics_port'])}")
+
+
 def render(status: dict[str, Any]) -> str:
-    route = status["route"]
-    if route["watchdog"]:
-        age = clock.now() - route["since"]
-        head = (f"route: {route['route']} for {age:.0f}s, cpu queue {'open' if route['cpu_open'] else 'closed'}; "
-                f"watchdog {route['leader']} leads, metrics {_port(route['metrics_port'])}")
-    else:
-        head = "route: gpu (no route state: the watchdog is not running, or its state expired)"
-    lines = [head, f"redis: {status['redis']['describe']}", ""]
+    models = status["models"]
+    several = len(models) > 1
+    lines = []
+    for model in models:
+        routed = ", ".join(f"{k} {v}" for k, v in model["routed"].items()) or "none yet"
+        if several:
+            lines += [f"model {model['name']} on {model['queue']}: {_head(model['route'], model['fallback'])}",
+                      f"  jobs routed by producers: {routed}"]
+        else:
+            lines += [_head(model["route"], model["fallback"])]
+    lines += [f"redis: {status['redis']['describe']}", ""]
     # A bulk lane's wait is for the record: it waits its turn behind interactive jobs, and is never shed.
-    lines += _table(["queue", "lane", "waiting", "held", "backlog", "workers", "pairs/s", "est. wait"], [
-        [q["queue"], q["lane"], q["waiting"], q["held"], q["backlog"], q["workers"], _num(q["pairs_per_s"]),
+    lines += _table(["queue", *(["model"] if several else []), "lane", "waiting", "held", "backlog", "workers",
+                     "pairs/s", "est. wait"], [
+        [q["queue"], *([q["model"] or "(fast ranker)"] if several else []), q["lane"], q["waiting"], q["held"],
+         q["backlog"], q["workers"], _num(q["pairs_per_s"]),
          "no worker" if not q["workers"] else "unknown" if q["wait_s"] is None else f"{q['wait_s']:.2f}s"]
         for q in status["queues"]])
-    routed = ", ".join(f"{k} {v}" for k, v in status["routed"].items()) or "none yet"
-    lines += ["", f"jobs routed by producers: {routed}", ""]
+    if not several:
+        routed = ", ".join(f"{k} {v}" for k, v in status["routed"].items()) or "none yet"
+        lines += ["", f"jobs routed by producers: {routed}"]
+    lines += [""]
     now = clock.now()
     # busy: share of the last 30 s in forward batches; wait p95: interactive jobs' queue wait, same window.
     lines += _table(["worker", "queue", "ranker", "model", "device", "held", "served", "pairs/s", "busy",
@@ -85,12 +113,14 @@ def render(status: dict[str, Any]) -> str:
          "-" if w["wait_p95_ms"] is None else f"{w['wait_p95_ms']:.1f}ms", _port(w["metrics_port"]),
          f"{now - w['at']:.1f}s ago"]
         for w in status["workers"]]) if status["workers"] else ["no live workers"]
-    if status["changes"]:
-        lines += ["", "recent route changes (newest first):"]
-        for change in status["changes"]:
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(change["at"])))
-            gate = "open" if change["cpu_open"] == "1" else "closed"
-            lines.append(f"  {at}  -> {change['route']}, cpu {gate}: {change['reason']}")
+    for model in models:
+        if model["changes"]:
+            of = f" of {model['name']}" if several else ""
+            lines += ["", f"recent route changes{of} (newest first):"]
+            for change in model["changes"]:
+                at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(change["at"])))
+                gate = "open" if change["cpu_open"] == "1" else "closed"
+                lines.append(f"  {at}  -> {change['route']}, cpu {gate}: {change['reason']}")
     return "\n".join(lines)
 
 

@@ -125,25 +125,44 @@ def visible_gpus(spec: str) -> list[int]:
     return list(range(count))
 
 
+def split_gpus(gpus: Sequence[int], models: Sequence[str]) -> list[tuple[int, str]]:
+    """Each GPU with the model it serves: every model an even share, in order (the first models take one more
+    each when they do not divide evenly); no models: each GPU serves the worker's default."""
+    if not models:
+        return [(gpu, "") for gpu in gpus]
+    if len(gpus) < len(models):
+        raise ConfigError(f"{len(models)} models need at least as many GPUs; {len(gpus)} given ({list(gpus)}): "
+                          "run some models on other machines, or with --device cpu")
+    share, extra = divmod(len(gpus), len(models))
+    split: list[tuple[int, str]] = []
+    for i, model in enumerate(models):
+        taken = len(split)
+        split += [(gpu, model) for gpu in gpus[taken:taken + share + (i < extra)]]
+    return split
+
+
 def worker_children(gpus: Sequence[int], args: Sequence[str], env: Mapping[str, str], log_dir: Path | None,
-                    metrics_port: int, hostname: str | None) -> list[Child]:
-    """One ``rerankq worker --device cuda:N`` per GPU; metrics on consecutive ports from ``metrics_port``."""
+                    metrics_port: int, hostname: str | None, models: Sequence[str] = ()) -> list[Child]:
+    """One ``rerankq worker --device cuda:N`` per GPU (with ``models``, each serving its share: ``split_gpus``);
+    metrics on consecutive ports from ``metrics_port``."""
     children = []
-    for i, gpu in enumerate(gpus):
-        child_args = ["worker", "--device", f"cuda:{gpu}", *args,
+    for i, (gpu, model) in enumerate(split_gpus(gpus, models)):
+        child_args = ["worker", "--device", f"cuda:{gpu}", *args, *(["--model", model] if model else []),
                       "--metrics-port", str(metrics_port + i if metrics_port else 0)]
         if hostname:
             child_args += ["--hostname", f"cuda{gpu}.{hostname}"]
         log_path = log_dir / f"worker-cuda{gpu}.log" if log_dir else None
-        children.append(Child(f"worker cuda:{gpu}", child_args, dict(env), log_path))
+        children.append(Child(f"worker cuda:{gpu}" + (f" {model}" if len(models) > 1 else ""), child_args, dict(env),
+                              log_path))
     return children
 
 
-def run_per_gpu(gpus_spec: str, args: Sequence[str], metrics_port: int, hostname: str | None) -> int:
-    """``rerankq worker --gpus``: one pinned worker per GPU, restarted when it dies, until SIGTERM/Ctrl-C.
-    The workers write to this process's output, each line naming its node."""
+def run_per_gpu(gpus_spec: str, args: Sequence[str], metrics_port: int, hostname: str | None,
+                models: Sequence[str] = ()) -> int:
+    """``rerankq worker --gpus``: one pinned worker per GPU (its model's, with several ``models``), restarted
+    when it dies, until SIGTERM/Ctrl-C. The workers write to this process's output, each line naming its node."""
     stop = stop_on_signals()
-    supervisor = Supervisor(worker_children(visible_gpus(gpus_spec), args, {}, None, metrics_port, hostname))
+    supervisor = Supervisor(worker_children(visible_gpus(gpus_spec), args, {}, None, metrics_port, hostname, models))
     supervisor.start()
     for child in supervisor.children:
         assert child.process is not None

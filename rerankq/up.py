@@ -19,6 +19,7 @@ from pathlib import Path
 from rerankq.redis_server import RedisServer
 from rerankq.supervisor import Child, Supervisor, stop_on_signals, visible_gpus, worker_children
 from rerankq.tasks.errors import ConfigError
+from rerankq.tasks.models import short_name
 from rerankq.tasks.secrets import masked_url
 
 
@@ -58,18 +59,34 @@ def run_up(redis_url: str, model: str, cpu: bool, flower_port: int, serve_port: 
 
 def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, serve_port: int, metrics_port: int,
               log_dir: Path) -> list[Child]:
+    from rerankq.celeryconfig import settings
+
+    served = settings.served
+    if model and len(served) > 1:
+        raise ConfigError(f"--model {model!r} with RERANKQ_MODELS listing {len(served)} models: up starts each of "
+                          "them; leave out --model")
+    # One model: the one given (a path or hub id, served as before). Several: each by its served name.
+    names = [model] if model or len(served) == 1 else list(served.names)
     gpus = [] if cpu else _gpus_or_none()
-    model_args = ["--model", model] if model else []
     if gpus:
-        workers = worker_children(gpus, model_args, env, log_dir, metrics_port, None)
+        workers = worker_children(gpus, [], env, log_dir, metrics_port, None, [n for n in names if n])
     else:
-        workers = [Child("worker cpu", ["worker", "--device", "cpu", *model_args, "--metrics-port",
-                                        str(metrics_port)], dict(env), log_dir / "worker-cpu.log")]
-    ports = iter(range(metrics_port + len(workers), metrics_port + len(workers) + 2) if metrics_port else [0, 0])
+        workers = [Child(f"worker cpu{f' {name}' if len(names) > 1 else ''}",
+                         ["worker", "--device", "cpu", *(["--model", name] if name else []), "--metrics-port",
+                          str(metrics_port + i if metrics_port else 0)], dict(env),
+                         log_dir / f"worker-cpu{f'-{short_name(name)}' if len(names) > 1 else ''}.log")
+                   for i, name in enumerate(names)]
+    fallbacks = served.fallbacks
+    ports = iter(range(metrics_port + len(workers), metrics_port + len(workers) + len(fallbacks) + 1)
+                 if metrics_port else [0] * (len(fallbacks) + 1))
+    fast = [Child(f"fast worker{f' {queue}' if len(fallbacks) > 1 else ''}",
+                  ["worker", "--ranker", "fast", "--device", "cpu", "--queue", queue,
+                   "--metrics-port", str(next(ports))],
+                  dict(env), log_dir / (f"worker-fast-{queue}.log" if len(fallbacks) > 1 else "worker-fast.log"))
+            for queue in fallbacks]
     return [
         *workers,
-        Child("fast worker", ["worker", "--ranker", "fast", "--device", "cpu", "--metrics-port", str(next(ports))],
-              dict(env), log_dir / "worker-fast.log"),
+        *fast,
         Child("watchdog", ["watchdog", "--metrics-port", str(next(ports))], dict(env), log_dir / "watchdog.log"),
         Child("api", ["serve", "--port", str(serve_port)], dict(env), log_dir / "serve.log"),
         # SIGKILL if up dies: Flower holds no jobs, and its SIGTERM can wait on the Redis that died with up.

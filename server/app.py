@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rerankq.celeryconfig import Settings
 from rerankq.producer import arerank
 from rerankq.server import errors
-from rerankq.server.errors import Overloaded, Unauthorized
+from rerankq.server.errors import Overloaded, ServiceUnavailable, Unauthorized
 from rerankq.server.health import HealthProbe
 from rerankq.server.limits import BodyLimit, check_request, check_token
 from rerankq.server.metrics import ServerMetrics
@@ -28,6 +28,8 @@ from rerankq.server.schemas import (
     Error,
     Health,
     Meta,
+    ModelCard,
+    ModelList,
     RerankRequest,
     RerankResponse,
     RerankResult,
@@ -72,7 +74,8 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
     health = HealthProbe(cfg, broker)
 
     async def score(query: str, texts: list[str], top_n: int | None, long_docs: str | None,
-                    raw_scores: bool = False) -> Result:
+                    raw_scores: bool = False, model: str | None = None) -> Result:
+        served = cfg.served.resolve(model)  # a model not served: 404, before anything else is looked at
         check_request(cfg, query, texts)
         # The deployment's own mode is not sent: such a job is one any earlier worker serves too.
         long_docs = None if long_docs == cfg.long_docs else long_docs
@@ -80,13 +83,14 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         if cfg.serve_overload == "reject" and destination is None:
             # Read the route first (counting nothing): past the marks the client is told to come back, instead of
             # being degraded or queued behind the backlog.
-            state = await asyncio.get_running_loop().run_in_executor(None, rerank_task.get_router().state)
+            router = rerank_task.get_router(served)
+            state = await asyncio.get_running_loop().run_in_executor(None, router.state)
             if state is not None and state.route == SHED:
-                raise Overloaded(f"{cfg.gpu_queue} is over its marks (RERANKQ_HIGH_WAIT_S={cfg.high_wait_s:g}): "
+                raise Overloaded(f"{served.queue} is over its marks (RERANKQ_HIGH_WAIT_S={cfg.high_wait_s:g}): "
                                  "retry later")
-            destination = cfg.gpu_queue
+            destination = served.queue
         result = await arerank(query, texts, top_k=top_n, timeout=cfg.serve_timeout_s, queue=destination,
-                               raw_scores=raw_scores, long_docs=long_docs)
+                               raw_scores=raw_scores, long_docs=long_docs, model=served.name)
         metrics.answers.labels(result.ranker).inc()
         return result
 
@@ -95,10 +99,11 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         response.headers["x-queue-time"] = f"{result.timings.queue_ms:.1f}"
         response.headers["x-inference-time"] = f"{result.timings.inference_ms:.1f}"
         response.headers["x-rerankq-ranker"] = result.ranker
+        response.headers["x-rerankq-model"] = result.model
 
     async def cohere(body: RerankRequest, response: Response) -> RerankResponse:
         texts = body.texts()
-        result = await score(body.query, texts, body.top_n, body.long_docs_mode())
+        result = await score(body.query, texts, body.top_n, body.long_docs_mode(), model=body.model)
         timing_headers(response, result)
         return RerankResponse(
             id=str(uuid.uuid4()),
@@ -109,7 +114,8 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
                       queue_ms=result.timings.queue_ms, inference_ms=result.timings.inference_ms))
 
     async def tei(body: TeiRerankRequest, response: Response) -> list[TeiRank]:
-        result = await score(body.query, body.texts, None, body.long_docs_mode(), raw_scores=body.raw_scores)
+        result = await score(body.query, body.texts, None, body.long_docs_mode(), raw_scores=body.raw_scores,
+                             model=body.model)
         timing_headers(response, result)
         return [TeiRank(index=i, score=result.scores[i], text=body.texts[i] if body.return_text else None)
                 for i in result.ranked()]
@@ -130,6 +136,17 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
     async def get_health() -> JSONResponse:
         verdict = await health.check()
         return JSONResponse(verdict.model_dump(), status_code=503 if verdict.status == "unavailable" else 200)
+
+    @app.get("/v1/models", response_model=ModelList, responses={503: {"model": Error}},
+             summary="The served models (OpenAI's list shape), each with its health and live workers")
+    async def list_models() -> ModelList:
+        verdict = await health.check()
+        if not verdict.models:  # Redis did not answer: nothing is known of any model
+            raise ServiceUnavailable(f"cannot list the models' state: {verdict.reason}")
+        return ModelList(data=[
+            ModelCard(id=m.name, aliases=list(m.aliases), status=verdict.models[m.name].status,
+                      live_workers=verdict.workers.get(m.queue, 0), default=m == cfg.served.default)
+            for m in cfg.served])
 
     @app.get("/metrics", include_in_schema=False)
     async def get_metrics() -> Response:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from rerankq.server.schemas import Error
 from rerankq.tasks import BadJob, DeadlineExceeded, RankerFailed, RedisFull, RerankError, RerankTimeout
+from rerankq.tasks.errors import UnknownModel
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +30,18 @@ class Overloaded(RerankError):
     """The GPU queue is over its marks and this server answers 429 instead of degrading."""
 
 
+class ServiceUnavailable(RerankError):
+    """Redis does not answer, so this request cannot be answered (503)."""
+
+
 class Unauthorized(RerankError):
     """The request's API key is missing or wrong."""
 
 
-def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(Error(message=message, error=message, error_type=kind).model_dump(), status_code=status,
-                        headers=headers)
+def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+          param: str | None = None) -> JSONResponse:
+    body = Error(message=message, error=message, error_type=kind, param=param).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 #: Validation errors an answer shows at most (a body can hold one per item of its lists), and characters of each.
@@ -73,6 +79,11 @@ def install(app: FastAPI, retry_after_s: float) -> None:
         logger.exception("unexpected error answering %s %s", request.method, request.url.path)
         return error(500, "internal", f"rerankq serve failed on this request: {exc!r} (its log has the traceback)")
 
+    async def unknown_model(request: Request, exc: Exception) -> JSONResponse:
+        # vLLM's and OpenAI's answer to a model not served: 404, naming the field.
+        return error(404, "not_found", str(exc), param="model")
+
+    app.add_exception_handler(UnknownModel, unknown_model)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http)
     app.add_exception_handler(BadJob, handle(422, "validation"))
@@ -83,6 +94,7 @@ def install(app: FastAPI, retry_after_s: float) -> None:
     # TEI's status for a model that failed: a failed dependency, which clients do not retry (it would fail again).
     app.add_exception_handler(RankerFailed, handle(424, "backend"))
     app.add_exception_handler(RedisFull, handle(503, "unhealthy"))
+    app.add_exception_handler(ServiceUnavailable, handle(503, "unhealthy"))
     for kind in (OperationalError, RedisConnectionError, RedisTimeout):
         app.add_exception_handler(kind, handle(503, "unhealthy", UNREACHABLE))
     app.add_exception_handler(Exception, unexpected)

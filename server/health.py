@@ -1,4 +1,5 @@
-"""``GET /health``: does Redis answer, and does a live worker serve the queue new jobs go to?
+"""``GET /health``: does Redis answer, and does a live worker serve the queue new jobs go to, for each served
+model? The answer is the default model's (503 only when it has none), ``models`` each one's.
 
 The probe is two round trips (the queues' lengths and the worker figures, as the watchdog measures them,
 figures of workers long gone removed on the way; then the route state), run off the event loop. At most
@@ -14,18 +15,20 @@ import time
 from collections.abc import Callable
 
 from rerankq.celeryconfig import Settings
-from rerankq.server.schemas import Health
+from rerankq.server.schemas import Health, ModelHealth
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.tasks.memory import Memory, memory
+from rerankq.tasks.models import ServedModel
 from rerankq.tasks.router import GPU, SHED, RouteState, state_key
 from rerankq.worker.backlog import measure
 
 
 def judge(route: RouteState | None, workers: dict[str, int], settings: Settings,
-          full: Memory | None = None) -> Health:
-    """The health verdict from what Redis holds: pure, so every case is a unit test. ``full``: Redis's memory
-    when it is full."""
-    gpu, cpu = settings.gpu_queue, settings.cpu_queue
+          full: Memory | None = None, model: ServedModel | None = None) -> Health:
+    """The health verdict of ``model`` (default: the default model) from what Redis holds: pure, so every case
+    is a unit test. ``full``: Redis's memory when it is full."""
+    model = model or settings.served.default
+    gpu, cpu = model.queue, model.fallback
     shown = route.route if route else GPU
     if full is not None:
         return Health(status="unavailable", reason=f"Redis is full ({full.describe()}): new jobs are refused "
@@ -51,8 +54,22 @@ def judge(route: RouteState | None, workers: dict[str, int], settings: Settings,
                       "order (passthrough) until one does", route=shown, workers=workers)
     if workers.get(gpu):  # not shedding, or shedding with passthrough off: jobs go to the GPU queue
         return Health(status="ok", reason=f"{workers[gpu]} live worker(s) on {gpu}", route=shown, workers=workers)
-    return Health(status="unavailable", reason=f"no live worker serves {gpu}: start `rerankq worker` (or "
-                  "check `rerankq status`)", route=shown, workers=workers)
+    start = "rerankq worker" + ("" if model == settings.served.default else f" --model {model.name}")
+    return Health(status="unavailable", reason=f"no live worker serves {gpu}: start `{start}` (or check `rerankq "
+                  "status`)", route=shown, workers=workers)
+
+
+def overall(default: Health, others: dict[str, tuple[str, Health]]) -> Health:
+    """The verdict ``/health`` answers: the default model's (503 only when it is unavailable), degraded when it is
+    ok and another served model is not; ``models`` holds each one's own. ``others``: every served model's
+    queue and verdict, by name (the default's too)."""
+    verdicts = {name: ModelHealth(status=h.status, reason=h.reason, route=h.route, queue=queue)
+                for name, (queue, h) in others.items()}
+    bad = [f"{name}: {v.reason}" for name, v in verdicts.items() if v.status != "ok"]
+    if default.status == "ok" and bad:
+        return default.model_copy(update={"status": "degraded", "reason": f"{default.reason}; but " + "; ".join(bad),
+                                          "models": verdicts})
+    return default.model_copy(update={"models": verdicts})
 
 
 class HealthProbe:
@@ -84,10 +101,13 @@ class HealthProbe:
     def _read(self) -> Health:
         settings = self._settings
         broker = self._broker()
-        queues = [settings.gpu_queue, settings.cpu_queue]
+        served = settings.served
+        queues = [*(m.queue for m in served), *served.fallbacks]
         snapshot = measure(broker, queues, settings.poll_ms / 1000)
-        raw = broker.client.get(state_key(broker, settings.gpu_queue))
-        route = RouteState.decode(raw) if raw else None
+        raws = broker.client.mget([state_key(broker, m.queue) for m in served])
         workers = {queue: len(snapshot.workers[queue]) for queue in queues}
         usage = memory(broker.client)
-        return judge(route, workers, settings, usage if usage.full else None)
+        full = usage if usage.full else None
+        verdicts = {m.name: (m.queue, judge(RouteState.decode(raw) if raw else None, workers, settings, full, m))
+                    for m, raw in zip(served, raws, strict=True)}
+        return overall(verdicts[served.default.name][1], verdicts)

@@ -1,8 +1,9 @@
 """The request and response bodies ``rerankq serve`` speaks: Cohere's and Jina's rerank API, and TEI's.
 
-Field names, defaults and shapes are those services' own, so their clients work unchanged. Fields a client
-may send that rerankq has no use for (``model``, Cohere's ``rank_fields``, ``max_tokens_per_doc``,
-``priority``) are accepted and ignored; the model is the deployment's.
+Field names, defaults and shapes are those services' own, so their clients work unchanged. ``model`` picks a
+served model (tasks/models.py; the default when absent), on every endpoint. Fields a client may send that
+rerankq has no use for (Cohere's ``rank_fields``, ``max_tokens_per_doc``, ``priority``) are accepted and
+ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class RerankRequest(_Strict):
     """Cohere's ``POST /v1/rerank`` (and ``/v2/rerank``), Jina's ``POST /v1/rerank``."""
 
     query: str
+    #: A served model's name or alias (``GET /v1/models``); the deployment's default when absent.
+    model: str | None = None
     #: Strings, or objects with a ``text``.
     documents: Annotated[list[str | Document], Field(max_length=MAX_ITEMS)]
     #: Only the best ``top_n`` results; all of them when absent.
@@ -89,6 +92,8 @@ class TeiRerankRequest(_Strict):
 
     query: str
     texts: Annotated[list[str], Field(max_length=MAX_ITEMS)]
+    #: rerankq's own (TEI serves one model): a served model's name or alias; the default when absent.
+    model: str | None = None
     #: The model's logits instead of its scores after the sigmoid.
     raw_scores: bool = False
     return_text: bool = False
@@ -120,14 +125,48 @@ AnyRerankRequest = Annotated[
     Annotated[RerankRequest, Tag("cohere")] | Annotated[TeiRerankRequest, Tag("tei")], Discriminator(_shape)]
 
 
+Status = Literal["ok", "degraded", "unavailable"]
+
+
+class ModelHealth(BaseModel):
+    """One served model's verdict, as ``Health`` gives the default model's."""
+
+    status: Status
+    reason: str
+    route: str
+    queue: str
+
+
 class Health(BaseModel):
     #: "ok": a live worker serves the queue new jobs go to; "degraded": answering from the fast ranker or in
-    #: retrieval order while the GPU queue is over its marks; "unavailable": not answering (503).
-    status: Literal["ok", "degraded", "unavailable"]
+    #: retrieval order while the GPU queue is over its marks, or another served model is not ok (``models``
+    #: says which); "unavailable": the default model is not answering (503).
+    status: Status
     reason: str
     route: str
     #: Live workers per queue.
     workers: dict[str, int]
+    #: Each served model's own verdict, by name.
+    models: dict[str, ModelHealth] = Field(default_factory=dict)
+
+
+class ModelCard(BaseModel):
+    """A served model in ``GET /v1/models`` (OpenAI's ``Model`` object, with rerankq's own fields after)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "rerankq"
+    aliases: list[str]
+    #: Its health verdict (``ModelHealth.status``), and its queue's live workers.
+    status: Status
+    live_workers: int
+    default: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class Error(BaseModel):
@@ -136,3 +175,5 @@ class Error(BaseModel):
     message: str
     error: str
     error_type: str
+    #: The request field at fault, where one is (``model`` for a model not served: OpenAI's and vLLM's name).
+    param: str | None = None

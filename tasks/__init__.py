@@ -10,6 +10,7 @@ from rerankq.tasks.errors import (
     RedisFull,
     RerankError,
     RerankTimeout,
+    UnknownModel,
 )
 from rerankq.tasks.records import Job, Result
 from rerankq.tasks.rerank import TASK_NAME, rerank
@@ -26,6 +27,7 @@ __all__ = [
     "RerankError",
     "RerankTimeout",
     "Result",
+    "UnknownModel",
     "app",
     "rerank",
 ]

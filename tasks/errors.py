@@ -22,6 +22,15 @@ class ConfigError(RerankError):
     """A setting is missing or out of range; the message names the environment variable."""
 
 
+class UnknownModel(RerankError):
+    """A caller named a model this deployment does not serve; the message lists the ones it does. Raised before
+    anything is queued."""
+
+    def __init__(self, message: str, served: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.served = served
+
+
 class BadJob(RerankError):
     """The job's input is malformed; only that job fails, with this message."""
 

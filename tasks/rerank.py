@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Task, states
 from celery.result import EagerResult
@@ -14,6 +14,7 @@ from rerankq.tasks import clock, lanes, memory, tracing
 from rerankq.tasks.app import app
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.tasks.errors import BadJob, RerankError
+from rerankq.tasks.models import ServedModel
 from rerankq.tasks.records import check_query_length
 from rerankq.tasks.router import PASSTHROUGH, Router, passthrough_result
 
@@ -37,23 +38,27 @@ class RerankTask(Task):
     typing = False
     #: Set on first use from the settings; replace it to route with other queues or marks.
     router: Router | None = None
+    #: The routers of the other served models, by name.
+    _routers: ClassVar[dict[str, Router]] = {}
     _clock_broker: BrokerRedis | None = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, lane: str = lanes.INTERACTIVE,
                     **options: Any) -> Any:
         """Celery's ``apply_async``, plus ``lane``: ``"interactive"`` (the default) is routed by the watchdog's
-        state; ``"bulk"`` goes to the bulk lane of ``queue`` (default: the GPU queue), never shed or passed
-        through."""
+        state; ``"bulk"`` goes to the bulk lane of ``queue`` (default: the model's queue), never shed or passed
+        through. A ``model`` among the job's arguments picks the served model (tasks/models.py): it chooses the
+        queue and is not sent; an unknown one raises ``UnknownModel`` here, before anything is queued."""
+        served = _served_model(kwargs)
+        if isinstance(kwargs, dict) and "model" in kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k != "model"}
         _refuse_oversized(args, kwargs)
         self.sync_clock()
         explicit = any(options.get(name) for name in _DESTINATION_OPTIONS)
         if lanes.check(lane) == lanes.BULK:
-            from rerankq.celeryconfig import settings
-
-            options["queue"] = lanes.queue_for(options.get("queue") or settings.gpu_queue, lanes.BULK)
+            options["queue"] = lanes.queue_for(options.get("queue") or served.queue, lanes.BULK)
             options.pop("routing_key", None)
         elif not explicit:
-            destination = self.get_router().route()
+            destination = self.get_router(served).route()
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))
             options["queue"] = destination
@@ -73,13 +78,24 @@ class RerankTask(Task):
             self._clock_broker = BrokerRedis(self.app)
         return self._clock_broker.client
 
-    def get_router(self) -> Router:
-        if self.router is None:
-            from rerankq.celeryconfig import settings
+    def get_router(self, model: ServedModel | None = None) -> Router:
+        """The router of ``model``'s queue (default: the default model's, ``router``), made on first use."""
+        from rerankq.celeryconfig import settings
 
-            self.router = Router(lambda: BrokerRedis(self.app), settings.gpu_queue, settings.cpu_queue,
-                                 settings.route_cache_ms / 1000, settings.passthrough)
-        return self.router
+        model = model or settings.served.default
+        if model == settings.served.default:
+            if self.router is None:
+                self.router = self._router_for(model)
+            return self.router
+        if model.name not in self._routers:
+            self._routers[model.name] = self._router_for(model)
+        return self._routers[model.name]
+
+    def _router_for(self, model: ServedModel) -> Router:
+        from rerankq.celeryconfig import settings
+
+        return Router(lambda: BrokerRedis(self.app), model.queue, model.fallback, settings.route_cache_ms / 1000,
+                      settings.passthrough)
 
     def _passthrough(self, args: Any, kwargs: Any, task_id: str | None) -> EagerResult:
         from rerankq.celeryconfig import settings
@@ -101,6 +117,15 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
     if sender == TASK_NAME and headers is not None:
         headers.setdefault(SENT_AT_HEADER, clock.now())  # a relay may pass on the original send time
         tracing.sending(headers, str(headers.get("id", "")), routing_key)
+
+
+def _served_model(kwargs: Any) -> ServedModel:
+    """The served model a job names (its ``model`` argument), or the default; ``UnknownModel`` for one not
+    served."""
+    from rerankq.celeryconfig import settings
+
+    name = kwargs.get("model") if isinstance(kwargs, dict) else None
+    return settings.served.resolve(name)
 
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:
@@ -126,8 +151,9 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
 
 @app.task(base=RerankTask, name=TASK_NAME, shared=False)
 def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None,
-           raw_scores: bool = False, long_docs: str | None = None) -> Any:
-    """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order)."""
+           raw_scores: bool = False, long_docs: str | None = None, model: str | None = None) -> Any:
+    """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order). ``model``
+    (a served name; the default model if None) picks the queue as the job is sent, and is not sent."""
     raise RerankError(
         "rerank jobs are scored together in forward batches by `rerankq worker`; they cannot run eagerly or in a "
         "worker started without rerankq's chunk consumer")

@@ -128,7 +128,7 @@ class Router:
         state = self.state()
         if state is None or state.route != SHED:
             choice = self.gpu_queue
-        elif state.cpu_open:
+        elif state.cpu_open and self.cpu_queue:  # a model with no fast-ranker fallback has no CPU queue
             choice = self.cpu_queue
         else:
             choice = PASSTHROUGH if self.passthrough else self.gpu_queue

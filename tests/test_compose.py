@@ -50,6 +50,15 @@ def test_every_environment_variable_set_is_one_rerankq_reads() -> None:
         assert service["environment"]["RERANKQ_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
 
 
+def test_every_process_reads_the_same_models() -> None:
+    """Producers, workers and the watchdog must agree on the served models (tasks/models.py)."""
+    for service in RERANKQ_SERVICES.values():
+        assert service["environment"]["RERANKQ_MODELS"] == "${RERANKQ_MODELS:-}"
+        assert service["environment"]["RERANKQ_MODEL"] == "${RERANKQ_MODEL:-BAAI/bge-reranker-v2-m3}"
+    second = SERVICES["cpu-cross-encoder-2"]
+    assert second["profiles"] == ["cpu-two"] and second["command"][-2] == "--model"
+
+
 def test_gpu_workers_get_every_gpu_and_one_pinned_process_each() -> None:
     gpu = SERVICES["gpu-worker"]
     assert gpu["command"][:3] == ["worker", "--gpus", "all"]

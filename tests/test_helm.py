@@ -47,7 +47,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "two models": {"workers": [
         worker(autoscaling=keda()),
-        worker(name="english", model="cross-encoder/ms-marco-MiniLM-L6-v2", queue="rerank.en", gpu=False,
+        worker(name="english", model="cross-encoder/ms-marco-MiniLM-L6-v2", servedName="minilm",
+               aliases=["rerank-v3.5"], queue="rerank.en", gpu=False,
                resources={"requests": {"cpu": "4", "memory": "4Gi"}}, tolerations=[],
                autoscaling={**keda(), "keda": {**keda()["keda"], "enabled": False},
                             "hpa": {**keda()["hpa"], "enabled": True}}),
@@ -139,11 +140,14 @@ def test_autoscaling_objects_follow_the_values() -> None:
     ({"redis": {**DEFAULTS["redis"], "sentinel": {"hosts": ["s:26379"], "master": "m"}}}, "redis"),
     ({"flower": {**DEFAULTS["flower"], "enabled": True}}, "flower"),
     ({"settings": {"RERANKQ_REDIS_PASSWORD": "hunter2"}}, "settings"),
+    ({"settings": {"RERANKQ_MODELS": "a=b"}}, "settings"),
     ({"fastRanker": {**DEFAULTS["fastRanker"], "replicas": 0}}, "replicas"),
     ({"workers": [worker(terminationGracePeriodSeconds=30)]}, "terminationGracePeriodSeconds"),
     ({"workers": [worker(gpus=2)]}, "gpus"),
     ({"workers": [worker(autoscaling=keda(prometheus={**keda()["keda"]["prometheus"], "waitSeconds": 2.0}))]},
      "must be below watchdog.lowWaitSeconds"),
+    ({"workers": [worker(), worker(name="cpu-pool", gpu=False, queue="rerank.other")]}, "name two queues"),
+    ({"workers": [worker(servedName="has space")]}, "servedName"),
 ])
 def test_contradictory_or_unsafe_values_are_refused(values: dict[str, Any], refusal: str) -> None:
     with pytest.raises(helm.HelmError, match=refusal):
@@ -172,7 +176,19 @@ def test_the_chart_says_what_the_code_does() -> None:
         names = {e["name"] for e in container["env"]}
         assert {n for n in names if n.startswith("RERANKQ_")} <= settings, component
         assert len(names) == len(container["env"]), f"{component}: a variable set twice"
-    scaled, = of_kind(render(VALUE_SETS["two models"]), "ScaledObject")
+    # Every process reads the same served models, and each worker serves its model's queue under its name.
+    two = render(VALUE_SETS["two models"])
+    envs = {component: {e["name"]: e.get("value") for e in c["env"]} for component, c in containers(two).items()}
+    assert len({env["RERANKQ_MODELS"] for env in envs.values()}) == 1
+    served = Settings.from_env({"RERANKQ_MODELS": envs["worker-reranker"]["RERANKQ_MODELS"]}).served
+    assert served.names == ("BAAI/bge-reranker-v2-m3", "minilm") and served.resolve("rerank-v3.5").name == "minilm"
+    for component, model in (("worker-reranker", served.models[0]), ("worker-english", served.models[1])):
+        args = containers(two)[component]["args"]
+        flags = dict(zip(args[1::2], args[2::2], strict=False))
+        assert served.for_worker(flags["--model"], flags["--served-name"], True) == model
+        assert flags["--queue"] == model.queue
+    assert served.models[1].queue == "rerank.en"
+    scaled, = of_kind(two, "ScaledObject")
     query = scaled["spec"]["triggers"][0]["metadata"]["query"]
     exported = {next(iter(m.describe())).name for m in (metrics.WAIT, metrics.WORKERS)}
     assert set(re.findall(r"rerankq_\w+", query)) == exported

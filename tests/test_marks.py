@@ -6,7 +6,7 @@ import pytest
 
 from rerankq.tasks import BadJob
 from rerankq.tasks.router import QueueLoad, passthrough_result
-from rerankq.worker.watchdog import Marks
+from rerankq.worker.marks import Marks
 
 MARKS = Marks(high_wait_s=2.0, low_wait_s=0.5, cold_jobs=64)
 

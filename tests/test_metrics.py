@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rerankq.celeryconfig import Settings
+from rerankq.celeryconfig import DEFAULT_MODEL, Settings
 from rerankq.redis_server import free_port
 from rerankq.status import gather
 from rerankq.tasks import Result, rerank
@@ -112,9 +112,9 @@ def test_the_watchdog_exports_route_queues_routed_counts_and_model_loads(
     assert {r.ranker for r in results} == {"simulated"}
     wait_for({
         # Each refresh carries the counts before it to Redis: the 6th job's carried the first 5.
-        f'rerankq_routed_jobs_total{{destination="{gpu}"}}': 5,
-        "rerankq_route_shed": 0,
-        "rerankq_cpu_queue_open": 0,  # no CPU worker: shed jobs would get passthrough
+        f'rerankq_routed_jobs_total{{destination="{gpu}",model="{DEFAULT_MODEL}"}}': 5,
+        f'rerankq_route_shed{{model="{DEFAULT_MODEL}"}}': 0,
+        f'rerankq_cpu_queue_open{{queue="{cpu}"}}': 0,  # no CPU worker: shed jobs would get passthrough
         f'rerankq_live_workers{{queue="{cpu}"}}': 0,
         f'rerankq_estimated_wait_seconds{{queue="{cpu}"}}': float("inf"),
         f'rerankq_model_loads_total{{outcome="success",queue="{gpu}"}}': 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,9 +53,13 @@ def start_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="module")
 def served(start_worker: StartWorker, start_server: StartServer, xlmr_model: Path) -> ServerProcess:
-    """A server in front of a real worker, with an API key."""
-    worker = start_worker("--model", str(xlmr_model))
-    return start_server(RERANKQ_GPU_QUEUE=worker.queue, RERANKQ_SERVE_API_KEY=KEY)
+    """A server in front of a real worker, with an API key; the model answers to Cohere's name for it too (what
+    a deployment sets for clients that send one)."""
+    queue = new_queue()
+    models = json.dumps([{"name": "bge-reranker-v2-m3", "model": str(xlmr_model), "queue": queue,
+                          "aliases": ["rerank-v3.5"]}])
+    start_worker("--model", "bge-reranker-v2-m3", queue=queue, RERANKQ_MODELS=models)
+    return start_server(RERANKQ_MODELS=models, RERANKQ_SERVE_API_KEY=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,7 @@ def best_first(scores: list[float]) -> list[int]:
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
 def test_cohere_shape_gives_results_best_first_with_the_models_scores(http: httpx.Client, path: str,
                                                                       scores: list[float]) -> None:
-    response = http.post(path, json={"query": QUERY, "documents": DOCS, "model": "ignored"})
+    response = http.post(path, json={"query": QUERY, "documents": DOCS, "model": "bge-reranker-v2-m3"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert [r["index"] for r in body["results"]] == best_first(scores)
@@ -102,6 +107,7 @@ def test_cohere_shape_gives_results_best_first_with_the_models_scores(http: http
     assert "document" not in body["results"][0]
     assert body["meta"]["ranker"] == "cross-encoder" and body["meta"]["passthrough"] is False
     assert response.headers["x-rerankq-ranker"] == "cross-encoder"
+    assert body["meta"]["model"] == response.headers["x-rerankq-model"] == "bge-reranker-v2-m3"
     for header in ("x-queue-time", "x-inference-time", "x-total-time"):
         assert float(response.headers[header]) >= 0
 

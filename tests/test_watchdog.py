@@ -3,6 +3,7 @@ worker figures written the way workers write them, and the route producers read 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ def test_of_two_watchdogs_with_diverged_hysteresis_one_leads_and_the_route_does_
     setup.broker.client.delete(*setup.broker.queue_lists(setup.gpu))
     setup.enqueue(10, setup.gpu)  # 1 s: between the marks, where each keeps the route it last decided
     # The second saw no backlog when it last decided: alone, it would turn the route back to gpu here.
-    second.state = RouteState(route="gpu", cpu_open=True, since=0.0, at=0.0)
+    second.states = {setup.gpu: RouteState(route="gpu", cpu_open=True, since=0.0, at=0.0)}
     for _ in range(5):
         assert second.poll() is None  # standing by
         state = lead(first)
@@ -189,3 +190,35 @@ def test_passthrough_is_logged_and_counted(setup: Setup, caplog: pytest.LogCaptu
     setup.router.route()  # the next refresh adds the counts to Redis
     routed = setup.broker.client.hgetall(counts_key(setup.broker, setup.gpu))
     assert int(routed[PASSTHROUGH.encode()]) >= 3
+
+
+def test_each_model_is_judged_apart_and_sheds_alone(setup: Setup) -> None:
+    """Two models: ``beta``'s backlog sheds its new jobs (to the fast ranker, or to passthrough for a model
+    without one) while ``alpha``'s idle queue keeps its cross-encoder."""
+    beta, gamma = new_queue(), new_queue()
+    spec = [{"name": "alpha", "queue": setup.gpu}, {"name": "beta", "queue": beta},
+            {"name": "gamma", "queue": gamma, "fallback": None}]
+    settings = setup.settings.with_(models=json.dumps(spec))
+    for queue, node in ((setup.gpu, "alpha-worker"), (beta, "beta-worker"), (gamma, "gamma-worker"),
+                        (setup.cpu, "cpu-worker")):
+        setup.report(queue, node)
+    watchdog = Watchdog(setup.broker, settings)
+    setup.enqueue(30, beta)  # 3 s: over the high mark
+    setup.enqueue(30, gamma)
+    assert lead(watchdog).route == "gpu"  # the default model's state
+    states = {name: watchdog.states[queue] for name, queue in (("alpha", setup.gpu), ("beta", beta), ("gamma", gamma))}
+    assert {name: (s.route, s.cpu_open) for name, s in states.items()} == {
+        "alpha": ("gpu", True), "beta": ("shed", True), "gamma": ("shed", False)}
+    routers = {name: Router(lambda: setup.broker, m.queue, m.fallback, 0.0, True)
+               for name, m in zip("abg", settings.served, strict=True)}
+    assert (routers["a"].route(), routers["b"].route(), routers["g"].route()) == (setup.gpu, setup.cpu, PASSTHROUGH)
+    assert [c["route"] for c in recent_changes(setup.broker, beta)] == ["shed"]
+    assert recent_changes(setup.broker, setup.gpu) == []
+    assert "no fast-ranker fallback" in states["gamma"].reason
+    # Another watchdog takes over from each model's own state.
+    watchdog.lease.release()
+    again = Watchdog(setup.broker, settings)
+    lead(again)
+    assert again.states[beta].route == "shed" and again.states[beta].since == states["beta"].since
+    for queue in (beta, gamma):
+        setup.broker.client.delete(*setup.broker.queue_lists(queue))

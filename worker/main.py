@@ -7,8 +7,10 @@ import sys
 import time
 
 
-def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel: str,
+def run_worker(queues: list[str], ranker: str, device: str, model: str, served_name: str, loglevel: str,
                hostname: str | None, metrics_port: int) -> int:
+    """``model``: what to load (a hub id or path; empty: the settings' default for ``ranker``); ``served_name``:
+    what its answers say scored them (tasks/models.py; empty: ``model`` itself)."""
     from rerankq.celeryconfig import settings
     from rerankq.tasks import tracing
     from rerankq.tasks.errors import RerankError
@@ -58,6 +60,9 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, loglevel
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)
         return 1
     metrics.MODEL_LOAD.set(time.monotonic() - started)  # the load alone, not the warm-up after it
+    if served_name and served_name != loaded.model:
+        print(f"rerankq worker: serving it as {served_name!r} on {', '.join(queues)}", file=sys.stderr, flush=True)
+        loaded.model = served_name
     try:
         took = warm_up(loaded)
         fits = f"; forward batches of up to {loaded.fits_tokens} padded tokens fit in its memory" \

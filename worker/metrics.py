@@ -55,9 +55,11 @@ REDIS_FULL = Gauge("rerankq_redis_full", "1 while Redis is full (maxmemory reach
 
 # -- watchdog ---------------------------------------------------------------------------------------
 LEADING = Gauge("rerankq_watchdog_leading", "1 while this watchdog leads (writes the route); 0 standing by.")
-ROUTE_SHED = Gauge("rerankq_route_shed", "1 while new jobs are shed off the GPU queue.")
-CPU_OPEN = Gauge("rerankq_cpu_queue_open", "1 while the CPU queue takes shed jobs; 0 means passthrough.")
-ROUTE_CHANGES = Counter("rerankq_route_changes", "Route changes this watchdog made, by new route.", ["route"])
+ROUTE_SHED = Gauge("rerankq_route_shed", "1 while new jobs are shed off the model's queue.", ["model"])
+CPU_OPEN = Gauge("rerankq_cpu_queue_open", "1 while the fast-ranker queue takes shed jobs; 0 means passthrough.",
+                 ["queue"])
+ROUTE_CHANGES = Counter("rerankq_route_changes", "Route changes this watchdog made, by model and new route.",
+                        ["model", "route"])
 BACKLOG = Gauge("rerankq_backlog_jobs", "Jobs waiting in Redis plus held by live workers.", ["queue"])
 WAIT = Gauge("rerankq_estimated_wait_seconds", "Backlog over throughput (+Inf with no live worker).", ["queue"])
 WORKERS = Gauge("rerankq_live_workers", "Workers reporting figures.", ["queue"])
@@ -71,14 +73,16 @@ class RedisCounters(Collector):
     """Counters kept in Redis hashes by other processes, exported as the watchdog last read them."""
 
     def __init__(self) -> None:
-        self.routed: dict[str, int] = {}
+        #: Jobs routed, by served model and destination.
+        self.routed: dict[tuple[str, str], int] = {}
         self.model_loads: dict[tuple[str, str], int] = {}
 
     def collect(self) -> Iterable[CounterMetricFamily]:
-        routed = CounterMetricFamily("rerankq_routed_jobs", "Jobs producers sent, by destination: the GPU queue, "
-                                     "the CPU queue (rerouted) or passthrough.", labels=["destination"])
-        for destination, n in sorted(self.routed.items()):
-            routed.add_metric([destination], n)
+        routed = CounterMetricFamily("rerankq_routed_jobs", "Jobs producers sent, by model and destination: the "
+                                     "model's queue, the fast ranker's (rerouted) or passthrough.",
+                                     labels=["model", "destination"])
+        for (model, destination), n in sorted(self.routed.items()):
+            routed.add_metric([model, destination], n)
         loads = CounterMetricFamily("rerankq_model_loads", "Worker model loads, by queue and outcome "
                                     "(success, failure).", labels=["queue", "outcome"])
         for (queue, outcome), n in sorted(self.model_loads.items()):

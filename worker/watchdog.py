@@ -1,4 +1,5 @@
-"""``rerankq watchdog``: measure the GPU queue's backlog every poll, and shed new jobs while it is too long.
+"""``rerankq watchdog``: measure each model's queue's backlog every poll, and shed its new jobs while it is too
+long (each served model is judged apart, tasks/models.py; the text below says "the GPU queue" for any one).
 
 Hysteresis keeps the route from flapping: the route turns to ``shed`` when the GPU queue's estimated wait
 (or backlog, with the job-count marks) goes above the high mark, and back to ``gpu`` only once it is at
@@ -14,16 +15,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from rerankq.celeryconfig import Settings
 from rerankq.tasks import clock, lanes, memory
 from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.models import Models, ServedModel
 from rerankq.tasks.router import GPU, SHED, QueueLoad, RouteState, changes_key, counts_key, state_key
 from rerankq.worker import metrics
 from rerankq.worker.backlog import measure
 from rerankq.worker.lease import Lease
+from rerankq.worker.marks import Marks
 from rerankq.worker.reclaim import reclaim
 from rerankq.worker.stats import WorkerStats, grace_for, model_loads_key
 
@@ -33,53 +35,19 @@ logger = logging.getLogger(__name__)
 CHANGES_KEPT = 1000
 
 
-@dataclass(frozen=True)
-class Marks:
-    high_wait_s: float
-    low_wait_s: float
-    #: Backlog per live worker a queue may take while its wait is unknown (no batch measured yet): one
-    #: window's worth, which its first batches serve. Without it a cold queue (the fast ranker's, when shedding
-    #: starts) takes every shed job until its workers first report, and they wait for seconds.
-    cold_jobs: int
-    high_jobs: int = 0
-    low_jobs: int = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Marks:
-        return cls(settings.high_wait_s, settings.low_wait_s, settings.max_chunk_jobs, settings.high_jobs,
-                   settings.low_jobs)
-
-    def _cold_over(self, load: QueueLoad) -> bool:
-        return load.backlog > self.cold_jobs * load.workers
-
-    def over_high(self, load: QueueLoad) -> bool:
-        wait = load.wait_s
-        return ((self._cold_over(load) if wait is None else wait > self.high_wait_s)
-                or bool(self.high_jobs and load.backlog > self.high_jobs))
-
-    def under_low(self, load: QueueLoad) -> bool:
-        wait = load.wait_s
-        # A cold queue's only mark is its cap: once closed it gets no new jobs, so its backlog cannot flap.
-        return ((not self._cold_over(load) if wait is None else wait <= self.low_wait_s)
-                and not (self.high_jobs and load.backlog > self.low_jobs))
-
-    def describe(self) -> str:
-        jobs = f", jobs high {self.high_jobs} / low {self.low_jobs}" if self.high_jobs else ""
-        return f"wait high {self.high_wait_s}s / low {self.low_wait_s}s{jobs}"
-
-    def overloaded(self, was_overloaded: bool, load: QueueLoad) -> bool:
-        """Hysteresis: becomes overloaded above the high mark, stays so until at or below the low mark."""
-        return not self.under_low(load) if was_overloaded else self.over_high(load)
-
-
 class Watchdog:
+    """Judges every served model's queue apart (tasks/models.py), each with its own route state, and each
+    fast-ranker queue once for all the models that shed to it. ``state`` is the default model's."""
+
     def __init__(self, broker: BrokerRedis, settings: Settings) -> None:
         self.broker = broker
         self.settings = settings
         self.marks = Marks.from_settings(settings)
-        self.gpu_queue, self.cpu_queue = settings.gpu_queue, settings.cpu_queue
-        self.queues = lanes.both([self.gpu_queue, self.cpu_queue], settings.bulk_suffix)
-        self.state: RouteState | None = None
+        self.models = settings.served
+        self.gpu_queue, self.cpu_queue = self.models.default.queue, settings.cpu_queue
+        self.queues = lanes.both([*(m.queue for m in self.models), *self.models.fallbacks], settings.bulk_suffix)
+        #: Each model's last state, by its queue.
+        self.states: dict[str, RouteState] = {}
         self.reclaim_grace_s = grace_for(settings.poll_ms / 1000)
         self._reclaim_offset = 0
         self._full = False
@@ -88,16 +56,20 @@ class Watchdog:
         self.lease = Lease(broker, self.gpu_queue, max(settings.route_ttl_s / 2, 1.5 * settings.poll_ms / 1000))
         self.leading: bool | None = None
 
-    def _resume(self) -> RouteState:
-        """Carry on from the state a previous watchdog left (a restart must not flip the route)."""
-        raw = self.broker.client.get(state_key(self.broker, self.gpu_queue))
-        if raw:
-            return RouteState.decode(raw)
-        return RouteState(route=GPU, cpu_open=True, since=clock.now(), at=clock.now())
+    @property
+    def state(self) -> RouteState | None:
+        return self.states.get(self.gpu_queue)
+
+    def _resume(self) -> dict[str, RouteState]:
+        """Carry on from the states a previous watchdog left (a restart must not flip a route)."""
+        raws = self.broker.client.mget([state_key(self.broker, m.queue) for m in self.models])
+        return {m.queue: RouteState.decode(raw) if raw else
+                RouteState(route=GPU, cpu_open=True, since=clock.now(), at=clock.now())
+                for m, raw in zip(self.models, raws, strict=True)}
 
     def poll(self) -> RouteState | None:
-        """Lead: measure, decide, write the state, log and record a change, and return the new state. Stand
-        by while another watchdog leads (the lease): return None."""
+        """Lead: measure, decide, write each model's state, log and record each change, and return the default
+        model's new state. Stand by while another watchdog leads (the lease): return None."""
         leading = self.lease.hold()
         if leading != self.leading:
             if leading:
@@ -107,42 +79,61 @@ class Watchdog:
             self.leading = leading
             metrics.LEADING.set(leading)
         if not leading:
-            self.state = None  # on taking over, carry on from the state the leader left
+            self.states = {}  # on taking over, carry on from the states the leader left
             return None
         # Bulk lanes are measured for the record, never judged: a bulk run waits its turn and sheds nothing.
         snapshot = measure(self.broker, self.queues, self.settings.poll_ms / 1000)
         self._reclaim([w for workers in snapshot.workers.values() for w in workers])
-        gpu, cpu = snapshot.loads[self.gpu_queue], snapshot.loads[self.cpu_queue]
-        previous = self.state or self._resume()
-        shedding = self.marks.overloaded(previous.route == SHED, gpu)
-        cpu_open = not self.marks.overloaded(not previous.cpu_open, cpu)
-        route = SHED if shedding else GPU
+        previous = self.states or self._resume()
+        gates = self._gates(previous, snapshot.loads)
         now = clock.now()
-        changed = route != previous.route or cpu_open != previous.cpu_open
-        reason = self._reason(route, cpu_open, gpu, cpu) if changed else previous.reason
-        self.state = RouteState(route=route, cpu_open=cpu_open, since=now if changed else previous.since, at=now,
-                                reason=reason, loads=snapshot.loads, metrics_port=metrics.served_port,
-                                leader=self.lease.holder)
-        with self.broker.client.pipeline(transaction=False) as pipe:
-            pipe.set(state_key(self.broker, self.gpu_queue), self.state.encode(),
-                     px=int(self.settings.route_ttl_s * 1000))
+        changes: list[tuple[ServedModel, RouteState, RouteState]] = []
+        for model in self.models:
+            before, load = previous[model.queue], snapshot.loads[model.queue]
+            route = SHED if self.marks.overloaded(before.route == SHED, load) else GPU
+            cpu_open = gates.get(model.fallback, False)
+            changed = route != before.route or cpu_open != before.cpu_open
+            fallback = snapshot.loads.get(model.fallback)
+            reason = self._reason(model, route, cpu_open, load, fallback) if changed else before.reason
+            self.states[model.queue] = RouteState(
+                route=route, cpu_open=cpu_open, since=now if changed else before.since, at=now, reason=reason,
+                loads=snapshot.loads, metrics_port=metrics.served_port, leader=self.lease.holder)
             if changed:
-                pipe.xadd(changes_key(self.broker, self.gpu_queue),
-                          {"route": route, "cpu_open": int(cpu_open), "at": now, "gpu_backlog": gpu.backlog,
-                           "gpu_wait_s": str(gpu.wait_s), "cpu_backlog": cpu.backlog, "cpu_wait_s": str(cpu.wait_s),
-                           "reason": reason},
+                changes.append((model, before, self.states[model.queue]))
+        with self.broker.client.pipeline(transaction=False) as pipe:
+            for model in self.models:
+                pipe.set(state_key(self.broker, model.queue), self.states[model.queue].encode(),
+                         px=int(self.settings.route_ttl_s * 1000))
+            for model, _, state in changes:
+                load, fallback = snapshot.loads[model.queue], snapshot.loads.get(model.fallback)
+                pipe.xadd(changes_key(self.broker, model.queue),
+                          {"route": state.route, "cpu_open": int(state.cpu_open), "at": now,
+                           "gpu_backlog": load.backlog, "gpu_wait_s": str(load.wait_s),
+                           "cpu_backlog": fallback.backlog if fallback else 0,
+                           "cpu_wait_s": str(fallback.wait_s if fallback else None), "reason": state.reason},
                           maxlen=CHANGES_KEPT, approximate=True)
             # Counters producers and workers keep, re-exported as metrics (same round trip).
-            pipe.hgetall(counts_key(self.broker, self.gpu_queue))
-            for queue in (self.gpu_queue, self.cpu_queue):
+            for model in self.models:
+                pipe.hgetall(counts_key(self.broker, model.queue))
+            served = [m.queue for m in self.models] + self.models.fallbacks
+            for queue in served:
                 pipe.hgetall(model_loads_key(self.broker, queue))
-            *_, routed, gpu_loads, cpu_loads = pipe.execute()
-        self._export(changed, routed, {self.gpu_queue: gpu_loads, self.cpu_queue: cpu_loads})
-        if changed:
-            level = logging.WARNING if route == SHED else logging.INFO
-            logger.log(level, "route %s/%s -> %s/%s: %s", previous.route, _gate(previous.cpu_open), route,
-                       _gate(cpu_open), reason)
+            replies = pipe.execute()[len(self.models) + len(changes):]
+        routed = dict(zip((m.name for m in self.models), replies[:len(self.models)], strict=True))
+        self._export(changes, gates, routed, dict(zip(served, replies[len(self.models):], strict=True)))
+        for model, before, state in changes:
+            level = logging.WARNING if state.route == SHED else logging.INFO
+            logger.log(level, "route %s%s/%s -> %s/%s: %s", _named(model, self.models), before.route,
+                       _gate(before.cpu_open), state.route, _gate(state.cpu_open), state.reason)
         return self.state
+
+    def _gates(self, previous: dict[str, RouteState], loads: dict[str, QueueLoad]) -> dict[str, bool]:
+        """Whether each fast-ranker queue takes shed jobs, judged once for all the models that shed to it."""
+        gates = {}
+        for queue in self.models.fallbacks:
+            was_open = next(previous[m.queue].cpu_open for m in self.models if m.fallback == queue)
+            gates[queue] = not self.marks.overloaded(not was_open, loads[queue])
+        return gates
 
     def watch_memory(self) -> None:
         """Export Redis's memory, and say when it fills up (every write of new jobs and results refused)
@@ -168,20 +159,28 @@ class Watchdog:
             return
         metrics.RECLAIMED.inc(len(reclaimed))
 
-    def _export(self, changed: bool, routed: dict[bytes, bytes], loads: dict[str, dict[bytes, bytes]]) -> None:
+    def _export(self, changes: list[tuple[ServedModel, RouteState, RouteState]], gates: dict[str, bool],
+                routed: dict[str, dict[bytes, bytes]], loads: dict[str, dict[bytes, bytes]]) -> None:
+        for model in self.models:
+            metrics.ROUTE_SHED.labels(model.name).set(self.states[model.queue].route == SHED)
+        for queue, is_open in gates.items():
+            metrics.CPU_OPEN.labels(queue).set(is_open)
+        for model, _, state in changes:
+            metrics.ROUTE_CHANGES.labels(model.name, state.route).inc()
         assert self.state is not None
-        metrics.ROUTE_SHED.set(self.state.route == SHED)
-        metrics.CPU_OPEN.set(self.state.cpu_open)
-        if changed:
-            metrics.ROUTE_CHANGES.labels(self.state.route).inc()
         metrics.record_loads(self.state.loads)
-        metrics.REDIS_COUNTERS.routed = {k.decode(): int(v) for k, v in routed.items()}
+        metrics.REDIS_COUNTERS.routed = {(name, k.decode()): int(v)
+                                         for name, counts in routed.items() for k, v in counts.items()}
         metrics.REDIS_COUNTERS.model_loads = {(queue, k.decode()): int(v)
                                               for queue, counts in loads.items() for k, v in counts.items()}
 
-    def _reason(self, route: str, cpu_open: bool, gpu: QueueLoad, cpu: QueueLoad) -> str:
-        return (f"{gpu.describe()}; {cpu.describe()} (marks: {self.marks.describe()}); new jobs go to "
-                + (self.gpu_queue if route == GPU else self.cpu_queue if cpu_open else "passthrough"))
+    def _reason(self, model: ServedModel, route: str, cpu_open: bool, load: QueueLoad,
+                fallback: QueueLoad | None) -> str:
+        to = model.queue if route == GPU else model.fallback if cpu_open else "passthrough"
+        if route == SHED and not cpu_open and not self.settings.passthrough:
+            to = f"{model.queue} (passthrough is off)"
+        shed_to = f"; {fallback.describe()}" if fallback else "; no fast-ranker fallback"
+        return f"{load.describe()}{shed_to} (marks: {self.marks.describe()}); new jobs go to {to}"
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; a Redis error is logged and the next poll tries again."""
@@ -211,6 +210,10 @@ def recent_changes(broker: BrokerRedis, gpu_queue: str, count: int | None = None
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
+def _named(model: ServedModel, models: Models) -> str:
+    return f"of {model.name} " if len(models) > 1 else ""
+
+
 def _gate(cpu_open: bool) -> str:
     return "cpu open" if cpu_open else "cpu closed"
 
@@ -230,10 +233,11 @@ def run_watchdog(loglevel: str, metrics_port: int) -> int:
     metrics.READY.set()
     broker = BrokerRedis(app)
     watchdog = Watchdog(broker, settings)
-    logger.info("watching %s (and %s) every %.0f ms; marks: %s; route state TTL %.1fs", settings.gpu_queue,
-                settings.cpu_queue, settings.poll_ms, watchdog.marks.describe(), settings.route_ttl_s)
+    logger.info("watching %s every %.0f ms; marks: %s; route state TTL %.1fs",
+                ", ".join(f"{m.name} on {m.queue} (shed to {m.fallback or 'passthrough'})" for m in watchdog.models),
+                settings.poll_ms, watchdog.marks.describe(), settings.route_ttl_s)
     watchdog.run(stop)
     watchdog.lease.release()
     broker.close()
-    logger.info("stopped; producers fall back to %s within %.1fs", settings.gpu_queue, settings.route_ttl_s)
+    logger.info("stopped; producers fall back to each model's queue within %.1fs", settings.route_ttl_s)
     return 0

@@ -56,6 +56,8 @@ address, and the settings given. */}}
   value: {{ .Values.queues.gpu | quote }}
 - name: RERANKQ_CPU_QUEUE
   value: {{ .Values.queues.cpu | quote }}
+- name: RERANKQ_MODELS
+  value: {{ include "rerankq.models" . | quote }}
 {{- range $name, $value := .Values.settings }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
@@ -93,4 +95,35 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* The served models (tasks/models.py, RERANKQ_MODELS) as JSON, from the worker entries: one per servedName (or
+model), the first the default, each on its entry's queue. Entries of one model must agree on its queue. */}}
+{{- define "rerankq.models" -}}
+{{- $models := list -}}
+{{- $queues := dict -}}
+{{- range $i, $worker := .Values.workers -}}
+{{- $name := default $worker.model $worker.servedName -}}
+{{- $queue := include "rerankq.workerQueue" (dict "worker" $worker "root" $) -}}
+{{- if hasKey $queues $name -}}
+{{- if ne (get $queues $name) $queue -}}
+{{- fail (printf "workers: the entries serving %s name two queues (%s, %s): give them one" $name (get $queues $name) $queue) -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := set $queues $name $queue -}}
+{{- $models = append $models (dict "name" $name "model" $worker.model "queue" $queue "aliases" ($worker.aliases | default list)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $models -}}
+{{- end -}}
+
+{{/* A worker entry's queue: its own, else queues.gpu for the default model, else <queues.gpu>.<name's last part>
+(as tasks/models.py names it). */}}
+{{- define "rerankq.workerQueue" -}}
+{{- $name := default .worker.model .worker.servedName -}}
+{{- $first := index .root.Values.workers 0 -}}
+{{- if .worker.queue -}}{{ .worker.queue }}
+{{- else if eq $name (default $first.model $first.servedName) -}}{{ .root.Values.queues.gpu }}
+{{- else -}}{{ printf "%s.%s" .root.Values.queues.gpu (regexReplaceAll "[^A-Za-z0-9._-]" (last (splitList "/" (trimSuffix "/" $name))) "-") }}
+{{- end -}}
 {{- end -}}

@@ -1,0 +1,212 @@
+"""The models a deployment serves, by name: each with its own queue (and bulk lane), fallback and aliases.
+
+``RERANKQ_MODELS`` lists them; the first is the default, which callers get when they name none. Empty (the
+default), the deployment serves one model, ``RERANKQ_MODEL``, on ``RERANKQ_GPU_QUEUE``, named as given
+(``BAAI/bge-reranker-v2-m3``, what answers said before models had names) and by its short name
+(``bge-reranker-v2-m3``). Producers resolve a name
+here before anything is queued (``UnknownModel`` lists the served names); workers find the model they serve
+and its queue; the watchdog judges each model's queue apart. Every process of a deployment sets the same.
+
+Two ways to write it: ``name=hub-id-or-path`` pairs, comma-separated
+(``bge=BAAI/bge-reranker-v2-m3,minilm=cross-encoder/ms-marco-MiniLM-L6-v2``), or JSON (inline, or a file whose
+path ends in ``.json``): a list of objects with ``name`` and, optionally, ``model`` (default: the name),
+``aliases``, ``queue``, ``fallback``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rerankq.tasks.errors import ConfigError, UnknownModel
+
+#: A served name: what callers send as ``model`` (a hub id's ``/`` included); its queue's name is made from it.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}")
+FIELDS = ("name", "model", "aliases", "queue", "fallback")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    #: What callers send as ``model``, and what each answer's ``model`` says.
+    name: str
+    #: The hub id or local path its workers load.
+    path: str
+    #: Its interactive lane; the bulk lane is this with ``RERANKQ_BULK_SUFFIX``.
+    queue: str
+    #: The queue of the fast ranker its new jobs are shed to while its queue is over its marks; empty: none
+    #: (passthrough, if on, else they keep queueing).
+    fallback: str
+    #: Other names callers may use for it (its hub id, an older name).
+    aliases: tuple[str, ...] = ()
+
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The served models, the default first."""
+
+    models: tuple[ServedModel, ...]
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("RERANKQ_MODELS lists no model: name at least one, or leave it empty for RERANKQ_MODEL")
+        _unique("name or alias", [name for m in self.models for name in m.names()])
+        _unique("queue", [m.queue for m in self.models], " (give one of them its own \"queue\")")
+        fallbacks = {m.fallback for m in self.models}
+        for m in self.models:
+            if m.queue in fallbacks:
+                raise ConfigError(f"RERANKQ_MODELS: {m.name!r}'s queue {m.queue!r} is also a fallback queue: "
+                                  "the fast ranker and a model cannot share a queue")
+
+    @property
+    def default(self) -> ServedModel:
+        return self.models[0]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a caller named (by served name or alias); the default for None; ``UnknownModel`` naming
+        the served ones otherwise."""
+        if name is None:
+            return self.default
+        for model in self.models:
+            if name in model.names():
+                return model
+        shown = repr(name[:100]) if isinstance(name, str) else f"a {type(name).__name__}"
+        raise UnknownModel(f"model {shown} is not served here; served: {', '.join(self.names)} "
+                           f"(omit model for {self.default.name})", self.names)
+
+    def find(self, name_or_path: str) -> ServedModel | None:
+        """The model with this served name, alias or path, if any."""
+        for model in self.models:
+            if name_or_path in (*model.names(), model.path):
+                return model
+        return None
+
+    def for_worker(self, model: str, served_name: str | None, queue_given: bool) -> ServedModel:
+        """What ``rerankq worker --model MODEL [--served-name NAME]`` serves: the served model it names (by name,
+        alias or path; ``--served-name`` picks it and ``--model`` then only says where to load it from). A model
+        not listed is served under its own name on ``--queue``, or on the default model's queue when the
+        deployment serves only that one (as before models had names); with several, it must be named."""
+        if served_name is not None:
+            try:
+                entry = self.resolve(served_name)
+            except UnknownModel as exc:
+                raise ConfigError(f"--served-name: {exc}") from None
+            return replace(entry, path=model or entry.path)
+        if not model:
+            return self.default
+        found = self.find(model)
+        if found is not None:
+            return found
+        if queue_given or len(self.models) == 1:
+            return replace(self.default, name=model, path=model, aliases=())
+        raise ConfigError(f"--model {model!r} is none of the served models ({', '.join(self.names)}; "
+                          "RERANKQ_MODELS): add --served-name NAME to serve it as one of them, or --queue")
+
+    def by_queue(self, queue: str) -> ServedModel | None:
+        return next((m for m in self.models if m.queue == queue), None)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """The distinct fast-ranker queues the models shed to."""
+        return list(dict.fromkeys(m.fallback for m in self.models if m.fallback))
+
+
+def short_name(path: str) -> str:
+    """A served name for a hub id or path: its last part (``BAAI/bge-reranker-v2-m3`` -> ``bge-reranker-v2-m3``),
+    with characters a name cannot hold replaced."""
+    last = path.rstrip("/").rsplit("/", 1)[-1] or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", last).lstrip("._-")[:64]
+    return name or "model"
+
+
+def parse(spec: str, default_path: str, gpu_queue: str, cpu_queue: str, bulk_suffix: str) -> Models:
+    """The registry ``RERANKQ_MODELS=spec`` describes (see the module's doc); empty: ``default_path`` alone."""
+    spec = spec.strip()
+    if not spec:
+        short = short_name(default_path)
+        aliases = (short,) if short != default_path else ()
+        return Models((ServedModel(default_path, default_path, gpu_queue, cpu_queue, aliases),))
+    if spec.startswith(("[", "{")):
+        entries = _json(spec, "RERANKQ_MODELS")
+    elif spec.endswith(".json"):
+        try:
+            text = Path(spec).read_text()
+        except OSError as exc:
+            raise ConfigError(f"RERANKQ_MODELS={spec!r}: cannot read it ({exc.strerror or exc})") from None
+        entries = _json(text, spec)
+    else:
+        entries = [_pair(item) for item in spec.split(",") if item.strip()]
+    models = [_model(entry, i, gpu_queue, cpu_queue, bulk_suffix) for i, entry in enumerate(entries)]
+    return Models(tuple(models))
+
+
+def _json(text: str, where: str) -> list[Any]:
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: a JSON list of models, each {{\"name\": ..., \"model\": ...}}")
+    return entries
+
+
+def _pair(item: str) -> dict[str, Any]:
+    name, sep, path = item.strip().partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"RERANKQ_MODELS: {item.strip()!r} is not name=hub-id-or-path")
+    return {"name": name.strip(), "model": path.strip()}
+
+
+def _model(entry: Any, index: int, gpu_queue: str, cpu_queue: str, bulk_suffix: str) -> ServedModel:
+    where = f"RERANKQ_MODELS, model {index + 1}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: an object with a \"name\", got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
+    name = entry.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"{where}: name {name!r} must be 1-128 letters, digits, '.', '_', '/', ':' or '-', "
+                          "from a letter or digit (aliases may be anything)")
+    path = _text(entry.get("model", name), f"{where} ({name}): model")
+    derived = gpu_queue if index == 0 else f"{gpu_queue}.{short_name(name)}"
+    queue = _text(entry.get("queue") or derived, f"{where}: queue")
+    if queue.endswith(bulk_suffix):
+        raise ConfigError(f"{where}: queue {queue!r} ends in RERANKQ_BULK_SUFFIX={bulk_suffix!r}, which names a "
+                          "bulk lane: rename the model or give it a queue")
+    fallback = entry.get("fallback", cpu_queue)
+    fallback = "" if fallback is None else _text(fallback, f"{where}: fallback", empty=True)
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{where} ({name}): aliases must be a list of names")
+    return ServedModel(name, path, queue, fallback, tuple(aliases))
+
+
+def _text(value: Any, where: str, empty: bool = False) -> str:
+    if not isinstance(value, str) or not (value or empty):
+        raise ConfigError(f"{where} must be a{'' if empty else ' non-empty'} string, got {value!r}")
+    return value
+
+
+def _unique(what: str, values: Sequence[str], advice: str = "") -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(f"RERANKQ_MODELS: {what} {value!r} is given twice{advice}")
+        seen.add(value)
