@@ -86,6 +86,11 @@ class Settings:
     model: str = _env("RERANKQ_MODEL", DEFAULT_MODEL,
                       "Cross-encoder: a hub id or a local path. Served under its last part's name "
                       "(`bge-reranker-v2-m3`) unless RERANKQ_MODELS lists the models.")
+    unknown_model: str = _env("RERANKQ_UNKNOWN_MODEL", "refuse",
+                              "A request naming a model not served: `refuse` (`UnknownModel`; `rerankq serve` answers "
+                              "404 with the served names), or `default` (the default model answers it, its answer "
+                              "saying so in `model`: for clients that send a name of their own, as a Cohere client "
+                              "sends `rerank-v3.5`; an alias does the same for one name).")
     models: str = _env("RERANKQ_MODELS", "",
                        "Several models, each on its own queue, callers picking one by `model`: "
                        "`name=hub-id-or-path` pairs, comma-separated, the first the default (on "
@@ -237,6 +242,8 @@ class Settings:
             raise ConfigError("RERANKQ_MODEL and RERANKQ_MODELS are both set: with RERANKQ_MODELS, its first model is "
                               "the default; unset RERANKQ_MODEL")
         self.served  # noqa: B018 - a bad RERANKQ_MODELS fails here, at start, not at a caller's first job
+        if self.unknown_model not in ("refuse", "default"):
+            raise ConfigError(f"RERANKQ_UNKNOWN_MODEL={self.unknown_model!r}: use 'refuse' or 'default'")
         if self.backend not in ("torch", "onnx-int8"):
             raise ConfigError(f"RERANKQ_BACKEND={self.backend!r}: use 'torch' or 'onnx-int8'")
         for name in ("broker_url", "backend_url"):
@@ -259,7 +266,8 @@ class Settings:
     @functools.cached_property
     def served(self) -> Models:
         """The models this deployment serves, by name (tasks/models.py)."""
-        return parse_models(self.models, self.model, self.gpu_queue, self.cpu_queue, self.bulk_suffix)
+        return parse_models(self.models, self.model, self.gpu_queue, self.cpu_queue, self.bulk_suffix,
+                            self.unknown_model == "default")
 
     @property
     def backend_url(self) -> str:

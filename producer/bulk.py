@@ -20,8 +20,9 @@ PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5,
 def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                 queue: str | None = None, lane: str = BULK, model: str | None = None,
                 ) -> Generator[tuple[Any, Outcome], None, None]:
-    """Send each job ``{"id", "query", "docs"[, "top_k", "long_docs", "model"]}`` and yield ``(id, Result or
-    exception)`` as results complete, never with more than ``max_in_flight`` jobs sent and unanswered.
+    """Send each job ``{"id", "query", "docs"[, "top_k", "long_docs", "model", "instruction"]}`` and yield
+    ``(id, Result or exception)`` as results complete, never with more than ``max_in_flight`` jobs sent and
+    unanswered.
 
     Jobs go to their model's queue (a job's own ``model``, else ``model``, else the default model), or all to
     ``queue`` if given, in its bulk lane unless ``lane="interactive"``: workers serve them with whatever
@@ -55,7 +56,7 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
                 ids[task_id] = job.get("id")
                 waiter.expect(task_id)
                 # A malformed job fails on its own, with the worker's BadJob, like any other.
-                options = {k: job[k] for k in ("long_docs",) if job.get(k) is not None}
+                options = {k: job[k] for k in ("long_docs", "instruction") if job.get(k) is not None}
                 rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k"), **options},
                                         task_id=task_id, queue=destination, retry_policy=PUBLISH_RETRY)
             if not len(waiter):

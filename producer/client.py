@@ -43,12 +43,14 @@ _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AsyncWaiter
 
 def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
            timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE,
-           raw_scores: bool = False, long_docs: str | None = None, model: str | None = None) -> Result:
+           raw_scores: bool = False, long_docs: str | None = None, model: str | None = None,
+           instruction: str | None = None) -> Result:
     """Score ``docs`` against ``query``; blocks up to ``timeout`` seconds. ``model`` names a served model (the
-    default one if None; ``UnknownModel`` before anything is sent for one not served); ``lane="bulk"`` sends it
+    default one if None; ``UnknownModel`` before anything is sent for one not served); ``instruction`` is what an
+    LLM reranker judges by (None: the model's default; a cross-encoder refuses one); ``lane="bulk"`` sends it
     behind interactive traffic (never shed); ``raw_scores`` asks for the model's logits instead of its scores;
     ``long_docs`` ("truncate", "truncate-left", "split", "refuse") overrides ``RERANKQ_LONG_DOCS``."""
-    job = _job(top_k, deadline, timeout, raw_scores, long_docs, model)
+    job = _job(top_k, deadline, timeout, raw_scores, long_docs, model, instruction)
     handle = _send(str(uuid.uuid4()), query, docs, job, queue, lane)
     try:
         # Celery refuses a wait inside a task of any app (the caller's own Celery worker, say), against a
@@ -61,7 +63,8 @@ def rerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: 
 
 async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, deadline: float | None = None,
                   timeout: float = DEFAULT_TIMEOUT_S, queue: str | None = None, lane: str = INTERACTIVE,
-                  raw_scores: bool = False, long_docs: str | None = None, model: str | None = None) -> Result:
+                  raw_scores: bool = False, long_docs: str | None = None, model: str | None = None,
+                  instruction: str | None = None) -> Result:
     """Like ``rerank``, awaited: one async Redis connection per event loop waits for every pending job.
 
     Nothing blocks the event loop: the send (a synchronous publish, with its retries, and the route read)
@@ -70,7 +73,8 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
     loop = asyncio.get_running_loop()
     waiter = await _waiter(loop)
     task_id = str(uuid.uuid4())
-    job = _job(top_k, deadline, timeout, raw_scores, long_docs, model)  # the deadline from the call, not the send
+    # The deadline from the call, not the send.
+    job = _job(top_k, deadline, timeout, raw_scores, long_docs, model, instruction)
     send = functools.partial(_send, task_id, query, docs, job, queue, lane)
     try:
         outcome = await asyncio.wait_for(_sent_and_awaited(loop, waiter, task_id, send), timeout)
@@ -117,7 +121,7 @@ async def _sent_and_awaited(loop: asyncio.AbstractEventLoop, waiter: AsyncWaiter
 
 
 def _job(top_k: int | None, deadline: float | None, timeout: float, raw_scores: bool,
-         long_docs: str | None, model: str | None) -> dict[str, Any]:
+         long_docs: str | None, model: str | None, instruction: str | None) -> dict[str, Any]:
     """The job's keyword arguments. Options left at their default are not sent: such a job is one any
     earlier worker serves too. With no deadline given, it is ``timeout`` from now, on Redis's clock: the
     send fills it in once the clock is synced (``_timeout_s``, ``_called`` say from when)."""
@@ -130,6 +134,8 @@ def _job(top_k: int | None, deadline: float | None, timeout: float, raw_scores: 
         job["long_docs"] = long_docs
     if model is not None:  # picks the queue as it is sent (RerankTask.apply_async), not sent itself
         job["model"] = model
+    if instruction is not None:
+        job["instruction"] = instruction
     return job
 
 

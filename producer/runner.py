@@ -1,9 +1,9 @@
 """``rerankq submit jobs.jsonl -o scores.jsonl``: offline bulk reranking from a JSONL file.
 
-Each input line is ``{"id", "query", "docs"[, "top_k", "long_docs", "model"]}``. Each output line is written
-and flushed as its result arrives: ``{"id", "scores", "top", "ranker", "model"}``, or ``{"id", "error"}`` for a job that
-failed. Lines that are not valid jobs (and repeated ids) go to the errors file with their line number,
-and the run goes on. ``--resume`` skips the ids the output already holds.
+Each input line is ``{"id", "query", "docs"[, "top_k", "long_docs", "model", "instruction"]}``. Each output
+line is written and flushed as its result arrives: ``{"id", "scores", "top", "ranker", "model"}``, or
+``{"id", "error"}`` for a job that failed. Lines that are not valid jobs (and repeated ids) go to the errors
+file with their line number, and the run goes on. ``--resume`` skips the ids the output already holds.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
             if job_id in first_line:
                 raise BadJob(f"duplicate id {job_id!r} (first on line {first_line[job_id]}); this line is skipped")
             first_line[job_id] = number
-            unknown = sorted(set(data) - {"id", "query", "docs", "top_k", "long_docs", "model"})
+            unknown = sorted(set(data) - {"id", "query", "docs", "top_k", "long_docs", "model", "instruction"})
             if unknown:
                 raise BadJob(f"unknown field {unknown[0]!r}: a line has id, query, docs and optionally top_k, "
-                             "long_docs and model")
+                             "long_docs, model and instruction")
             model = data.get("model")
             if model is not None:
                 if not isinstance(model, str):
@@ -104,7 +104,7 @@ def read_jobs(lines: IO[str], skip: set[Any], errors: IO[str], max_docs: int,
             summary.skipped += 1
             continue
         yield {"id": job_id, "query": job.query, "docs": job.docs, "top_k": job.top_k, "long_docs": job.long_docs,
-               "model": model}
+               "model": model, "instruction": job.instruction}
 
 
 def run_submit(source: Path, output: Path, errors_path: Path | None, max_in_flight: int, resume: bool,

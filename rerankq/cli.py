@@ -36,9 +36,11 @@ def cli() -> None:
 @click.option("--queue", "queues", multiple=True,
               help="Queue to serve (repeatable), with its bulk lane. Default: the model's (RERANKQ_GPU_QUEUE for "
                    "the default model), or RERANKQ_CPU_QUEUE with --ranker fast.")
-@click.option("--ranker", type=click.Choice(["cross-encoder", "fast", "simulated"]), default="cross-encoder",
-              show_default=True, help="Model kind: the cross-encoder, the bi-encoder fast ranker, or a simulated "
-                                      "GPU for benchmarks and tests (sleeps; --model 'latency_ms=10,token_us=5').")
+@click.option("--ranker", type=click.Choice(["cross-encoder", "llm", "fast", "simulated"]), default="cross-encoder",
+              show_default=True, help="Model kind: the cross-encoder (an LLM reranker when its config names a "
+                                      "causal LM), an LLM reranker said outright, the bi-encoder fast ranker, or a "
+                                      "simulated GPU for benchmarks and tests (sleeps; --model "
+                                      "'latency_ms=10,token_us=5').")
 @click.option("--model", "models", multiple=True,
               help="A served model's name (RERANKQ_MODELS), or a hub id or local path; default: the default model "
                    "(RERANKQ_FAST_MODEL with --ranker fast). Repeat it with --gpus to split the GPUs among models.")
@@ -69,8 +71,11 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, models: tuple[str,
         if device != "cpu":
             raise click.UsageError("--gpus picks each worker's device itself: leave out --device")
 
-        if not models and served_name is None and ranker != "fast" and len(settings.served) > 1:
+        if not models and served_name is None and not queues and ranker != "fast" and len(settings.served) > 1:
             models = settings.served.names  # every served model, as `rerankq up` does
+        if len(models) > 1 and queues:
+            raise click.UsageError("--queue with several models would put them all on one queue: leave it out (each "
+                                   "model serves its own)")
         args = ["--ranker", ranker, "--loglevel", loglevel]
         args += ["--served-name", served_name] if served_name else []
         for queue in queues:
@@ -82,12 +87,20 @@ def worker(device: str, queues: tuple[str, ...], ranker: str, models: tuple[str,
     model = models[0] if models else ""
     if ranker == "fast":
         sys.exit(run_worker(list(queues) or [settings.cpu_queue], ranker, device, model, model, loglevel,
-                            hostname, _metrics_port(metrics_port, ranker)))
-    served = settings.served.for_worker(model, served_name, bool(queues))
-    # A simulated ranker reads --model as its timings, not as weights: it stands in for the served model.
-    path = served.path if ranker == "cross-encoder" else "" if model in served.names() else model
-    sys.exit(run_worker(list(queues) or [served.queue], ranker, device, path, served.name, loglevel, hostname,
-                        _metrics_port(metrics_port, ranker)))
+                            hostname, _metrics_port(metrics_port, ranker), ""))
+    served = settings.served.for_worker(model, served_name, queues)
+    name, path = served.name, served.path
+    if ranker == "simulated":  # it reads --model as its timings, not as weights: a stand-in for a served model
+        path = "" if model and settings.served.find(model) is not None else model
+        if not model and served_name is None and not queues:
+            name = ""  # a plain simulated worker answers as itself
+    elif settings.served.find(served.name) is None:
+        print(f"rerankq worker: {served.name!r} is none of the served models ({', '.join(settings.served.names)}): it "
+              f"answers as itself on {', '.join(queues) or served.queue}", file=sys.stderr, flush=True)
+    if ranker == "cross-encoder" and served.kind:
+        ranker = served.kind
+    sys.exit(run_worker(list(queues) or [served.queue], ranker, device, path, name, loglevel, hostname,
+                        _metrics_port(metrics_port, ranker), served.instruction))
 
 
 @cli.command()
@@ -142,7 +155,8 @@ def status(as_json: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def submit(source: Path, output: Path, errors: Path | None, max_in_flight: int, resume: bool, queue: str | None,
            model: str | None, lane: str, progress: bool | None) -> None:
-    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs", "model"]} per line)."""
+    """Rerank every job of a JSONL file ({"id", "query", "docs"[, "top_k", "long_docs", "model", "instruction"]}
+    per line)."""
     _refuse_unusable()
     from rerankq.producer.runner import run_submit
 

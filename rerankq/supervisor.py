@@ -127,12 +127,14 @@ def visible_gpus(spec: str) -> list[int]:
 
 def split_gpus(gpus: Sequence[int], models: Sequence[str]) -> list[tuple[int, str]]:
     """Each GPU with the model it serves: every model an even share, in order (the first models take one more
-    each when they do not divide evenly); no models: each GPU serves the worker's default."""
+    each when they do not divide evenly); no models: each GPU serves the worker's default. With fewer GPUs than
+    models, models share them, one process each, in turn (each model's memory must fit beside the others')."""
     if not models:
         return [(gpu, "") for gpu in gpus]
+    if not gpus:
+        raise ConfigError("no GPU to split among the models")
     if len(gpus) < len(models):
-        raise ConfigError(f"{len(models)} models need at least as many GPUs; {len(gpus)} given ({list(gpus)}): "
-                          "run some models on other machines, or with --device cpu")
+        return [(gpus[i % len(gpus)], model) for i, model in enumerate(models)]
     share, extra = divmod(len(gpus), len(models))
     split: list[tuple[int, str]] = []
     for i, model in enumerate(models):
@@ -151,8 +153,9 @@ def worker_children(gpus: Sequence[int], args: Sequence[str], env: Mapping[str, 
                       "--metrics-port", str(metrics_port + i if metrics_port else 0)]
         if hostname:
             child_args += ["--hostname", f"cuda{gpu}.{hostname}"]
-        log_path = log_dir / f"worker-cuda{gpu}.log" if log_dir else None
-        children.append(Child(f"worker cuda:{gpu}" + (f" {model}" if len(models) > 1 else ""), child_args, dict(env),
+        several = len(models) > 1
+        log_path = (log_dir / f"worker-cuda{gpu}{f'-{i}' if several else ''}.log") if log_dir else None
+        children.append(Child(f"worker cuda:{gpu}" + (f" {model}" if several else ""), child_args, dict(env),
                               log_path))
     return children
 

@@ -65,7 +65,10 @@ def _children(env: dict[str, str], model: str, cpu: bool, flower_port: int, serv
     if model and len(served) > 1:
         raise ConfigError(f"--model {model!r} with RERANKQ_MODELS listing {len(served)} models: up starts each of "
                           "them; leave out --model")
-    # One model: the one given (a path or hub id, served as before). Several: each by its served name.
+    # One model: the one given (a path or hub id), which every process then knows as the model
+    # (RERANKQ_MODEL), so that serve lists it and callers may name it. Several: each by its served name.
+    if model:
+        env["RERANKQ_MODEL"] = model
     names = [model] if model or len(served) == 1 else list(served.names)
     gpus = [] if cpu else _gpus_or_none()
     if gpus:

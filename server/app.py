@@ -74,9 +74,9 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
     health = HealthProbe(cfg, broker)
 
     async def score(query: str, texts: list[str], top_n: int | None, long_docs: str | None,
-                    raw_scores: bool = False, model: str | None = None) -> Result:
+                    raw_scores: bool = False, model: str | None = None, instruction: str | None = None) -> Result:
         served = cfg.served.resolve(model)  # a model not served: 404, before anything else is looked at
-        check_request(cfg, query, texts)
+        check_request(cfg, query, texts, instruction)
         # The deployment's own mode is not sent: such a job is one any earlier worker serves too.
         long_docs = None if long_docs == cfg.long_docs else long_docs
         destination = queue
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
                                  "retry later")
             destination = served.queue
         result = await arerank(query, texts, top_k=top_n, timeout=cfg.serve_timeout_s, queue=destination,
-                               raw_scores=raw_scores, long_docs=long_docs, model=served.name)
+                               raw_scores=raw_scores, long_docs=long_docs, model=served.name, instruction=instruction)
         metrics.answers.labels(result.ranker).inc()
         return result
 
@@ -103,7 +103,8 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
 
     async def cohere(body: RerankRequest, response: Response) -> RerankResponse:
         texts = body.texts()
-        result = await score(body.query, texts, body.top_n, body.long_docs_mode(), model=body.model)
+        result = await score(body.query, texts, body.top_n, body.long_docs_mode(), model=body.model,
+                             instruction=body.instruction)
         timing_headers(response, result)
         return RerankResponse(
             id=str(uuid.uuid4()),
@@ -115,7 +116,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
 
     async def tei(body: TeiRerankRequest, response: Response) -> list[TeiRank]:
         result = await score(body.query, body.texts, None, body.long_docs_mode(), raw_scores=body.raw_scores,
-                             model=body.model)
+                             model=body.model, instruction=body.instruction)
         timing_headers(response, result)
         return [TeiRank(index=i, score=result.scores[i], text=body.texts[i] if body.return_text else None)
                 for i in result.ranked()]
@@ -161,7 +162,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         metrics.in_flight.inc()
         try:
             # The key before anything else: a stranger learns nothing from how their body is judged.
-            if request.url.path in RERANK_PATHS:
+            if request.url.path in (*RERANK_PATHS, "/v1/models"):  # what is served is the key holders' to know
                 check_token(cfg, request)
             with tracing.joined(request.headers):  # a client's traceparent: its jobs join its trace
                 response = await call_next(request)

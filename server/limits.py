@@ -15,10 +15,15 @@ from rerankq.tasks.errors import BadJob
 from rerankq.tasks.records import check_query
 
 
-def check_request(settings: Settings, query: str, texts: list[str]) -> None:
+def check_request(settings: Settings, query: str, texts: list[str], instruction: str | None = None) -> None:
     """The request's own limits, as ``BadJob`` (422) saying which and how to fit."""
     check_query(query, settings.max_query_chars)
     _unicode("the query", query)
+    if instruction is not None:
+        if len(instruction) > settings.max_query_chars:
+            raise BadJob(f"the instruction is {len(instruction)} characters, over the limit of "
+                         f"{settings.max_query_chars} (RERANKQ_MAX_QUERY_CHARS bounds it as it bounds the query)")
+        _unicode("the instruction", instruction)
     if len(texts) > settings.max_docs:
         raise BadJob(f"{len(texts)} documents is over the limit of {settings.max_docs} per request "
                      "(RERANKQ_MAX_DOCS): split the request")

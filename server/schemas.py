@@ -38,6 +38,8 @@ class RerankRequest(_Strict):
     query: str
     #: A served model's name or alias (``GET /v1/models``); the deployment's default when absent.
     model: str | None = None
+    #: What an LLM reranker judges by (vLLM's name; the model's default when absent); a cross-encoder refuses one.
+    instruction: str | None = None
     #: Strings, or objects with a ``text``.
     documents: Annotated[list[str | Document], Field(max_length=MAX_ITEMS)]
     #: Only the best ``top_n`` results; all of them when absent.
@@ -94,6 +96,8 @@ class TeiRerankRequest(_Strict):
     texts: Annotated[list[str], Field(max_length=MAX_ITEMS)]
     #: rerankq's own (TEI serves one model): a served model's name or alias; the default when absent.
     model: str | None = None
+    #: As Cohere's shape's ``instruction``.
+    instruction: str | None = None
     #: The model's logits instead of its scores after the sigmoid.
     raw_scores: bool = False
     return_text: bool = False

@@ -31,6 +31,11 @@ class UnknownModel(RerankError):
         self.served = served
 
 
+class Misrouted(RerankError):
+    """The job reached a queue that the worker's RERANKQ_MODELS gives to another model than the one its producer
+    sent it to: the processes of the deployment disagree on the models (set the same RERANKQ_MODELS in each)."""
+
+
 class BadJob(RerankError):
     """The job's input is malformed; only that job fails, with this message."""
 

@@ -10,7 +10,7 @@ and its queue; the watchdog judges each model's queue apart. Every process of a 
 Two ways to write it: ``name=hub-id-or-path`` pairs, comma-separated
 (``bge=BAAI/bge-reranker-v2-m3,minilm=cross-encoder/ms-marco-MiniLM-L6-v2``), or JSON (inline, or a file whose
 path ends in ``.json``): a list of objects with ``name`` and, optionally, ``model`` (default: the name),
-``aliases``, ``queue``, ``fallback``.
+``aliases``, ``queue``, ``fallback``, ``kind`` and ``instruction`` (an LLM reranker's default).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from typing import Any
 from rerankq.tasks.errors import ConfigError, UnknownModel
 
 #: A served name: what callers send as ``model`` (a hub id's ``/`` included); its queue's name is made from it.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}")
-FIELDS = ("name", "model", "aliases", "queue", "fallback")
+NAME = re.compile(r"[A-Za-z0-9._/][A-Za-z0-9._/:-]{0,255}")
+FIELDS = ("name", "model", "aliases", "queue", "fallback", "kind", "instruction")
+#: What a model is: found from its config (a causal LM is an LLM reranker), or said.
+KINDS = ("", "cross-encoder", "llm")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ServedModel:
     fallback: str
     #: Other names callers may use for it (its hub id, an older name).
     aliases: tuple[str, ...] = ()
+    #: ``KINDS``: empty, from its config.
+    kind: str = ""
+    #: An LLM reranker's instruction for jobs that send none (empty: its recipe's own).
+    instruction: str = ""
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
@@ -49,9 +55,11 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class Models:
-    """The served models, the default first."""
+    """The served models, the default first. ``unknown_to_default``: a name not served goes to the default model
+    instead of being refused (RERANKQ_UNKNOWN_MODEL=default, for clients that send a name of their own)."""
 
     models: tuple[ServedModel, ...]
+    unknown_to_default: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -86,9 +94,12 @@ class Models:
         for model in self.models:
             if name in model.names():
                 return model
+        if self.unknown_to_default:
+            return self.default
         shown = repr(name[:100]) if isinstance(name, str) else f"a {type(name).__name__}"
-        raise UnknownModel(f"model {shown} is not served here; served: {', '.join(self.names)} "
-                           f"(omit model for {self.default.name})", self.names)
+        raise UnknownModel(f"model {shown} is not served here; served: {', '.join(self.names)} (omit model for "
+                           f"{self.default.name}; a client that must send a name of its own: add it to the model's "
+                           "aliases in RERANKQ_MODELS, or set RERANKQ_UNKNOWN_MODEL=default)", self.names)
 
     def find(self, name_or_path: str) -> ServedModel | None:
         """The model with this served name, alias or path, if any."""
@@ -97,26 +108,38 @@ class Models:
                 return model
         return None
 
-    def for_worker(self, model: str, served_name: str | None, queue_given: bool) -> ServedModel:
-        """What ``rerankq worker --model MODEL [--served-name NAME]`` serves: the served model it names (by name,
-        alias or path; ``--served-name`` picks it and ``--model`` then only says where to load it from). A model
-        not listed is served under its own name on ``--queue``, or on the default model's queue when the
-        deployment serves only that one (as before models had names); with several, it must be named."""
+    def for_worker(self, model: str, served_name: str | None, queues: Sequence[str] = ()) -> ServedModel:
+        """What ``rerankq worker --model MODEL [--served-name NAME] [--queue Q]`` serves: the served model it names
+        (by name, alias or path; ``--served-name`` picks it and ``--model`` then only says where to load it from),
+        or, naming none, the one whose queue ``--queue`` is (else the default). A model not listed is served under
+        its own name on ``--queue``, or on the default model's queue when the deployment serves only that one (as
+        before models had names); with several, it must be named. A queue of another served model is refused:
+        its callers would get this model's scores."""
+        owners = {owner for owner in map(self.by_queue, queues) if owner is not None}
         if served_name is not None:
             try:
-                entry = self.resolve(served_name)
+                named = self.resolve_strictly(served_name)
             except UnknownModel as exc:
                 raise ConfigError(f"--served-name: {exc}") from None
-            return replace(entry, path=model or entry.path)
-        if not model:
-            return self.default
-        found = self.find(model)
-        if found is not None:
-            return found
-        if queue_given or len(self.models) == 1:
-            return replace(self.default, name=model, path=model, aliases=())
-        raise ConfigError(f"--model {model!r} is none of the served models ({', '.join(self.names)}; "
-                          "RERANKQ_MODELS): add --served-name NAME to serve it as one of them, or --queue")
+            entry = replace(named, path=model or named.path)
+        elif not model:
+            entry = next(iter(owners)) if len(owners) == 1 else self.default
+        else:
+            found = self.find(model)
+            if found is None and not (queues or len(self.models) == 1):
+                raise ConfigError(f"--model {model!r} is none of the served models ({', '.join(self.names)}; "
+                                  "RERANKQ_MODELS): add --served-name NAME to serve it as one of them, or --queue")
+            entry = found or replace(self.default, name=model, path=model, aliases=())
+        others = sorted(o.name for o in owners if o.name != entry.name and o.queue != entry.queue)
+        if others:
+            raise ConfigError(f"--queue: {', '.join(q for q in queues if self.by_queue(q) is not None)} is the queue "
+                              f"of {', '.join(others)} (RERANKQ_MODELS), not of {entry.name}: its callers would get "
+                              f"this model's scores. Leave out --queue, or name that model")
+        return entry
+
+    def resolve_strictly(self, name: str) -> ServedModel:
+        """``resolve``, refusing a name not served whatever RERANKQ_UNKNOWN_MODEL says."""
+        return replace(self, unknown_to_default=False).resolve(name)
 
     def by_queue(self, queue: str) -> ServedModel | None:
         return next((m for m in self.models if m.queue == queue), None)
@@ -135,13 +158,14 @@ def short_name(path: str) -> str:
     return name or "model"
 
 
-def parse(spec: str, default_path: str, gpu_queue: str, cpu_queue: str, bulk_suffix: str) -> Models:
+def parse(spec: str, default_path: str, gpu_queue: str, cpu_queue: str, bulk_suffix: str,
+          unknown_to_default: bool = False) -> Models:
     """The registry ``RERANKQ_MODELS=spec`` describes (see the module's doc); empty: ``default_path`` alone."""
     spec = spec.strip()
     if not spec:
         short = short_name(default_path)
         aliases = (short,) if short != default_path else ()
-        return Models((ServedModel(default_path, default_path, gpu_queue, cpu_queue, aliases),))
+        return Models((ServedModel(default_path, default_path, gpu_queue, cpu_queue, aliases),), unknown_to_default)
     if spec.startswith(("[", "{")):
         entries = _json(spec, "RERANKQ_MODELS")
     elif spec.endswith(".json"):
@@ -153,7 +177,7 @@ def parse(spec: str, default_path: str, gpu_queue: str, cpu_queue: str, bulk_suf
     else:
         entries = [_pair(item) for item in spec.split(",") if item.strip()]
     models = [_model(entry, i, gpu_queue, cpu_queue, bulk_suffix) for i, entry in enumerate(entries)]
-    return Models(tuple(models))
+    return Models(tuple(models), unknown_to_default)
 
 
 def _json(text: str, where: str) -> list[Any]:
@@ -182,8 +206,8 @@ def _model(entry: Any, index: int, gpu_queue: str, cpu_queue: str, bulk_suffix: 
         raise ConfigError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
     name = entry.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(f"{where}: name {name!r} must be 1-128 letters, digits, '.', '_', '/', ':' or '-', "
-                          "from a letter or digit (aliases may be anything)")
+        raise ConfigError(f"{where}: name {name!r} must be 1-256 letters, digits, '.', '_', '/', ':' or '-', "
+                          "not starting with ':' or '-' (aliases may be anything)")
     path = _text(entry.get("model", name), f"{where} ({name}): model")
     derived = gpu_queue if index == 0 else f"{gpu_queue}.{short_name(name)}"
     queue = _text(entry.get("queue") or derived, f"{where}: queue")
@@ -192,10 +216,18 @@ def _model(entry: Any, index: int, gpu_queue: str, cpu_queue: str, bulk_suffix: 
                           "bulk lane: rename the model or give it a queue")
     fallback = entry.get("fallback", cpu_queue)
     fallback = "" if fallback is None else _text(fallback, f"{where}: fallback", empty=True)
+    if fallback.endswith(bulk_suffix):
+        raise ConfigError(f"{where}: fallback {fallback!r} ends in RERANKQ_BULK_SUFFIX={bulk_suffix!r}, which names a "
+                          "bulk lane: shed jobs would wait behind bulk runs there")
     aliases = entry.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"{where} ({name}): aliases must be a list of names")
-    return ServedModel(name, path, queue, fallback, tuple(aliases))
+    kind = _text(entry.get("kind", ""), f"{where} ({name}): kind", empty=True)
+    if kind not in KINDS:
+        raise ConfigError(f"{where} ({name}): kind {kind!r} is not 'cross-encoder' or 'llm' (or leave it out: the "
+                          "model's config says)")
+    instruction = _text(entry.get("instruction", ""), f"{where} ({name}): instruction", empty=True)
+    return ServedModel(name, path, queue, fallback, tuple(aliases), kind, instruction)
 
 
 def _text(value: Any, where: str, empty: bool = False) -> str:

@@ -1,7 +1,7 @@
 """The job and result records shared by producers and workers, and the job's validation.
 
 A job travels as the Celery task's arguments:
-``rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None)``.
+``rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None, instruction=None)``.
 A result travels as a JSON object (``Result.to_dict``).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from rerankq.tasks.errors import BadJob
 
-JOB_FIELDS = ("query", "docs", "top_k", "deadline", "raw_scores", "long_docs")
+JOB_FIELDS = ("query", "docs", "top_k", "deadline", "raw_scores", "long_docs", "instruction")
 #: What becomes of a doc longer than the model reads beside the query (``worker/windows.py``): truncated at
 #: its end, or at its start; split into overlapping windows, the doc taking its best window's score; refused.
 TRUNCATE, TRUNCATE_LEFT, SPLIT, REFUSE = "truncate", "truncate-left", "split", "refuse"
@@ -32,13 +32,17 @@ class Job:
     raw_scores: bool = False
     #: One of ``LONG_DOCS``; None means the deployment's ``RERANKQ_LONG_DOCS``.
     long_docs: str | None = None
+    #: What an LLM reranker is asked to judge by (its prompt's ``<Instruct>``); None means the model's own default.
+    #: A cross-encoder refuses one (``Ranker.check_instruction``).
+    instruction: str | None = None
 
     @classmethod
     def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any], max_docs: int,
                   max_query_chars: int | None = None) -> Job:
         """Validate a task call's arguments; raise ``BadJob`` saying what is wrong."""
         if not isinstance(args, list | tuple) or not isinstance(kwargs, Mapping):
-            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None)")
+            raise BadJob("a job is rerank(query, docs, top_k=None, deadline=None, raw_scores=False, long_docs=None, "
+                         "instruction=None)")
         if len(args) > len(JOB_FIELDS):
             raise BadJob(f"a job takes at most {len(JOB_FIELDS)} arguments ({', '.join(JOB_FIELDS)}), "
                          f"got {len(args)}")
@@ -60,6 +64,7 @@ class Job:
             deadline=_deadline(values.get("deadline")),
             raw_scores=_flag("raw_scores", values.get("raw_scores", False)),
             long_docs=_long_docs(values.get("long_docs")),
+            instruction=_instruction(values.get("instruction"), max_query_chars),
         )
 
 
@@ -116,6 +121,17 @@ def _long_docs(value: Any) -> str | None:
     if value is not None and value not in LONG_DOCS:
         raise BadJob(f"long_docs must be one of {', '.join(map(repr, LONG_DOCS))} or null, got {value!r}")
     return value  # type: ignore[no-any-return]
+
+
+def _instruction(value: Any, max_chars: int | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadJob(f"instruction must be a string or null, got {type(value).__name__}")
+    if max_chars is not None and len(value) > max_chars:
+        raise BadJob(f"the instruction is {len(value)} characters, over the limit of {max_chars} "
+                     "(RERANKQ_MAX_QUERY_CHARS, which bounds it as it bounds the query)")
+    return value
 
 
 def _flag(name: str, value: Any) -> bool:

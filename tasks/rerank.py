@@ -21,6 +21,9 @@ from rerankq.tasks.router import PASSTHROUGH, Router, passthrough_result
 TASK_NAME = "rerankq.rerank"
 #: Message header with the time the job was published, for the result's queue wait.
 SENT_AT_HEADER = "rerankq_sent_at"
+#: Message header with the served model a job was routed to by name (tasks/models.py): a worker whose own list of
+#: models gives the job's queue to another model fails the job (``Misrouted``) instead of scoring it.
+MODEL_HEADER = "rerankq_model"
 #: Options by which a caller picks the destination itself; the router then stays out of the way.
 _DESTINATION_OPTIONS = ("queue", "routing_key", "exchange")
 
@@ -54,7 +57,9 @@ class RerankTask(Task):
         _refuse_oversized(args, kwargs)
         self.sync_clock()
         explicit = any(options.get(name) for name in _DESTINATION_OPTIONS)
+        to_model = False  # sent to the model's own queue by its name, not to a queue the caller chose
         if lanes.check(lane) == lanes.BULK:
+            to_model = not options.get("queue")
             options["queue"] = lanes.queue_for(options.get("queue") or served.queue, lanes.BULK)
             options.pop("routing_key", None)
         elif not explicit:
@@ -62,6 +67,9 @@ class RerankTask(Task):
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))
             options["queue"] = destination
+            to_model = destination == served.queue  # not shed: the fast ranker answers for any model
+        if to_model:
+            options["headers"] = {**(options.get("headers") or {}), MODEL_HEADER: served.name}
         try:
             return super().apply_async(args, kwargs, **options)
         except Exception as exc:
@@ -151,7 +159,8 @@ def _refuse_oversized(args: Any, kwargs: Any) -> None:
 
 @app.task(base=RerankTask, name=TASK_NAME, shared=False)
 def rerank(query: str, docs: list[str], top_k: int | None = None, deadline: float | None = None,
-           raw_scores: bool = False, long_docs: str | None = None, model: str | None = None) -> Any:
+           raw_scores: bool = False, long_docs: str | None = None, model: str | None = None,
+           instruction: str | None = None) -> Any:
     """Score ``docs`` against ``query``; ``.get()`` returns a ``Result`` dict (scores in input order). ``model``
     (a served name; the default model if None) picks the queue as the job is sent, and is not sent."""
     raise RerankError(

@@ -185,7 +185,7 @@ def test_the_chart_says_what_the_code_does() -> None:
     for component, model in (("worker-reranker", served.models[0]), ("worker-english", served.models[1])):
         args = containers(two)[component]["args"]
         flags = dict(zip(args[1::2], args[2::2], strict=False))
-        assert served.for_worker(flags["--model"], flags["--served-name"], True) == model
+        assert served.for_worker(flags["--model"], flags["--served-name"], [flags["--queue"]]) == model
         assert flags["--queue"] == model.queue
     assert served.models[1].queue == "rerank.en"
     scaled, = of_kind(two, "ScaledObject")

@@ -43,7 +43,7 @@ def test_an_unknown_name_is_refused_with_the_served_names() -> None:
     served = models("bge=a,minilm=b")
     with pytest.raises(UnknownModel) as refused:
         served.resolve("jina-reranker-v2")
-    assert "'jina-reranker-v2' is not served here; served: bge, minilm (omit model for bge)" in str(refused.value)
+    assert "'jina-reranker-v2' is not served here; served: bge, minilm (omit model for bge;" in str(refused.value)
     assert refused.value.served == ("bge", "minilm")
     with pytest.raises(UnknownModel, match="a int"):
         served.resolve(3)  # type: ignore[arg-type]
@@ -70,6 +70,8 @@ def test_json_gives_aliases_queues_and_fallbacks(tmp_path: Path) -> None:
     ('[{"name": "a", "queue": "rerank.cpu"}]', "is also a fallback queue"),
     ('[{"name": "a", "modle": "x"}]', "unknown field 'modle'"),
     ('[{"name": "a b"}]', "name 'a b' must be"),
+    ('[{"name": "a", "fallback": "rerank.gpu.bulk"}]', "fallback 'rerank.gpu.bulk' ends in RERANKQ_BULK_SUFFIX"),
+    ('[{"name": "a", "kind": "seq2seq"}]', "kind 'seq2seq' is not 'cross-encoder' or 'llm'"),
     ('[{"name": "a", "aliases": "b"}]', "aliases must be a list"),
     ("a", "'a' is not name=hub-id-or-path"),
     ("[not json", "not valid JSON"),
@@ -92,23 +94,52 @@ def test_a_worker_serves_the_model_it_names_by_name_alias_or_path() -> None:
     served = models('[{"name": "bge", "model": "/m/bge", "aliases": ["rerank-v3.5"]}, '
                     '{"name": "mini", "model": "/m/mini"}]')
     bge, mini = served
-    assert served.for_worker("", None, False) == bge
-    assert served.for_worker("mini", None, False) == mini
-    assert served.for_worker("/m/mini", None, False) == mini
-    assert served.for_worker("rerank-v3.5", None, False) == bge
+    assert served.for_worker("", None) == bge
+    assert served.for_worker("mini", None) == mini
+    assert served.for_worker("/m/mini", None) == mini
+    assert served.for_worker("rerank-v3.5", None) == bge
     # --served-name: that model's queue and name, loaded from where --model says.
-    copy = served.for_worker("/local/copy", "mini", False)
+    copy = served.for_worker("/local/copy", "mini")
     assert (copy.name, copy.path, copy.queue) == ("mini", "/local/copy", mini.queue)
-    assert served.for_worker("", "mini", False) == mini
+    assert served.for_worker("", "mini") == mini
     with pytest.raises(ConfigError, match="--served-name: model 'nope' is not served here"):
-        served.for_worker("/x", "nope", False)
+        served.for_worker("/x", "nope")
     with pytest.raises(ConfigError, match=r"--model '/elsewhere' is none of the served models \(bge, mini;"):
-        served.for_worker("/elsewhere", None, False)
+        served.for_worker("/elsewhere", None)
     # With its own --queue, or in a one-model deployment, a model not listed is served under its own name.
-    assert served.for_worker("/elsewhere", None, True).name == "/elsewhere"
+    assert served.for_worker("/elsewhere", None, ["my.queue"]).name == "/elsewhere"
     one = models("")
-    ad_hoc = one.for_worker("/tmp/tiny", None, False)
+    ad_hoc = one.for_worker("/tmp/tiny", None)
     assert (ad_hoc.name, ad_hoc.path, ad_hoc.queue) == ("/tmp/tiny", "/tmp/tiny", "rerank.gpu")
+
+
+def test_a_worker_never_serves_another_models_queue() -> None:
+    served = models("bge=/m/bge,mini=/m/mini")
+    bge, mini = served
+    assert served.for_worker("", None, [mini.queue]) == mini  # naming no model: the queue's own
+    assert served.for_worker("mini", None, [mini.queue]) == mini
+    for model, name in (("bge", None), ("", "bge"), ("/m/other", "bge"), ("/m/other", None)):
+        with pytest.raises(ConfigError, match=r"--queue: rerank.gpu.mini is the queue of mini \(RERANKQ_MODELS\), "
+                                              "not of"):
+            served.for_worker(model, name, [mini.queue])
+    assert served.for_worker("/m/other", None, ["elsewhere"]).queue == bge.queue  # its own queue, ad hoc
+
+
+def test_unknown_names_may_go_to_the_default_model_when_asked() -> None:
+    lenient = Settings.from_env({"RERANKQ_MODELS": "bge=x,mini=y", "RERANKQ_UNKNOWN_MODEL": "default"}).served
+    assert lenient.resolve("rerank-v3.5").name == "bge" and lenient.resolve("mini").name == "mini"
+    with pytest.raises(ConfigError, match="--served-name: model 'nope' is not served here"):
+        lenient.for_worker("/x", "nope")
+    with pytest.raises(ConfigError, match="RERANKQ_UNKNOWN_MODEL='maybe': use 'refuse' or 'default'"):
+        Settings.from_env({"RERANKQ_UNKNOWN_MODEL": "maybe"})
+    with pytest.raises(UnknownModel, match="add it to the model's aliases in RERANKQ_MODELS, or set "
+                                           "RERANKQ_UNKNOWN_MODEL=default"):
+        Settings.from_env({}).served.resolve("rerank-v3.5")
+
+
+def test_a_local_path_is_a_name_too() -> None:
+    served = models('[{"name": "/models/bge"}, {"name": "./mini"}]')
+    assert served.names == ("/models/bge", "./mini") and served.models[1].queue == "rerank.gpu.mini"
 
 
 def test_gpus_are_split_evenly_among_models_in_order() -> None:
@@ -116,8 +147,8 @@ def test_gpus_are_split_evenly_among_models_in_order() -> None:
     assert split_gpus([0, 1, 2], ["a", "b"]) == [(0, "a"), (1, "a"), (2, "b")]
     assert split_gpus([4, 6], ["a"]) == [(4, "a"), (6, "a")]
     assert split_gpus([0, 1], []) == [(0, ""), (1, "")]
-    with pytest.raises(ConfigError, match="3 models need at least as many GPUs; 2 given"):
-        split_gpus([0, 1], ["a", "b", "c"])
+    # Fewer GPUs than models: they share, one process each.
+    assert split_gpus([0, 1], ["a", "b", "c"]) == [(0, "a"), (1, "b"), (0, "c")]
 
 
 def test_health_is_the_default_models_degraded_by_another_and_503_only_for_the_default() -> None:

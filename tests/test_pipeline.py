@@ -110,7 +110,8 @@ def test_each_bad_input_fails_only_its_own_job_with_its_message(worker: WorkerPr
         (("q", ["a"]), {"top_k": "3"}, "top_k must be a positive integer"),
         (("q", ["a"]), {"deadline": "soon"}, "deadline must be a Unix time"),
         (("q",), {}, "missing 'docs'"),
-        (("q", ["a"], None, None, False, None, "extra"), {}, "at most 6 arguments"),
+        (("q", ["a"], None, None, False, None, None, "extra"), {}, "at most 7 arguments"),
+        (("q", ["a"]), {"instruction": 3}, "instruction must be a string"),
     ]
     good = [(f"good query {i}", [f"passage {i} {j} about bread" for j in range(i + 1)]) for i in range(12)]
     handles: list[tuple[Any, Any]] = []

@@ -194,6 +194,9 @@ def test_an_api_key_guards_reranking_but_not_health_or_metrics(served: ServerPro
     assert httpx.post(f"{served.url}/rerank", content=b"{not json").status_code == 401
     assert httpx.get(f"{served.url}/health").status_code == 200
     assert httpx.get(f"{served.url}/metrics").status_code == 200
+    assert httpx.get(f"{served.url}/v1/models").status_code == 401
+    listed = httpx.get(f"{served.url}/v1/models", headers={"authorization": f"Bearer {KEY}"}).json()
+    assert [(m["id"], m["aliases"]) for m in listed["data"]] == [("bge-reranker-v2-m3", ["rerank-v3.5"])]
 
 
 def test_health_says_ok_with_a_live_worker(http: httpx.Client) -> None:

@@ -24,6 +24,7 @@ from rerankq.redis_server import free_port
 from rerankq.tasks import Result, UnknownModel, lanes
 from rerankq.tasks import rerank as rerank_task
 from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.errors import Misrouted
 from rerankq.worker.stats import WorkerStats, workers_key
 from tests.conftest import StartWorker, eventually, new_queue, rerankq
 
@@ -250,3 +251,22 @@ def test_workers_for_every_gpu_split_the_gpus_among_the_served_models(celery_app
             broker.close()
     finally:
         assert supervisor.stop() == 0, supervisor.log()
+
+
+def test_a_job_reaching_a_queue_its_worker_gives_to_another_model_fails_unscored(
+        start_worker: StartWorker, celery_app: Any) -> None:
+    """The producer's RERANKQ_MODELS puts ``alpha`` on a queue that the worker's gives to ``omega`` (one process
+    reordered the list): the job fails with ``Misrouted``, saying what to set, instead of being scored by omega."""
+    queue = new_queue()
+    producer_env = {"RERANKQ_MODELS": json.dumps([{"name": "alpha", "queue": queue}])}
+    worker_env = {"RERANKQ_MODELS": json.dumps([{"name": "omega", "queue": queue}])}
+    start_worker("--ranker", "simulated", "--model", "latency_ms=1,token_us=0", "--served-name", "omega",
+                 queue=queue, **worker_env)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(celeryconfig, "settings", Settings.from_env(producer_env))
+        patch.setattr(rerank_task, "router", None)
+        with pytest.raises(Misrouted, match=f"sent to model 'alpha' on {queue}, which this worker's RERANKQ_MODELS "
+                                            "gives to 'omega': set the same RERANKQ_MODELS"):
+            rerank(QUERY, DOCS, timeout=30)
+        # A caller choosing the queue itself names no model: served as always.
+        assert rerank(QUERY, DOCS, queue=queue, timeout=30).model == "omega"

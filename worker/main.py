@@ -8,9 +8,10 @@ import time
 
 
 def run_worker(queues: list[str], ranker: str, device: str, model: str, served_name: str, loglevel: str,
-               hostname: str | None, metrics_port: int) -> int:
+               hostname: str | None, metrics_port: int, instruction: str = "") -> int:
     """``model``: what to load (a hub id or path; empty: the settings' default for ``ranker``); ``served_name``:
-    what its answers say scored them (tasks/models.py; empty: ``model`` itself)."""
+    what its answers say scored them (tasks/models.py; empty: ``model`` itself); ``instruction``: an LLM
+    reranker's default."""
     from rerankq.celeryconfig import settings
     from rerankq.tasks import tracing
     from rerankq.tasks.errors import RerankError
@@ -46,7 +47,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, served_n
     app.conf.broker_transport_options = {**app.conf.broker_transport_options,
                                          **transport.options(owner=node, bulk_limit=settings.bulk_limit)}
 
-    name = model or {"fast": settings.fast_model, "cross-encoder": settings.model}.get(ranker, "")
+    name = model or (settings.fast_model if ranker == "fast" else settings.model if ranker != "simulated" else "")
     onnx = ranker == "cross-encoder" and settings.backend != "torch"
     started = time.monotonic()
     try:
@@ -54,7 +55,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, served_n
         print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} on {device}"
               + (f" ({settings.backend})" if onnx else f" in {dtype} ({why})" if why else ""),
               file=sys.stderr, flush=True)
-        loaded = load_ranker(ranker, name, torch_device, settings.max_length, settings.backend, dtype)
+        loaded = load_ranker(ranker, name, torch_device, settings.max_length, settings.backend, dtype, instruction)
     except RerankError as exc:
         _count_load(app, queues, "failure")
         print(f"rerankq worker: {exc}", file=sys.stderr, flush=True)

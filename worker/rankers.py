@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rerankq.tasks.errors import ModelLoadError
+from rerankq.tasks.errors import BadJob, ModelLoadError
 from rerankq.worker.tokens import Tokens
 
 Pair = tuple[str, str]
@@ -108,10 +108,19 @@ class Ranker(ABC):
         """A job's scores from its raw ones (what a job asking for ``raw_scores`` gets instead)."""
         return raw
 
-    def query_read(self, query: str) -> str:
+    def query_read(self, query: str, instruction: str | None = None) -> str:
         """The part of ``query`` the model can read beside a doc, found once per job: tokenising the whole
-        query again for each of its pairs cost a long query's tokenising once per doc. Here: all of it."""
+        query again for each of its pairs cost a long query's tokenising once per doc. Here: all of it. An LLM
+        reranker returns its whole prompt up to the doc, ``instruction`` (None: the model's default) in it."""
         return query
+
+    def check_instruction(self, instruction: str | None) -> None:
+        """A job's instruction, where this model reads none: refused (``BadJob``), not silently dropped. The fast
+        ranker and the simulated GPU ignore one instead (the one answers shed jobs, the other stands in for any
+        model); an LLM reranker reads it."""
+        if instruction is not None:
+            raise BadJob(f"the {self.kind} model {self.model!r} takes no instruction: send none, or name an LLM "
+                         "reranker as the model (GET /v1/models lists the served ones)")
 
     @abstractmethod
     def window_budget(self, query: str) -> int:
@@ -124,10 +133,11 @@ class Ranker(ABC):
 
 
 def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend: str = "torch",
-                dtype: str = "fp32") -> Ranker:
+                dtype: str = "fp32", instruction: str = "") -> Ranker:
     """Load a ranker once for this process, or raise ``ModelLoadError`` naming the model and the cause.
     ``backend`` (``RERANKQ_BACKEND``) picks the cross-encoder's runtime on a CPU; ``dtype`` (worker/dtype.py
-    ``choose``) the torch models' number format."""
+    ``choose``) the torch models' number format. A ``cross-encoder`` whose config names a causal LM is loaded as
+    an LLM reranker (``llm``, worker/llm_ranker.py), with ``instruction`` as its default."""
     name = model or ("all-MiniLM-L6-v2 (bundled)" if kind == "fast" else "")
     if backend != "torch" and kind == "cross-encoder" and device != "cpu":
         raise ModelLoadError(f"RERANKQ_BACKEND={backend} runs the cross-encoder on a CPU, not on {device}: "
@@ -141,6 +151,12 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend
     from rerankq.worker.torch_rankers import CrossEncoderRanker, FastRanker
 
     try:
+        if kind == "cross-encoder" and is_llm(model):
+            kind = "llm"
+        if kind == "llm":
+            from rerankq.worker.llm_ranker import LlmRanker
+
+            return LlmRanker(model, device, max_length, dtype, instruction)
         if kind == "fast":
             return FastRanker(model, device, dtype)
         if kind == "cross-encoder" and backend == "onnx-int8":
@@ -158,7 +174,20 @@ def load_ranker(kind: str, model: str, device: str, max_length: int = 0, backend
         raise ModelLoadError(
             f"cannot load the {kind} model {name!r} on {device}: {cause}. Check that it is a local "
             "model directory or a hub id this machine can download (or find in its HF cache)") from exc
-    raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder', 'fast' or 'simulated'")
+    raise ModelLoadError(f"unknown ranker {kind!r}: use 'cross-encoder', 'llm', 'fast' or 'simulated'")
+
+
+def is_llm(model: str) -> bool:
+    """Whether ``model``'s config (a local one, or the hub's as cached) names a causal-LM architecture; a model
+    whose config cannot be read here is left to the cross-encoder's load to explain."""
+    from transformers import AutoConfig
+
+    from rerankq.worker.llm_ranker import is_causal_lm
+
+    try:
+        return is_causal_lm(AutoConfig.from_pretrained(model))
+    except Exception:
+        return False
 
 
 #: What torch raises for a CUDA error that leaves the device unusable (2.8+; before, a RuntimeError saying so).

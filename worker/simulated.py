@@ -96,5 +96,8 @@ class SimulatedRanker(Ranker):
     def window_budget(self, query: str) -> int:
         return self.max_length - 3 - len(query.split())
 
+    def check_instruction(self, instruction: str | None) -> None:
+        pass  # it stands in for any model, an LLM reranker's too
+
     def offsets(self, doc: str) -> list[tuple[int, int]]:
         return [m.span() for m in re.finditer(r"\S+", doc)]

@@ -59,7 +59,7 @@ class CrossEncoderRanker(TorchRanker):
 
         self.model = model
         # Loaded in its dtype, not converted after: bge-reranker-v2-m3 in fp32 first needs twice the memory.
-        self._ce = CrossEncoder(model, device=device, model_kwargs=_loaded_in(dtype))
+        self._ce = CrossEncoder(model, device=device, model_kwargs=loaded_in(dtype))
         # sentence-transformers 6 renamed max_length to max_seq_length.
         attr = "max_seq_length" if hasattr(type(self._ce), "max_seq_length") else "max_length"
         if max_length and max_length < (getattr(self._ce, attr) or max_length + 1):
@@ -98,7 +98,7 @@ class CrossEncoderRanker(TorchRanker):
     def offsets(self, doc: str) -> list[tuple[int, int]]:
         return token_offsets(self._tokenizer, doc)
 
-    def query_read(self, query: str) -> str:
+    def query_read(self, query: str, instruction: str | None = None) -> str:
         # Its first max_length tokens: longest-first truncation of any pair keeps fewer than that of the query.
         # Scores are those of the whole query but where the doc too is past max_length tokens and shorter than
         # the whole query: both then get half the length, and the one token an odd length leaves over goes to
@@ -126,7 +126,7 @@ class FastRanker(TorchRanker):
             self.model = "all-MiniLM-L6-v2"
         else:
             path = self.model = model
-        self._st = SentenceTransformer(path, device=device, model_kwargs=_loaded_in(dtype))
+        self._st = SentenceTransformer(path, device=device, model_kwargs=loaded_in(dtype))
         self._st.eval()
         self.dtype = dtype
         self.max_length = int(self._st.max_seq_length or 512)
@@ -166,11 +166,14 @@ class FastRanker(TorchRanker):
     def offsets(self, doc: str) -> list[tuple[int, int]]:
         return token_offsets(self._tokenizer, doc)
 
-    def query_read(self, query: str) -> str:
+    def query_read(self, query: str, instruction: str | None = None) -> str:
         return text_head(self._tokenizer, query, self.max_length)  # embedded alone: it keeps at most this much
 
+    def check_instruction(self, instruction: str | None) -> None:
+        pass  # it answers shed jobs of any model, instructed or not: said in the README
 
-def _loaded_in(dtype: str) -> dict[str, Any]:
+
+def loaded_in(dtype: str) -> dict[str, Any]:
     """transformers' ``from_pretrained`` arguments that load the weights in ``dtype``."""
     return {} if dtype == "fp32" else {"dtype": TORCH_DTYPES[dtype]}
 
