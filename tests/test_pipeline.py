@@ -113,7 +113,7 @@ def test_each_bad_input_fails_only_its_own_job_with_its_message(worker: WorkerPr
         (("q", ["a"], None, None, False, None, None, "extra"), {}, "at most 7 arguments"),
         (("q", ["a"]), {"instruction": 3}, "instruction must be a string"),
     ]
-    good = [(f"good query {i}", [f"passage {i} {j} about bread" for j in range(i + 1)]) for i in range(12)]
+    good = [(f"good query {i}", [f"passage {i} {j} about bread" for j in range(i + 1)]) for i in range(len(bad))]
     handles: list[tuple[Any, Any]] = []
     for (args, kwargs, message), (query, docs) in zip(bad, good, strict=True):
         handles.append((send(worker, *args, **kwargs), message))
