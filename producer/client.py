@@ -1,8 +1,9 @@
 """``rerank()`` and ``await arerank()``: send one job and wait for its ``Result``.
 
 Both give the job a ``deadline`` of now + ``timeout`` (unless you give one), so a job whose caller has
-given up is skipped by the workers instead of scored. Both raise ``RerankTimeout`` when no result came in
-time, and re-raise the job's own error (``BadJob``, ``DeadlineExceeded``, ``RankerFailed``) otherwise.
+given up is skipped by the workers instead of scored; a cancelled ``arerank`` revokes its job at once. Both
+raise ``RerankTimeout`` when no result came in time, and re-raise the job's own error (``BadJob``,
+``DeadlineExceeded``, ``RankerFailed``) otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import logging
 import os
 import time
 import uuid
@@ -28,6 +30,8 @@ from rerankq.tasks.errors import RerankTimeout
 from rerankq.tasks.lanes import INTERACTIVE
 from rerankq.tasks.records import Result
 from rerankq.tasks.rerank import rerank as rerank_task
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -80,11 +84,29 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
         outcome = await asyncio.wait_for(_sent_and_awaited(loop, waiter, task_id, send), timeout)
     except asyncio.TimeoutError:
         raise _timeout(task_id, timeout, queue) from None
+    except asyncio.CancelledError:
+        cancel(task_id)
+        raise
     finally:
         waiter.forget(task_id)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def cancel(task_id: str) -> None:
+    """Revoke a job whose caller is gone (an ``arerank`` cancelled, an HTTP client that disconnected): workers
+    drop it before its first forward batch (worker/runner.py), or on receipt; one already in a batch finishes.
+    The broadcast is sent from the sender threads, never blocking the event loop; if the job's own send is still
+    queued there, the revoke reaches the workers first and the job is dropped when it arrives."""
+    _senders.submit(_revoke, task_id)
+
+
+def _revoke(task_id: str) -> None:
+    try:
+        rerank_task.app.control.revoke(task_id)
+    except Exception as exc:  # Redis away: its deadline still stops it being scored long after
+        logger.warning("could not revoke job %s, whose caller is gone (%r); its deadline still applies", task_id, exc)
 
 
 async def _waiter(loop: asyncio.AbstractEventLoop) -> AsyncWaiter:

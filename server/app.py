@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rerankq.celeryconfig import Settings
 from rerankq.producer import arerank
 from rerankq.server import errors
+from rerankq.server.disconnect import CancelOnDisconnect
 from rerankq.server.errors import Overloaded, ServiceUnavailable, Unauthorized
 from rerankq.server.health import HealthProbe
 from rerankq.server.limits import BodyLimit, check_request, check_token
@@ -179,4 +180,6 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
         return response
 
     errors.install(app, cfg.route_ttl_s)
+    # Outermost: a client that leaves before its answer cancels the request, and its job is revoked.
+    app.add_middleware(CancelOnDisconnect, paths=RERANK_PATHS)
     return app

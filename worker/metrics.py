@@ -47,6 +47,8 @@ LATENCY = Histogram("rerankq_job_latency_seconds", "From the producer's send to 
 JOBS = Counter("rerankq_jobs", "Jobs settled, by outcome: success or the error's name.", ["outcome"])
 DROPPED = Counter("rerankq_messages_dropped", "Items taken off a queue that could not become a rerank job, "
                   "dropped (removed, logged): by queue and reason (worker/dropped.py).", ["queue", "reason"])
+CANCELLED = Counter("rerankq_jobs_cancelled", "Jobs dropped unscored because their caller had gone (revoked: an "
+                    "HTTP client that disconnected, an arerank cancelled).")
 HELD = Gauge("rerankq_jobs_held", "Jobs this worker holds: received, not yet acked.")
 MODEL = Gauge("rerankq_model_info", "The model this worker serves (always 1).", ["ranker", "model", "device"])
 MODEL_LOAD = Gauge("rerankq_model_load_seconds", "How long loading the model took.")

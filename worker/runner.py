@@ -219,6 +219,8 @@ class Runner:
         done = []
         for pending in admitted:
             if pending.request.revoked():  # expired or revoked: Celery settles them
+                if pending.request.id in worker_state.revoked:
+                    metrics.CANCELLED.inc()
                 self.window.remove(pending)
                 if pending.request.message.channel.closed:  # received before a reconnect: Celery's ack is lost
                     ack_all(self._broker, [pending.request.message])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ class SimulatedRanker(Ranker):
     such a doc NaN, as a model that overflowed would; ``device_error_on=WORD`` raises the CUDA error a
     device-side assert gives, when the scores are read; ``oom_above=N`` runs out of memory on any batch over N
     padded tokens. ``trace=PATH`` appends a line per step of each batch to PATH ("prepare|launch|read N
-    <monotonic seconds>"), to check what overlaps.
+    <monotonic seconds>"), to check what overlaps; ``record=PATH`` a JSON line per batch launched with the docs it
+    scored, to check what ran.
     """
 
     kind = "simulated"
@@ -31,7 +33,7 @@ class SimulatedRanker(Ranker):
         self.model = spec or "simulated"
         self.max_length = max_length or 512
         options: dict[str, float | str] = {"latency_ms": 10.0, "token_us": 5.0, "oom_above": 0.0, "fail_on": "",
-                                           "nan_on": "", "device_error_on": "", "trace": ""}
+                                           "nan_on": "", "device_error_on": "", "trace": "", "record": ""}
         for part in filter(None, (spec or "").split(",")):
             name, _, value = (p.strip() for p in part.partition("="))
             try:
@@ -40,7 +42,7 @@ class SimulatedRanker(Ranker):
             except (KeyError, ValueError):
                 raise ModelLoadError(f"the simulated ranker takes 'latency_ms=<ms>,token_us=<us>' (and optionally "
                                      f"fail_on=<word>, nan_on=<word>, device_error_on=<word>, oom_above=<tokens>, "
-                                     f"trace=<path>), got {spec!r}") from None
+                                     f"trace=<path>, record=<path>), got {spec!r}") from None
         self._latency_s = float(options["latency_ms"]) / 1000
         self._token_s = float(options["token_us"]) / 1_000_000
         self._oom_above = float(options["oom_above"])
@@ -48,6 +50,7 @@ class SimulatedRanker(Ranker):
         self._nan_on = str(options["nan_on"])
         self._device_error_on = str(options["device_error_on"])
         self._trace = str(options["trace"])
+        self._record = str(options["record"])
         #: When the simulated device finishes the last batch launched (monotonic clock).
         self._free_at = 0.0
         self._batches = itertools.count(1)
@@ -76,6 +79,9 @@ class SimulatedRanker(Ranker):
         if self._fail_on and any(self._fail_on in doc.split() for _, doc in pairs):
             raise RuntimeError(f"simulated model failure on {self._fail_on!r}")
         self._log("launch", batch)
+        if self._record:
+            with open(self._record, "a") as record:
+                record.write(json.dumps({"batch": batch, "docs": [doc for _, doc in pairs]}) + "\n")
         self._free_at = max(time.monotonic(), self._free_at) + self._latency_s + self._token_s * padded
         return Launched((batch, pairs, self._free_at))
 

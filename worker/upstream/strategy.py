@@ -15,6 +15,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
+from rerankq.worker import metrics
 from rerankq.worker.dropped import NOT_A_JOB, dropped
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def receiver(task: Any, app: Any, consumer: Any, hand_over: Callable[[Any], None
             _drop(app, message, exc)
             return
         if (request.expires or request.id in revoked_tasks) and request.revoked():
+            if request.id in revoked_tasks:
+                metrics.CANCELLED.inc()
             return
         worker_state.task_reserved(request)
         request.send_event("task-received", name=request.name, args=request.argsrepr,
