@@ -169,3 +169,27 @@ def test_health_is_the_default_models_degraded_by_another_and_503_only_for_the_d
     shed = RouteState(route=SHED, cpu_open=False, since=0.0, at=0.0)
     verdict: Health = judge(shed, {settings.served.models[1].queue: 1}, settings, None, settings.served.models[1])
     assert verdict.status == "degraded" and "passthrough" in verdict.reason
+
+
+def test_up_starts_a_worker_per_model_and_a_fast_ranker_per_fallback(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from rerankq import celeryconfig, up
+
+    spec = '[{"name": "bge"}, {"name": "mini", "fallback": "cpu.en"}, {"name": "qwen3", "fallback": null}]'
+    monkeypatch.setattr(celeryconfig, "settings", Settings.from_env({"RERANKQ_MODELS": spec}))
+    children = up._children({}, "", True, 5555, 8000, 9808, tmp_path)
+    workers = {c.name: c.args for c in children if c.args[0] == "worker"}
+    assert list(workers) == ["worker cpu bge", "worker cpu mini", "worker cpu qwen3", "fast worker rerank.cpu",
+                             "fast worker cpu.en"]
+    assert [a[a.index("--model") + 1] for n, a in workers.items() if "--model" in a] == ["bge", "mini", "qwen3"]
+    assert [a[a.index("--queue") + 1] for n, a in workers.items() if "--ranker" in a] == ["rerank.cpu", "cpu.en"]
+    ports = [c.args[c.args.index("--metrics-port") + 1] for c in children if "--metrics-port" in c.args]
+    assert ports == [str(9808 + i) for i in range(6)]  # five workers and the watchdog, none shared
+    assert len({c.log_path for c in children}) == len(children)
+    with pytest.raises(ConfigError, match="--model 'x' with RERANKQ_MODELS listing 3 models"):
+        up._children({}, "x", True, 5555, 8000, 9808, tmp_path)
+    monkeypatch.setattr(celeryconfig, "settings", Settings.from_env({}))
+    env: dict[str, str] = {}
+    one = up._children(env, "/models/mine", True, 5555, 8000, 0, tmp_path)
+    assert env["RERANKQ_MODEL"] == "/models/mine"  # every process knows the model by the name its answers carry
+    assert one[0].args[:5] == ["worker", "--device", "cpu", "--model", "/models/mine"]
