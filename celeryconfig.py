@@ -241,7 +241,11 @@ class Settings:
         if self.models.strip() and self.model != DEFAULT_MODEL:
             raise ConfigError("RERANKQ_MODEL and RERANKQ_MODELS are both set: with RERANKQ_MODELS, its first model is "
                               "the default; unset RERANKQ_MODEL")
-        self.served  # noqa: B018 - a bad RERANKQ_MODELS fails here, at start, not at a caller's first job
+        for model in self.served:  # a bad RERANKQ_MODELS fails here, at start, not at a caller's first job
+            high_s, low_s = model.high_wait_s or self.high_wait_s, model.low_wait_s or self.low_wait_s
+            if low_s >= high_s:
+                raise ConfigError(f"RERANKQ_MODELS: {model.name}'s low wait mark {low_s:g} s must be below its high "
+                                  f"mark {high_s:g} s (the deployment's, RERANKQ_*_WAIT_S, unless it sets its own)")
         if self.unknown_model not in ("refuse", "default"):
             raise ConfigError(f"RERANKQ_UNKNOWN_MODEL={self.unknown_model!r}: use 'refuse' or 'default'")
         if self.backend not in ("torch", "onnx-int8"):

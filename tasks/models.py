@@ -10,7 +10,8 @@ and its queue; the watchdog judges each model's queue apart. Every process of a 
 Two ways to write it: ``name=hub-id-or-path`` pairs, comma-separated
 (``bge=BAAI/bge-reranker-v2-m3,minilm=cross-encoder/ms-marco-MiniLM-L6-v2``), or JSON (inline, or a file whose
 path ends in ``.json``): a list of objects with ``name`` and, optionally, ``model`` (default: the name),
-``aliases``, ``queue``, ``fallback``, ``kind`` and ``instruction`` (an LLM reranker's default).
+``aliases``, ``queue``, ``fallback``, ``kind``, ``instruction`` (an LLM reranker's default), ``high_wait_s`` and
+``low_wait_s`` (its own watchdog marks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rerankq.tasks.errors import ConfigError, UnknownModel
 
 #: A served name: what callers send as ``model`` (a hub id's ``/`` included); its queue's name is made from it.
 NAME = re.compile(r"[A-Za-z0-9._/][A-Za-z0-9._/:-]{0,255}")
-FIELDS = ("name", "model", "aliases", "queue", "fallback", "kind", "instruction")
+FIELDS = ("name", "model", "aliases", "queue", "fallback", "kind", "instruction", "high_wait_s", "low_wait_s")
 #: What a model is: found from its config (a causal LM is an LLM reranker), or said.
 KINDS = ("", "cross-encoder", "llm")
 
@@ -48,6 +49,10 @@ class ServedModel:
     kind: str = ""
     #: An LLM reranker's instruction for jobs that send none (empty: its recipe's own).
     instruction: str = ""
+    #: Its own watchdog marks (None: RERANKQ_HIGH_WAIT_S / RERANKQ_LOW_WAIT_S): a slow model's callers may wait
+    #: longer than a fast one's before its jobs are shed.
+    high_wait_s: float | None = None
+    low_wait_s: float | None = None
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
@@ -227,7 +232,16 @@ def _model(entry: Any, index: int, gpu_queue: str, cpu_queue: str, bulk_suffix: 
         raise ConfigError(f"{where} ({name}): kind {kind!r} is not 'cross-encoder' or 'llm' (or leave it out: the "
                           "model's config says)")
     instruction = _text(entry.get("instruction", ""), f"{where} ({name}): instruction", empty=True)
-    return ServedModel(name, path, queue, fallback, tuple(aliases), kind, instruction)
+    high, low = (_seconds(entry.get(mark), f"{where} ({name}): {mark}") for mark in ("high_wait_s", "low_wait_s"))
+    return ServedModel(name, path, queue, fallback, tuple(aliases), kind, instruction, high, low)
+
+
+def _seconds(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{where} must be a number of seconds above 0, got {value!r}")
+    return float(value)
 
 
 def _text(value: Any, where: str, empty: bool = False) -> str:

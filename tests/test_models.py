@@ -72,6 +72,8 @@ def test_json_gives_aliases_queues_and_fallbacks(tmp_path: Path) -> None:
     ('[{"name": "a b"}]', "name 'a b' must be"),
     ('[{"name": "a", "fallback": "rerank.gpu.bulk"}]', "fallback 'rerank.gpu.bulk' ends in RERANKQ_BULK_SUFFIX"),
     ('[{"name": "a", "kind": "seq2seq"}]', "kind 'seq2seq' is not 'cross-encoder' or 'llm'"),
+    ('[{"name": "a", "high_wait_s": 0}]', "high_wait_s must be a number of seconds above 0, got 0"),
+    ('[{"name": "a", "low_wait_s": 3}]', "a's low wait mark 3 s must be below its high mark 2 s"),
     ('[{"name": "a", "aliases": "b"}]', "aliases must be a list"),
     ("a", "'a' is not name=hub-id-or-path"),
     ("[not json", "not valid JSON"),

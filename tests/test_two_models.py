@@ -25,8 +25,9 @@ from rerankq.tasks import Result, UnknownModel, lanes
 from rerankq.tasks import rerank as rerank_task
 from rerankq.tasks.connections import BrokerRedis
 from rerankq.tasks.errors import Misrouted
+from rerankq.tasks.router import RouteState, state_key
 from rerankq.worker.stats import WorkerStats, workers_key
-from tests.conftest import StartWorker, eventually, new_queue, rerankq
+from tests.conftest import StartWatchdog, StartWorker, eventually, new_queue, rerankq
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +271,43 @@ def test_a_job_reaching_a_queue_its_worker_gives_to_another_model_fails_unscored
             rerank(QUERY, DOCS, timeout=30)
         # A caller choosing the queue itself names no model: served as always.
         assert rerank(QUERY, DOCS, queue=queue, timeout=30).model == "omega"
+
+
+def test_the_watchdog_sheds_one_models_traffic_while_the_other_stays_on_its_model(
+        start_worker: StartWorker, start_watchdog: StartWatchdog, celery_app: Any) -> None:
+    """Real workers (simulated GPUs, the real fast ranker) and a real watchdog: ``busy``'s backlog sheds its new
+    jobs to the fast ranker while ``calm``, idle, stays on its own model."""
+    calm, busy, cpu = new_queue(), new_queue(), new_queue()
+    env = {"RERANKQ_MODELS": json.dumps([{"name": "calm", "queue": calm}, {"name": "busy", "queue": busy}]),
+           "RERANKQ_CPU_QUEUE": cpu, "RERANKQ_POLL_MS": "100", "RERANKQ_HIGH_WAIT_S": "1.0",
+           "RERANKQ_LOW_WAIT_S": "0.3", "RERANKQ_ROUTE_TTL_S": "1.0"}
+    start_worker("--ranker", "simulated", "--model", "latency_ms=1,token_us=0", "--served-name", "calm", queue=calm,
+                 **env)
+    # 50 ms per job (one job per forward batch): 20 jobs/s.
+    start_worker("--ranker", "simulated", "--model", "latency_ms=50,token_us=0", "--served-name", "busy", queue=busy,
+                 RERANKQ_MAX_CHUNK_JOBS="1", **env)
+    start_worker("--ranker", "fast", queue=cpu, **env)
+    start_watchdog(**env)
+    broker = BrokerRedis(celery_app)
+
+    def route(queue: str) -> str | None:
+        raw = broker.client.get(state_key(broker, queue))
+        return RouteState.decode(raw).route if raw else None
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(celeryconfig, "settings", Settings.from_env(env))
+            patch.setattr(rerank_task, "router", None)
+            patch.setattr(rerank_task, "_routers", {})
+            for name in ("calm", "busy", "calm", "busy"):  # both measure their speed
+                assert rerank(QUERY, DOCS, model=name, timeout=30).model == name
+            eventually(lambda: route(calm) == route(busy) == "gpu", 30, "both models routed to their queues")
+            flood = [rerank_task.apply_async((QUERY, DOCS), {"model": "busy"}) for _ in range(60)]  # 3 s of work
+            eventually(lambda: route(busy) == "shed", 10, "busy sheds")
+            shed = rerank(QUERY, DOCS, model="busy", timeout=30)
+            kept = rerank(QUERY, DOCS, model="calm", timeout=30)
+            assert route(calm) == "gpu"
+            assert (shed.ranker, kept.ranker, kept.model) == ("fast", "simulated", "calm")
+            assert all(Result.from_dict(h.get(timeout=60)).model == "busy" for h in flood)
+    finally:
+        broker.close()

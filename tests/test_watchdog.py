@@ -195,22 +195,24 @@ def test_passthrough_is_logged_and_counted(setup: Setup, caplog: pytest.LogCaptu
 def test_each_model_is_judged_apart_and_sheds_alone(setup: Setup) -> None:
     """Two models: ``beta``'s backlog sheds its new jobs (to the fast ranker, or to passthrough for a model
     without one) while ``alpha``'s idle queue keeps its cross-encoder."""
-    beta, gamma = new_queue(), new_queue()
+    beta, gamma, patient = new_queue(), new_queue(), new_queue()
     spec = [{"name": "alpha", "queue": setup.gpu}, {"name": "beta", "queue": beta},
-            {"name": "gamma", "queue": gamma, "fallback": None}]
+            {"name": "gamma", "queue": gamma, "fallback": None},
+            {"name": "patient", "queue": patient, "high_wait_s": 5.0, "low_wait_s": 1.0}]
     settings = setup.settings.with_(models=json.dumps(spec))
     for queue, node in ((setup.gpu, "alpha-worker"), (beta, "beta-worker"), (gamma, "gamma-worker"),
-                        (setup.cpu, "cpu-worker")):
+                        (patient, "patient-worker"), (setup.cpu, "cpu-worker")):
         setup.report(queue, node)
     watchdog = Watchdog(setup.broker, settings)
-    setup.enqueue(30, beta)  # 3 s: over the high mark
-    setup.enqueue(30, gamma)
+    for queue in (beta, gamma, patient):
+        setup.enqueue(30, queue)  # 3 s: over the deployment's high mark (2 s), not over patient's own (5 s)
     assert lead(watchdog).route == "gpu"  # the default model's state
-    states = {name: watchdog.states[queue] for name, queue in (("alpha", setup.gpu), ("beta", beta), ("gamma", gamma))}
+    states = {name: watchdog.states[queue] for name, queue in (("alpha", setup.gpu), ("beta", beta), ("gamma", gamma),
+                                                                ("patient", patient))}
     assert {name: (s.route, s.cpu_open) for name, s in states.items()} == {
-        "alpha": ("gpu", True), "beta": ("shed", True), "gamma": ("shed", False)}
+        "alpha": ("gpu", True), "beta": ("shed", True), "gamma": ("shed", False), "patient": ("gpu", True)}
     routers = {name: Router(lambda: setup.broker, m.queue, m.fallback, 0.0, True)
-               for name, m in zip("abg", settings.served, strict=True)}
+               for name, m in zip("abgp", settings.served, strict=True)}
     assert (routers["a"].route(), routers["b"].route(), routers["g"].route()) == (setup.gpu, setup.cpu, PASSTHROUGH)
     assert [c["route"] for c in recent_changes(setup.broker, beta)] == ["shed"]
     assert recent_changes(setup.broker, setup.gpu) == []
@@ -220,5 +222,5 @@ def test_each_model_is_judged_apart_and_sheds_alone(setup: Setup) -> None:
     again = Watchdog(setup.broker, settings)
     lead(again)
     assert again.states[beta].route == "shed" and again.states[beta].since == states["beta"].since
-    for queue in (beta, gamma):
+    for queue in (beta, gamma, patient):
         setup.broker.client.delete(*setup.broker.queue_lists(queue))

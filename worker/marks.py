@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rerankq.celeryconfig import Settings
+from rerankq.tasks.models import ServedModel
 from rerankq.tasks.router import QueueLoad
 
 
@@ -23,9 +24,11 @@ class Marks:
     low_jobs: int = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Marks:
-        return cls(settings.high_wait_s, settings.low_wait_s, settings.max_chunk_jobs, settings.high_jobs,
-                   settings.low_jobs)
+    def from_settings(cls, settings: Settings, model: ServedModel | None = None) -> Marks:
+        """The deployment's marks, or ``model``'s where it sets its own wait marks."""
+        high = model.high_wait_s if model and model.high_wait_s else settings.high_wait_s
+        low = model.low_wait_s if model and model.low_wait_s else settings.low_wait_s
+        return cls(high, low, settings.max_chunk_jobs, settings.high_jobs, settings.low_jobs)
 
     def _cold_over(self, load: QueueLoad) -> bool:
         return load.backlog > self.cold_jobs * load.workers

@@ -44,6 +44,8 @@ class Watchdog:
         self.settings = settings
         self.marks = Marks.from_settings(settings)
         self.models = settings.served
+        #: Each model's marks (its own, or the deployment's); the fast-ranker queues are judged by the deployment's.
+        self.model_marks = {m.queue: Marks.from_settings(settings, m) for m in self.models}
         self.gpu_queue, self.cpu_queue = self.models.default.queue, settings.cpu_queue
         self.queues = lanes.both([*(m.queue for m in self.models), *self.models.fallbacks], settings.bulk_suffix)
         #: Each model's last state, by its queue.
@@ -90,7 +92,7 @@ class Watchdog:
         changes: list[tuple[ServedModel, RouteState, RouteState]] = []
         for model in self.models:
             before, load = previous[model.queue], snapshot.loads[model.queue]
-            route = SHED if self.marks.overloaded(before.route == SHED, load) else GPU
+            route = SHED if self.model_marks[model.queue].overloaded(before.route == SHED, load) else GPU
             cpu_open = gates.get(model.fallback, False)
             changed = route != before.route or cpu_open != before.cpu_open
             fallback = snapshot.loads.get(model.fallback)
@@ -180,7 +182,7 @@ class Watchdog:
         if route == SHED and not cpu_open and not self.settings.passthrough:
             to = f"{model.queue} (passthrough is off)"
         shed_to = f"; {fallback.describe()}" if fallback else "; no fast-ranker fallback"
-        return f"{load.describe()}{shed_to} (marks: {self.marks.describe()}); new jobs go to {to}"
+        return f"{load.describe()}{shed_to} (marks: {self.model_marks[model.queue].describe()}); new jobs go to {to}"
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; a Redis error is logged and the next poll tries again."""
