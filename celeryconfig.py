@@ -104,9 +104,10 @@ class Settings:
                         "int8 weights: about 2x torch, scores a little off; BENCHMARKS.md; needs "
                         "`pip install 'rerankq[onnx]'`). GPU workers run torch in fp16.")
     dtype: str = _env("RERANKQ_DTYPE", "auto",
-                      "Number format of the torch models (cross-encoder and fast ranker): `auto` is fp16 on CUDA, "
-                      "bf16 on a CPU with native bf16 (avx512_bf16 or AMX; about 2x fp32, scores within about "
-                      "0.01, BENCHMARKS.md), else fp32; or `fp32`, `bf16`, `fp16` (CUDA only). The ONNX "
+                      "Number format of the torch models (cross-encoder and fast ranker): `auto` is fp16 on CUDA "
+                      "(bf16 for an LLM reranker on a GPU that has it), bf16 on a CPU with native bf16 "
+                      "(avx512_bf16 or AMX; about 2x fp32, scores within about 0.01, BENCHMARKS.md), else fp32; "
+                      "or `fp32`, `bf16`, `fp16` (CUDA only). The ONNX "
                       "backend ignores it. The worker logs its choice and why; `rerankq status` shows it.")
     max_length: int = _env("RERANKQ_MAX_LENGTH", 512,
                            "Cross-encoder tokens per (query, doc) pair; longer docs are truncated. Capped by the "

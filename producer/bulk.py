@@ -47,8 +47,9 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
                 if job is None:
                     exhausted = True
                     break
+                name = job.get("model") or model  # the line's, else the run's; None: the default
                 try:
-                    destination = queue_for(queue or served.resolve(job.get("model") or default.name).queue, lane)
+                    named = served.resolve(name) if name is not None else default
                 except UnknownModel as exc:
                     yield job.get("id"), exc
                     continue
@@ -57,8 +58,11 @@ def submit_many(jobs: Iterable[Mapping[str, Any]], max_in_flight: int = DEFAULT_
                 waiter.expect(task_id)
                 # A malformed job fails on its own, with the worker's BadJob, like any other.
                 options = {k: job[k] for k in ("long_docs", "instruction") if job.get(k) is not None}
+                if queue is None and name is not None:  # named, it goes along: checked by the worker (Misrouted)
+                    options["model"] = name
                 rerank_task.apply_async((job.get("query"), job.get("docs")), {"top_k": job.get("top_k"), **options},
-                                        task_id=task_id, queue=destination, retry_policy=PUBLISH_RETRY)
+                                        task_id=task_id, queue=queue_for(queue or named.queue, lane),
+                                        retry_policy=PUBLISH_RETRY)
             if not len(waiter):
                 return
             for task_id, outcome in waiter.arrived(timeout=1.0):

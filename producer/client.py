@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import logging
 import os
 import time
 import uuid
@@ -24,6 +23,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import EagerResult
 
+from rerankq.producer.revoker import Revoker
 from rerankq.producer.waiting import AsyncWaiter
 from rerankq.tasks import clock
 from rerankq.tasks.errors import RerankTimeout
@@ -31,13 +31,13 @@ from rerankq.tasks.lanes import INTERACTIVE
 from rerankq.tasks.records import Result
 from rerankq.tasks.rerank import rerank as rerank_task
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_TIMEOUT_S = 30.0
 
 #: The threads ``arerank`` sends from, shared by every event loop: Celery keeps a result backend (with a Redis
 #: connection) per thread, and a loop's own executor, new with each ``asyncio.run``, left one more each time.
 _senders = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="rerankq-send")
+
+_revoker = Revoker(rerank_task.app)
 
 #: Each event loop's waiter, and the async generator that closes it as the loop shuts down (kept here: the loop
 #: holds its async generators weakly).
@@ -95,18 +95,10 @@ async def arerank(query: str, docs: Sequence[str], top_k: int | None = None, dea
 
 
 def cancel(task_id: str) -> None:
-    """Revoke a job whose caller is gone (an ``arerank`` cancelled, an HTTP client that disconnected): workers
-    drop it before its first forward batch (worker/runner.py), or on receipt; one already in a batch finishes.
-    The broadcast is sent from the sender threads, never blocking the event loop; if the job's own send is still
-    queued there, the revoke reaches the workers first and the job is dropped when it arrives."""
-    _senders.submit(_revoke, task_id)
-
-
-def _revoke(task_id: str) -> None:
-    try:
-        rerank_task.app.control.revoke(task_id)
-    except Exception as exc:  # Redis away: its deadline still stops it being scored long after
-        logger.warning("could not revoke job %s, whose caller is gone (%r); its deadline still applies", task_id, exc)
+    """Revoke a job whose caller is gone (an ``arerank`` cancelled, an HTTP client that disconnected), without
+    blocking the event loop (producer/revoker.py). If the job's own send is still waiting for a sender thread, the
+    revoke reaches the workers first and the job is dropped when it arrives."""
+    _revoker.revoke(task_id)
 
 
 async def _waiter(loop: asyncio.AbstractEventLoop) -> AsyncWaiter:

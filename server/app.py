@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, queue: str | None = None) -> Fa
                                  "retry later")
             destination = served.queue
         result = await arerank(query, texts, top_k=top_n, timeout=cfg.serve_timeout_s, queue=destination,
-                               raw_scores=raw_scores, long_docs=long_docs, model=served.name, instruction=instruction)
+                               raw_scores=raw_scores, long_docs=long_docs, model=model, instruction=instruction)
         metrics.answers.labels(result.ranker).inc()
         return result
 

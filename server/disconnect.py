@@ -48,11 +48,12 @@ class CancelOnDisconnect:
         try:
             await handler
         except asyncio.CancelledError:
-            if not watcher.done() or not watcher.result():
+            left = watcher.done() and not watcher.cancelled() and watcher.exception() is None and watcher.result()
+            if not left:
                 raise  # cancelled from outside (the server stopping), not by the client leaving
         finally:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # the answer is sent: nothing to tell
                 await watcher
 
     @staticmethod

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from rerankq.server.schemas import Error
 from rerankq.tasks import BadJob, DeadlineExceeded, RankerFailed, RedisFull, RerankError, RerankTimeout
-from rerankq.tasks.errors import UnknownModel
+from rerankq.tasks.errors import Misrouted, UnknownModel
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def install(app: FastAPI, retry_after_s: float) -> None:
     app.add_exception_handler(RankerFailed, handle(424, "backend"))
     app.add_exception_handler(RedisFull, handle(503, "unhealthy"))
     app.add_exception_handler(ServiceUnavailable, handle(503, "unhealthy"))
+    app.add_exception_handler(Misrouted, handle(503, "unhealthy"))
     for kind in (OperationalError, RedisConnectionError, RedisTimeout):
         app.add_exception_handler(kind, handle(503, "unhealthy", UNREACHABLE))
     app.add_exception_handler(Exception, unexpected)

@@ -135,7 +135,9 @@ class Models:
                 raise ConfigError(f"--model {model!r} is none of the served models ({', '.join(self.names)}; "
                                   "RERANKQ_MODELS): add --served-name NAME to serve it as one of them, or --queue")
             entry = found or replace(self.default, name=model, path=model, aliases=())
-        others = sorted(o.name for o in owners if o.name != entry.name and o.queue != entry.queue)
+        # A model not listed may take the default's queue only where the default is all that is served.
+        ad_hoc_alone = self.find(entry.name) is None and len(self.models) == 1
+        others = [] if ad_hoc_alone else sorted(o.name for o in owners if o.name != entry.name)
         if others:
             raise ConfigError(f"--queue: {', '.join(q for q in queues if self.by_queue(q) is not None)} is the queue "
                               f"of {', '.join(others)} (RERANKQ_MODELS), not of {entry.name}: its callers would get "

@@ -52,14 +52,13 @@ class RerankTask(Task):
         through. A ``model`` among the job's arguments picks the served model (tasks/models.py): it chooses the
         queue and is not sent; an unknown one raises ``UnknownModel`` here, before anything is queued."""
         served = _served_model(kwargs)
+        named = _named(kwargs)
         if isinstance(kwargs, dict) and "model" in kwargs:
             kwargs = {k: v for k, v in kwargs.items() if k != "model"}
         _refuse_oversized(args, kwargs)
         self.sync_clock()
         explicit = any(options.get(name) for name in _DESTINATION_OPTIONS)
-        to_model = False  # sent to the model's own queue by its name, not to a queue the caller chose
         if lanes.check(lane) == lanes.BULK:
-            to_model = not options.get("queue")
             options["queue"] = lanes.queue_for(options.get("queue") or served.queue, lanes.BULK)
             options.pop("routing_key", None)
         elif not explicit:
@@ -67,9 +66,9 @@ class RerankTask(Task):
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))
             options["queue"] = destination
-            to_model = destination == served.queue  # not shed: the fast ranker answers for any model
-        if to_model:
-            options["headers"] = {**(options.get("headers") or {}), MODEL_HEADER: served.name}
+        # Named, to its own queue (not shed: the fast ranker answers for any model): the name goes along, checked.
+        if named and options.get("queue") in (served.queue, lanes.queue_for(served.queue, lanes.BULK)):
+            options["headers"] = {**(options.get("headers") or {}), MODEL_HEADER: [served.name, served.path]}
         try:
             return super().apply_async(args, kwargs, **options)
         except Exception as exc:
@@ -125,6 +124,15 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
     if sender == TASK_NAME and headers is not None:
         headers.setdefault(SENT_AT_HEADER, clock.now())  # a relay may pass on the original send time
         tracing.sending(headers, str(headers.get("id", "")), routing_key)
+
+
+def _named(kwargs: Any) -> bool:
+    """Whether the job names a served model (by name, alias or path): not omitted, nor an unknown name answered by
+    the default (RERANKQ_UNKNOWN_MODEL=default)."""
+    from rerankq.celeryconfig import settings
+
+    name = kwargs.get("model") if isinstance(kwargs, dict) else None
+    return isinstance(name, str) and settings.served.find(name) is not None
 
 
 def _served_model(kwargs: Any) -> ServedModel:

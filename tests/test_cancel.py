@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import socket
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from rerankq.producer import arerank
 from rerankq.redis_server import free_port
 from rerankq.tasks import Result
 from rerankq.tasks import rerank as rerank_task
-from tests.conftest import StartWorker
+from tests.conftest import StartWorker, eventually
 from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.integration
@@ -62,3 +66,107 @@ def test_a_caller_gone_before_its_turn_is_never_scored(start_worker: StartWorker
         assert "Traceback" not in server.log()
     finally:
         server.stop()
+
+
+def test_a_storm_of_cancellations_never_starves_the_senders(redis_url: str) -> None:
+    """Celery's revoke broadcast holds a pooled connection while it takes a second one: threads revoking at once
+    once held the whole pool and waited for ever, with every send behind them (one revoke alone, with a pool of
+    one). With a pool of one connection, 20 threads cancelling and 20 sending at once all finish. (Its own
+    database: kombu's pools are shared by every app on one URL, and their limit is global, so it is put back.)"""
+    from celery import Celery
+    from kombu import pools
+
+    from rerankq.producer.revoker import Revoker
+
+    limit = pools.get_limit()
+    app = Celery("storm", broker=redis_url.rsplit("/", 1)[0] + "/7", set_as_current=False)
+    app.conf.broker_pool_limit = 1
+    try:
+        assert app.pool.limit == 1  # made here: made lazily, by threads racing, they trip over its limit
+        revoker = Revoker(app)
+        done: list[str] = []
+
+        def cancel(task_id: str) -> None:
+            revoker.revoke(task_id)
+            done.append(task_id)
+
+        def send(i: int) -> None:
+            app.send_task("rerankq.rerank", ("bread", [f"sent {i}"]), queue=f"storm.{i}")
+            done.append(str(i))
+
+        threads = [threading.Thread(target=cancel, args=(f"storm-{uuid.uuid4()}",), daemon=True) for _ in range(20)]
+        threads += [threading.Thread(target=send, args=(i,), daemon=True) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(done) == 40
+        eventually(lambda: revoker.idle(), 30, "every revoke broadcast")
+        assert revoker.failures == 0
+    finally:
+        pools.set_limit(limit)
+        app.close()
+
+
+def test_a_revoke_goes_out_on_its_own_connection_while_the_pool_is_held(redis_url: str) -> None:
+    """The app's one pooled connection held for the whole test: the revoke still reaches the workers' broadcast
+    channel (it publishes on the revoker's own connection, not a pooled producer's)."""
+    import redis
+    from celery import Celery
+    from kombu import pools
+
+    from rerankq.producer.revoker import Revoker
+
+    limit = pools.get_limit()
+    url = redis_url.rsplit("/", 1)[0] + "/6"
+    app = Celery("held", broker=url, set_as_current=False)
+    app.conf.broker_pool_limit = 1
+    listener = redis.Redis.from_url(url).pubsub()
+    listener.psubscribe("*pidbox*")
+    task_id = f"held-{uuid.uuid4()}"
+    try:
+        with app.pool.acquire(block=True):
+            revoker = Revoker(app)
+            revoker.revoke(task_id)
+            heard: list[bytes] = []
+
+            def revoked() -> bool:
+                message = listener.get_message(timeout=0.2)
+                if message and message["type"] == "pmessage":  # kombu's envelope, its body in base64
+                    heard.append(base64.b64decode(json.loads(message["data"])["body"]))
+                return any(task_id.encode() in body for body in heard)
+
+            eventually(revoked, 30, "the revoke broadcast")
+            assert revoker.idle() and revoker.failures == 0
+    finally:
+        listener.close()
+        pools.set_limit(limit)
+        app.close()
+
+
+def test_a_forked_child_revokes_on_its_own_thread(redis_url: str) -> None:
+    """A process forked after its parent revoked has no revoking thread of its parent's (fork copies none): it
+    starts its own, and its revoke goes out."""
+    from celery import Celery
+
+    from rerankq.producer.revoker import Revoker
+
+    app = Celery("forked", broker=redis_url.rsplit("/", 1)[0] + "/6", set_as_current=False)
+    revoker = Revoker(app)
+    revoker.revoke(f"parent-{uuid.uuid4()}")
+    eventually(revoker.idle, 30, "the parent's revoke")
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its own revoke went out
+        code = 1
+        try:
+            fresh = revoker._thread is None
+            revoker.revoke(f"child-{uuid.uuid4()}")
+            deadline = time.monotonic() + 20
+            while not revoker.idle() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            code = 0 if fresh and revoker.idle() and revoker.failures == 0 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    app.close()
+    assert os.waitstatus_to_exitcode(status) == 0

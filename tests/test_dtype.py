@@ -28,6 +28,13 @@ def test_the_dtype_follows_the_setting_then_the_device_and_the_cpus_bf16(asked: 
     assert dtype == chosen and why.startswith("auto" if asked == "auto" else "RERANKQ_DTYPE")
 
 
+def test_an_llm_reranker_takes_bf16_on_a_gpu_that_has_it() -> None:
+    assert choose("auto", "cuda:0", True, llm=True)[0] == "bf16"
+    assert choose("auto", "cuda:0", False, llm=True)[0] == "fp16"  # a GPU without bf16
+    assert choose("fp16", "cuda:0", True, llm=True)[0] == "fp16"  # as asked
+    assert choose("auto", "cpu", True, llm=True)[0] == "bf16" and choose("auto", "cpu", False, llm=True)[0] == "fp32"
+
+
 def test_fp16_on_a_cpu_is_refused_saying_what_to_use() -> None:
     with pytest.raises(ModelLoadError, match="use bf16 on a CPU that has it, or fp32"):
         choose("fp16", "cpu", True)

@@ -21,6 +21,7 @@ from rerankq.producer import rerank
 from rerankq.redis_server import free_port
 from rerankq.tasks import BadJob
 from rerankq.tasks import rerank as rerank_task
+from rerankq.tasks.errors import ModelLoadError
 from rerankq.worker.llm_ranker import INSTRUCTION, PREFIX, SUFFIX, LlmRanker
 from rerankq.worker.rankers import load_ranker
 from tests.conftest import StartWorker, new_queue
@@ -102,6 +103,18 @@ def test_a_long_document_is_cut_and_the_prompt_kept(ranker: LlmRanker, qwen: Pat
     # A query too long to leave the doc a quarter of the length is cut; the document keeps its quarter.
     long_query = " ".join(["starter"] * 300)
     assert ranker.window_budget(ranker.query_read(long_query)) >= MAX_LENGTH // 4
+
+
+def test_an_instruction_that_crowds_out_the_query_is_refused(ranker: LlmRanker) -> None:
+    with pytest.raises(BadJob, match="leaving the query too few: shorten the instruction, or raise RERANKQ_MAX_LENGTH"):
+        ranker.query_read(QUERY, " ".join(["judge"] * 200))
+    ranker.query_read(QUERY, " ".join(["judge"] * 20))  # a long one that fits
+
+
+def test_a_default_instruction_too_long_is_refused_at_load(qwen: Path) -> None:
+    """Refused when the worker starts, not on every job that sends none (blamed on its caller)."""
+    with pytest.raises(ModelLoadError, match=r"its default instruction .* is too long"):
+        LlmRanker(str(qwen), "cpu", MAX_LENGTH, instruction=" ".join(["judge"] * 200))
 
 
 def test_a_cross_encoder_refuses_an_instruction_saying_why(tiny_model: Path) -> None:

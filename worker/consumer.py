@@ -176,10 +176,14 @@ class ChunkConsumer:
 def check_route(pending: Pending, settings: Settings) -> None:
     """``Misrouted`` for a job sent to a model by name whose queue this worker's RERANKQ_MODELS gives to another
     model (reordered or renamed in some processes and not in others): failed, not scored by the wrong model."""
-    asked = pending.request.request_dict.get(MODEL_HEADER)
+    stamp = pending.request.request_dict.get(MODEL_HEADER)
     owner = settings.served.by_queue(lanes.base_of(pending.queue, settings.bulk_suffix))
-    if asked is not None and owner is not None and asked != owner.name:
-        raise Misrouted(f"this job was sent to model {str(asked)[:100]!r} on {pending.queue}, which this worker's "
+    if stamp is None or owner is None:
+        return
+    # [served name, path] at the producer: the same model if either is one of the owner's names or its path.
+    asked = [str(part) for part in stamp] if isinstance(stamp, list) else [str(stamp)]
+    if not set(asked) & {*owner.names(), owner.path}:
+        raise Misrouted(f"this job was sent to model {asked[0][:100]!r} on {pending.queue}, which this worker's "
                         f"RERANKQ_MODELS gives to {owner.name!r}: set the same RERANKQ_MODELS in every process of the "
                         "deployment")
 

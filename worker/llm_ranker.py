@@ -5,7 +5,8 @@ token ids like the other torch rankers.
 Each pair reads ``PREFIX + "<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}" + SUFFIX``, as the
 model card formats it. The line before the document is tokenised once per job (``query_read`` returns it); a long
 document is cut to what fits beside it, never the prompt: the instruction and query stay whole up to three
-quarters of the length, past which the query is cut. The score is P(yes) = softmax over the two logits, which is
+quarters of the length, past which the query is cut; an instruction that leaves the query less than an eighth
+is refused (``BadJob``). The score is P(yes) = softmax over the two logits, which is
 the sigmoid of their difference; that difference is the raw score (``raw_scores``).
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rerankq.tasks.errors import ModelLoadError
+from rerankq.tasks.errors import BadJob, ModelLoadError
 from rerankq.worker.rankers import Encoded, Launched, Row
 from rerankq.worker.tokens import Tokens
 from rerankq.worker.torch_rankers import TorchRanker, loaded_in, text_head, token_offsets
@@ -67,6 +68,11 @@ class LlmRanker(TorchRanker):
         self._prefix, self._suffix = self._ids(PREFIX), self._ids(SUFFIX)
         #: Tokens of every pair's prompt besides its instruction, query and document.
         self._frame = len(self._prefix) + len(self._suffix)
+        try:  # the default instruction must fit: else every job naming none would fail, blamed on its caller
+            self.query_read("")
+        except BadJob as exc:
+            raise ModelLoadError(f"{model!r}: its default instruction (RERANKQ_MODELS' \"instruction\") is too long: "
+                                 f"{exc}") from None
 
     def _ids(self, text: str) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -75,7 +81,11 @@ class LlmRanker(TorchRanker):
         instruction = self.instruction if instruction is None else instruction
         # The prompt without the query, then as much of the query as leaves a quarter of the length to the doc.
         room = self.max_length * 3 // 4 - len(self._ids(head(instruction, ""))) - self._frame
-        return head(instruction, text_head(self._tokenizer, query, room) if room > 0 else "")
+        if room < self.max_length // 8:  # the instruction alone would crowd out the query
+            raise BadJob(f"the instruction and the prompt around it take {self.max_length * 3 // 4 - room} of the "
+                         f"{self.max_length} tokens a pair may have (RERANKQ_MAX_LENGTH), leaving the query too few: "
+                         "shorten the instruction, or raise RERANKQ_MAX_LENGTH")
+        return head(instruction, text_head(self._tokenizer, query, room))
 
     def check_instruction(self, instruction: str | None) -> None:
         pass  # read: query_read puts it in the prompt
@@ -103,7 +113,8 @@ class LlmRanker(TorchRanker):
         with torch.inference_mode():
             if events:
                 events[0].record()
-            logits = self._lm(**prepared, logits_to_keep=1).logits[:, -1, :]
+            # Only the last position's logits, and no key/value cache: a forward batch generates nothing.
+            logits = self._lm(**prepared, logits_to_keep=1, use_cache=False).logits[:, -1, :]
             raw = logits[:, self._yes].float() - logits[:, self._no].float()
             if events:
                 events[1].record()

@@ -36,7 +36,7 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, served_n
     from rerankq.tasks import app, lanes
     from rerankq.worker.dtype import for_device
     from rerankq.worker.model import warm_up
-    from rerankq.worker.rankers import is_device_lost, load_ranker
+    from rerankq.worker.rankers import is_device_lost, is_llm, load_ranker
     from rerankq.worker.runner import DEVICE_LOST_EXIT, device_lost
     from rerankq.worker.upstream import transport
 
@@ -48,10 +48,13 @@ def run_worker(queues: list[str], ranker: str, device: str, model: str, served_n
                                          **transport.options(owner=node, bulk_limit=settings.bulk_limit)}
 
     name = model or (settings.fast_model if ranker == "fast" else settings.model if ranker != "simulated" else "")
+    if ranker == "cross-encoder" and is_llm(name):  # known before its dtype is chosen
+        ranker = "llm"
     onnx = ranker == "cross-encoder" and settings.backend != "torch"
     started = time.monotonic()
     try:
-        dtype, why = ("fp32", "") if onnx or ranker == "simulated" else for_device(settings.dtype, torch_device)
+        dtype, why = ("fp32", "") if onnx or ranker == "simulated" else for_device(settings.dtype, torch_device,
+                                                                                   ranker == "llm")
         print(f"rerankq worker: loading the {ranker} model {name or 'all-MiniLM-L6-v2 (bundled)'!r} on {device}"
               + (f" ({settings.backend})" if onnx else f" in {dtype} ({why})" if why else ""),
               file=sys.stderr, flush=True)
