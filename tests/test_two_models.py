@@ -277,11 +277,12 @@ def test_a_job_reaching_a_queue_its_worker_gives_to_another_model_fails_unscored
 
 def test_a_job_named_for_the_model_a_worker_loads_under_another_name_is_served(
         start_worker: StartWorker, celery_app: Any, tiny_model: Path) -> None:
-    """The producer calls the model ``bge``; the worker, with no RERANKQ_MODELS, loads the same path as its default:
-    the same model, so served (the stamp carries the path too), by rerank and by submit_many."""
+    """The producer's RERANKQ_MODELS calls the model ``bge``, the worker's ``bge-local``, both the same path: the
+    same model, so served (the stamp carries the path too), by rerank and by submit_many."""
     queue = new_queue()
     producer_env = {"RERANKQ_MODELS": json.dumps([{"name": "bge", "model": str(tiny_model), "queue": queue}])}
-    start_worker("--model", str(tiny_model), queue=queue)
+    worker_env = {"RERANKQ_MODELS": json.dumps([{"name": "bge-local", "model": str(tiny_model), "queue": queue}])}
+    start_worker("--model", str(tiny_model), queue=queue, **worker_env)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(celeryconfig, "settings", Settings.from_env(producer_env))
         patch.setattr(rerank_task, "router", None)
