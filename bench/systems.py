@@ -146,8 +146,9 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
         # from the working directory first, which here would be this build's.
         cwd = logdir / f"rerankq-{baseline}"
         env.update(checkout(baseline, cwd))
-    worker = WorkerProcess(f"bench.rerankq.{metrics_port}", ["--model", model, "--loglevel", "WARNING",
-                                                             *worker_args], env,
+    # A simulated ranker's own --model (its timings) replaces the weights' path: one --model per worker.
+    weights = [] if "--model" in worker_args else ["--model", model]
+    worker = WorkerProcess(f"bench.rerankq.{metrics_port}", [*weights, "--loglevel", "WARNING", *worker_args], env,
                            logdir / f"rerankq-{metrics_port}.log", f"bench-rerankq-{metrics_port}@localhost", cwd=cwd)
     worker.wait_ready(app)
 
