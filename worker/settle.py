@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: How long the settler waits after putting back jobs whose results a full Redis refused.
 FULL_PAUSE_S = 1.0
+#: Jobs settled together at most, when several forward batches' wait (one pipeline of results, one ack script).
+GATHER_JOBS = 256
 
 
 class Settler:
@@ -56,7 +58,7 @@ class Settler:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while (jobs := self._inbox.get()) is not None:
+        while (jobs := self._gather()) is not None:
             try:
                 self._settle(jobs)
             except Exception:  # a bug: the thread goes on, or every later job would wait for it forever
@@ -66,6 +68,24 @@ class Settler:
                     self._on_settled(jobs)
                 except Exception:
                     logger.exception("could not forget %d jobs as held", len(jobs))
+
+    def _gather(self) -> Sequence[Pending] | None:
+        """The next jobs handed over, with every batch handed over since, up to ``GATHER_JOBS``: a settler that fell
+        behind catches up in one set of round trips instead of one per forward batch. None: stop (after these)."""
+        jobs = self._inbox.get()
+        if jobs is None:
+            return None
+        gathered = list(jobs)
+        while len(gathered) < GATHER_JOBS:
+            try:
+                more = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:  # stop once these are settled
+                self._inbox.put(None)
+                break
+            gathered += more
+        return gathered
 
     def _settle(self, jobs: Sequence[Pending]) -> None:
         try:
