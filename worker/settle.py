@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.worker import state as worker_state
 
@@ -27,6 +27,7 @@ from rerankq.worker.rankers import Ranker
 from rerankq.worker.upstream import acks, results
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How long the settler waits after putting back jobs whose results a full Redis refused.
 FULL_PAUSE_S = 1.0
@@ -58,7 +59,7 @@ class Settler:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while (jobs := self._gather()) is not None:
+        while (jobs := gather(self._inbox)) is not None:
             try:
                 self._settle(jobs)
             except Exception:  # a bug: the thread goes on, or every later job would wait for it forever
@@ -68,24 +69,6 @@ class Settler:
                     self._on_settled(jobs)
                 except Exception:
                     logger.exception("could not forget %d jobs as held", len(jobs))
-
-    def _gather(self) -> Sequence[Pending] | None:
-        """The next jobs handed over, with every batch handed over since, up to ``GATHER_JOBS``: a settler that fell
-        behind catches up in one set of round trips instead of one per forward batch. None: stop (after these)."""
-        jobs = self._inbox.get()
-        if jobs is None:
-            return None
-        gathered = list(jobs)
-        while len(gathered) < GATHER_JOBS:
-            try:
-                more = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:  # stop once these are settled
-                self._inbox.put(None)
-                break
-            gathered += more
-        return gathered
 
     def _settle(self, jobs: Sequence[Pending]) -> None:
         try:
@@ -129,6 +112,26 @@ class Written:
     done: float
     refused: list[Pending]
     error: BaseException | None
+
+
+def gather(inbox: queue.SimpleQueue[Sequence[T] | None], limit: int = GATHER_JOBS) -> list[T] | None:
+    """The next jobs handed over, with the batches handed over since, while fewer than ``limit``: a settler that fell
+    behind catches up in one set of round trips instead of one per forward batch. None: stop (after these, if a stop
+    came behind them: it is left in the inbox)."""
+    jobs = inbox.get()
+    if jobs is None:
+        return None
+    gathered = list(jobs)
+    while len(gathered) < limit:
+        try:
+            more = inbox.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            inbox.put(None)
+            break
+        gathered += more
+    return gathered
 
 
 def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
