@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rerankq.tasks.errors import BadJob
@@ -178,13 +178,7 @@ class Result:
         return self.top if self.top is not None else top_indices(self.scores, len(self.scores))
 
     def to_dict(self) -> dict[str, Any]:
-        """``asdict(self)``, written out: ``asdict`` deep-copies each score, which was the largest share of a worker's
-        own time per job (BENCHMARKS.md, "Queue overhead"). tests/test_records.py holds the two equal."""
-        return {"scores": list(self.scores), "ranker": self.ranker, "model": self.model,
-                "timings": {"queue_ms": self.timings.queue_ms, "inference_ms": self.timings.inference_ms},
-                "top": None if self.top is None else list(self.top),
-                "batches": [{"id": b.id, "jobs": b.jobs, "pairs": b.pairs, "padded_tokens": b.padded_tokens}
-                            for b in self.batches]}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Result:

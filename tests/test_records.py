@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import pytest
 
@@ -50,13 +49,3 @@ def test_top_indices_are_best_first_and_ties_keep_input_order() -> None:
 def test_a_result_round_trips_through_its_dict() -> None:
     result = Result([0.5, 0.1], "cross-encoder", "m", Timings(1.0, 2.0), top=[0], batches=[BatchInfo("w#1", 2, 3, 30)])
     assert Result.from_dict(result.to_dict()) == result
-
-
-def test_a_results_dict_is_what_asdict_makes_and_shares_no_list() -> None:
-    """``to_dict`` is written out for speed: it must stay ``asdict``'s, a field added to ``Result`` included."""
-    for result in (Result([0.5, 0.1], "cross-encoder", "m", Timings(1.0, 2.0), top=[0],
-                          batches=[BatchInfo("w#1", 2, 3, 30), BatchInfo("w#2", 1, 1, 9)]),
-                   Result([], "fast", "f", Timings(0.0, 0.0))):
-        made = result.to_dict()
-        assert made == asdict(result) and list(made) == list(asdict(result))
-        assert made["scores"] is not result.scores
