@@ -130,6 +130,13 @@ def checkout(ref: str, into: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(into), "PYTHONSAFEPATH": "1"}
 
 
+def worker_command(model: str, worker_args: tuple[str, ...]) -> list[str]:
+    """``rerankq worker``'s arguments: a simulated ranker's own ``--model`` (its timings) replaces the weights' path,
+    as a worker takes one ``--model`` per model served."""
+    weights = [] if "--model" in worker_args else ["--model", model]
+    return [*weights, "--loglevel", "WARNING", *worker_args]
+
+
 def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
                    worker_args: tuple[str, ...] = (), backend: str = "torch", baseline: str = "") -> System:
     """One rerankq worker; with ``baseline``, of that git commit's build, named ``rerankq @<commit>``."""
@@ -146,9 +153,7 @@ def rerankq_system(url: str, model: str, logdir: Path, metrics_port: int,
         # from the working directory first, which here would be this build's.
         cwd = logdir / f"rerankq-{baseline}"
         env.update(checkout(baseline, cwd))
-    # A simulated ranker's own --model (its timings) replaces the weights' path: one --model per worker.
-    weights = [] if "--model" in worker_args else ["--model", model]
-    worker = WorkerProcess(f"bench.rerankq.{metrics_port}", [*weights, "--loglevel", "WARNING", *worker_args], env,
+    worker = WorkerProcess(f"bench.rerankq.{metrics_port}", worker_command(model, worker_args), env,
                            logdir / f"rerankq-{metrics_port}.log", f"bench-rerankq-{metrics_port}@localhost", cwd=cwd)
     worker.wait_ready(app)
 

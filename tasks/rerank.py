@@ -66,7 +66,8 @@ class RerankTask(Task):
             if destination == PASSTHROUGH:
                 return self._passthrough(args, kwargs, options.get("task_id"))
             options["queue"] = destination
-        # Named, to its own queue (not shed: the fast ranker answers for any model): the name goes along, checked.
+        # Named, to its own queue (not shed: the fast ranker answers for any model): its name and path go along, for
+        # the worker to check (worker/consumer.py, Misrouted).
         if named and options.get("queue") in (served.queue, lanes.queue_for(served.queue, lanes.BULK)):
             options["headers"] = {**(options.get("headers") or {}), MODEL_HEADER: [served.name, served.path]}
         try:

@@ -15,3 +15,14 @@ def test_requests_keep_within_the_asked_numbers_of_docs_and_words() -> None:
     assert {len(r.docs) for r in requests} == set(range(2, 8))
     assert all(5 <= len(doc.split()) <= 9 for r in requests for doc in r.docs)
     assert pairs(requests) == sum(len(r.docs) for r in requests)
+
+
+def test_a_simulated_bench_worker_gets_one_model_its_timings() -> None:
+    """A worker takes one --model per model served: the zero-cost runs failed at start when given the weights too."""
+    from bench.peers import ZERO_COST
+    from bench.systems import worker_command
+
+    simulated = worker_command("/weights", ("--ranker", "simulated", "--model", ZERO_COST))
+    assert simulated.count("--model") == 1 and simulated[simulated.index("--model") + 1] == ZERO_COST
+    real = worker_command("/weights", ("--device", "cpu"))
+    assert real.count("--model") == 1 and real[real.index("--model") + 1] == "/weights"
