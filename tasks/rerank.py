@@ -51,8 +51,7 @@ class RerankTask(Task):
         state; ``"bulk"`` goes to the bulk lane of ``queue`` (default: the model's queue), never shed or passed
         through. A ``model`` among the job's arguments picks the served model (tasks/models.py): it chooses the
         queue and is not sent; an unknown one raises ``UnknownModel`` here, before anything is queued."""
-        served = _served_model(kwargs)
-        named = _named(kwargs)
+        served, named = _served_model(kwargs)
         if isinstance(kwargs, dict) and "model" in kwargs:
             kwargs = {k: v for k, v in kwargs.items() if k != "model"}
         _refuse_oversized(args, kwargs)
@@ -127,22 +126,14 @@ def _stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = N
         tracing.sending(headers, str(headers.get("id", "")), routing_key)
 
 
-def _named(kwargs: Any) -> bool:
-    """Whether the job names a served model (by name, alias or path): not omitted, nor an unknown name answered by
-    the default (RERANKQ_UNKNOWN_MODEL=default)."""
-    from rerankq.celeryconfig import settings
-
-    name = kwargs.get("model") if isinstance(kwargs, dict) else None
-    return isinstance(name, str) and settings.served.find(name) is not None
-
-
-def _served_model(kwargs: Any) -> ServedModel:
+def _served_model(kwargs: Any) -> tuple[ServedModel, bool]:
     """The served model a job names (its ``model`` argument), or the default; ``UnknownModel`` for one not
-    served."""
+    served. And whether it named a served one (by name, alias or path): not omitted, nor an unknown name answered
+    by the default (RERANKQ_UNKNOWN_MODEL=default)."""
     from rerankq.celeryconfig import settings
 
     name = kwargs.get("model") if isinstance(kwargs, dict) else None
-    return settings.served.resolve(name)
+    return settings.served.resolve(name), isinstance(name, str) and settings.served.find(name) is not None
 
 
 def _refuse_oversized(args: Any, kwargs: Any) -> None:
