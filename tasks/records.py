@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from rerankq.tasks.errors import BadJob
@@ -178,7 +178,14 @@ class Result:
         return self.top if self.top is not None else top_indices(self.scores, len(self.scores))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Written out: ``asdict`` deep-copies each score, a worker's largest cost per job at zero model cost
+        # (BENCHMARKS.md). A test checks that the two agree, so a new field is not left out here.
+        t, top = self.timings, self.top
+        return {"scores": list(self.scores), "ranker": self.ranker, "model": self.model,
+                "timings": {"queue_ms": t.queue_ms, "inference_ms": t.inference_ms},
+                "top": None if top is None else list(top),
+                "batches": [{"id": b.id, "jobs": b.jobs, "pairs": b.pairs, "padded_tokens": b.padded_tokens}
+                            for b in self.batches]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Result:

@@ -162,3 +162,27 @@ def test_celery_drops_an_event_sent_during_its_flush_exactly_in_the_versions_the
     # are wrong: the race is back, or gone from a version said to have it.
     dropped = published_with_a_send_inside_the_flush(celery_app, patched=False) == 1
     assert dropped == (tuple(celery.VERSION[:2]) < (5, 7)), f"celery {celery.__version__}"
+
+
+@pytest.mark.parametrize("extended", [False, True])
+@pytest.mark.parametrize("failed", [False, True])
+def test_the_result_record_is_the_one_celery_writes(extended: bool, failed: bool) -> None:
+    from types import SimpleNamespace
+
+    from rerankq.worker.upstream import results
+
+    app = celery.Celery(backend="redis://localhost:1/0", set_as_current=False)
+    app.conf.result_extended = extended
+    backend = app.backend
+    request = SimpleNamespace(id="job-1", group="g-1", parent_id="p-1", task="rerankq.rerank", args=["q"],
+                              kwargs={}, hostname="w@h", retries=0, delivery_info={"routing_key": "rerankq"})
+    outcome = results.Outcome(request, error=ValueError("no")) if failed else results.Outcome(
+        request, result={"scores": [0.5]})
+    value = outcome.result if not failed else backend.prepare_exception(outcome.error)
+    celerys = backend._get_result_meta(result=value, state=outcome.state, traceback=None, request=request)
+    stamp = results.Stamp.now(backend)
+    assert stamp.extended is extended
+    ours = results.record(backend, outcome, value, stamp)
+    assert ours == {**celerys, "date_done": stamp.date_done, "task_id": "job-1"}
+    key, raw = results.entry(backend, outcome, stamp)
+    assert (key, backend.decode(raw)) == (backend.get_key_for_task("job-1"), backend.decode(backend.encode(ours)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -49,3 +50,10 @@ def test_top_indices_are_best_first_and_ties_keep_input_order() -> None:
 def test_a_result_round_trips_through_its_dict() -> None:
     result = Result([0.5, 0.1], "cross-encoder", "m", Timings(1.0, 2.0), top=[0], batches=[BatchInfo("w#1", 2, 3, 30)])
     assert Result.from_dict(result.to_dict()) == result
+
+
+@pytest.mark.parametrize("top", [[0], None])
+def test_a_results_written_out_dict_is_what_asdict_gives(top: list[int] | None) -> None:
+    result = Result([0.5, 0.1], "cross-encoder", "m", Timings(1.0, 2.0), top=top,
+                    batches=[BatchInfo("w#1", 2, 3, 30), BatchInfo("w#2", 1, 1, 8)])
+    assert result.to_dict() == dataclasses.asdict(result)

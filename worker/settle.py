@@ -137,10 +137,11 @@ def gather(inbox: queue.SimpleQueue[Sequence[T] | None], limit: int = GATHER_JOB
 def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
     """Write every job's outcome in one pipelined round trip; raises if Redis stays away past the backend's
     retries (the jobs are then put back)."""
-    done = clock.now()
-    settled = [_outcome(pending, ranker, backend, done) for pending in jobs]
+    done, stamp = clock.now(), results.Stamp.now(backend)
+    settled = [_outcome(pending, ranker, backend, done, stamp) for pending in jobs]
     written, refused, error = results.store(backend, [record for _, record in settled])
-    kept = [i for i in range(len(jobs)) if i not in set(refused)]
+    refused_at = set(refused)
+    kept = [i for i in range(len(jobs)) if i not in refused_at]
     return Written([jobs[i] for i in kept], [settled[i][0] for i in kept], written, done,
                    [jobs[i] for i in refused], error)
 
@@ -199,17 +200,18 @@ def put_back(broker: BrokerRedis, message: Any) -> None:
                        message.delivery_tag, exc_info=True)
 
 
-def _outcome(pending: Pending, ranker: Ranker, backend: Any, done: float) -> tuple[results.Outcome, tuple[str, bytes]]:
+def _outcome(pending: Pending, ranker: Ranker, backend: Any, done: float,
+             stamp: results.Stamp) -> tuple[results.Outcome, tuple[str, bytes]]:
     """The job's outcome and its result record. Building or encoding it fails this job alone: raising here
     would read as Redis away, and the job would go back, to fail again with its batch-mates each time."""
     try:
         outcome = _built(pending, ranker, done)
-        return outcome, results.entry(backend, outcome)
+        return outcome, results.entry(backend, outcome, stamp)
     except Exception as exc:
         logger.exception("could not build the result of job %s", pending.request.id)
         outcome = results.Outcome(pending.request, error=RankerFailed(
             f"the worker could not build this job's result: {exc!r}"))
-        return outcome, results.entry(backend, outcome)
+        return outcome, results.entry(backend, outcome, stamp)
 
 
 def _built(pending: Pending, ranker: Ranker, done: float) -> results.Outcome:
