@@ -173,14 +173,19 @@ def main() -> None:
             bare: dict[str, Any] = {}
             bare_dtypes = [d for d in args.bare_dtypes.split(",") if d]
             if not args.zero_cost:
-                seconds = {"bare predict": [], **{f"bare predict {d}": [] for d in bare_dtypes}, **seconds}
+                # "forward alone": the model's forward over the pairs tokenised beforehand, in batches sorted by
+                # length (bench/bare.py): the floor of any server of this model on this machine.
+                seconds = {"bare predict": [], **{f"bare predict {d}": [] for d in bare_dtypes}, "forward alone": [],
+                           **{f"forward alone {d}": [] for d in bare_dtypes}, **seconds}
             for repeat in range(args.repeats):
                 if not args.zero_cost:
                     bare = bare_predict(model, args.device, saturation_spec, light_spec)
                     seconds["bare predict"].append(bare["saturation_s"])
+                    seconds["forward alone"].append(bare["forward_s"])
                     for dtype in bare_dtypes:
                         other = bare_predict(model, args.device, saturation_spec, light_spec, dtype)
                         seconds[f"bare predict {dtype}"].append(other["saturation_s"])
+                        seconds[f"forward alone {dtype}"].append(other["forward_s"])
                 # Each repeat starts one system later: the slot a system runs in moved its time by ~8% (a run of
                 # one build against itself, BENCHMARKS.md), so over the repeats every system takes every slot.
                 shift = repeat % len(systems)

@@ -4,6 +4,7 @@ the command, the machine and the date. Written by the benchmark, not by a person
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -15,6 +16,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 #: CPU flags that change what a benchmark measures (bf16 and int8 kernels).
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+#: Packages whose version changes what a benchmark measures (sentence-transformers 6 sorts predict's pairs by length).
+PACKAGES = ("torch", "transformers", "sentence-transformers", "celery", "kombu", "redis")
 
 
 def describe() -> dict[str, Any]:
@@ -34,6 +37,7 @@ def describe() -> dict[str, Any]:
             "command": shlex.join(["python", *_args()]),
             "machine": {"cores": os.cpu_count(), "cpu": model, "flags": [f for f in FLAGS if f in flags],
                         "gpu": gpu or None},
+            "packages": {name: _version(name) for name in PACKAGES},
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
@@ -43,6 +47,13 @@ def _args() -> list[str]:
     if script.is_relative_to(ROOT) and script.suffix == ".py":
         return ["-m", ".".join(script.relative_to(ROOT).with_suffix("").parts), *sys.argv[1:]]
     return [Path(sys.argv[0]).name, *sys.argv[1:]]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _has(command: str) -> bool:

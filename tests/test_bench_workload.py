@@ -26,3 +26,13 @@ def test_a_simulated_bench_worker_gets_one_model_its_timings() -> None:
     assert simulated.count("--model") == 1 and simulated[simulated.index("--model") + 1] == ZERO_COST
     real = worker_command("/weights", ("--device", "cpu"))
     assert real.count("--model") == 1 and real[real.index("--model") + 1] == "/weights"
+
+
+def test_a_result_file_names_the_versions_that_change_its_figures() -> None:
+    import importlib.metadata
+
+    from bench import provenance
+
+    packages = provenance.describe()["packages"]
+    assert packages["torch"] == importlib.metadata.version("torch")
+    assert packages["sentence-transformers"] == importlib.metadata.version("sentence-transformers")
