@@ -1,5 +1,6 @@
-"""What a result file says about the run that wrote it: the build (commit, and whether the tree had changes),
-the command, the machine and the date. Written by the benchmark, not by a person."""
+"""What a result file says about the run that wrote it: the build (commit, and whether the tree had changes besides
+the result files in bench/results/), the command, the machine, the package versions and the date. Written by the
+benchmark, not by a person."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def describe() -> dict[str, Any]:
         flags, model = [], platform.processor()
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if _has("nvidia-smi") else ""
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", ".")),
+    changed = git("status", "--porcelain", "--", ".", ":!bench/results")  # results written meanwhile do not count
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(changed),
             "command": shlex.join(["python", *_args()]),
             "machine": {"cores": os.cpu_count(), "cpu": model, "flags": [f for f in FLAGS if f in flags],
                         "gpu": gpu or None},

@@ -169,20 +169,43 @@ def test_celery_drops_an_event_sent_during_its_flush_exactly_in_the_versions_the
 def test_the_result_record_is_the_one_celery_writes(extended: bool, failed: bool) -> None:
     from types import SimpleNamespace
 
+    from celery.result import AsyncResult
+
     from rerankq.worker.upstream import results
 
     app = celery.Celery(backend="redis://localhost:1/0", set_as_current=False)
     app.conf.result_extended = extended
     backend = app.backend
+    child = AsyncResult("child-1", app=app)
     request = SimpleNamespace(id="job-1", group="g-1", parent_id="p-1", task="rerankq.rerank", args=["q"],
-                              kwargs={}, hostname="w@h", retries=0, delivery_info={"routing_key": "rerankq"})
+                              kwargs={}, hostname="w@h", retries=0, delivery_info={"routing_key": "rerankq"},
+                              children=[child])
     outcome = results.Outcome(request, error=ValueError("no")) if failed else results.Outcome(
         request, result={"scores": [0.5]})
     value = outcome.result if not failed else backend.prepare_exception(outcome.error)
     celerys = backend._get_result_meta(result=value, state=outcome.state, traceback=None, request=request)
     stamp = results.Stamp.now(backend)
-    assert stamp.extended is extended
+    assert stamp.celerys is extended
     ours = results.record(backend, outcome, value, stamp)
     assert ours == {**celerys, "date_done": stamp.date_done, "task_id": "job-1"}
     key, raw = results.entry(backend, outcome, stamp)
     assert (key, backend.decode(raw)) == (backend.get_key_for_task("job-1"), backend.decode(backend.encode(ours)))
+
+
+def test_a_backend_that_builds_its_own_result_record_keeps_it() -> None:
+    from types import SimpleNamespace
+
+    from celery.backends.redis import RedisBackend
+
+    from rerankq.worker.upstream import results
+
+    class Own(RedisBackend):  # type: ignore[misc]
+        def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return {**super()._get_result_meta(*args, **kwargs), "mine": True}
+
+    app = celery.Celery(set_as_current=False)
+    backend = Own(app=app, url="redis://localhost:1/0")
+    stamp = results.Stamp.now(backend)
+    assert stamp.celerys
+    outcome = results.Outcome(SimpleNamespace(id="job-1"), result={"scores": []})
+    assert results.record(backend, outcome, outcome.result, stamp)["mine"] is True

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import states
+from celery.backends.base import Backend
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,17 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Stamp:
-    """What the records of jobs settled together share: when (Celery's ``date_done``), and whether Celery's
-    ``result_extended`` is on (each read once: for every job, they were a fifth of building its record)."""
+    """What the records of jobs settled together share, each read once (for every job, they were a fifth of
+    building its record): when (Celery's ``date_done``), and whether Celery's own ``_get_result_meta`` builds the
+    records: with ``result_extended`` on, or a result backend that overrides it."""
 
     date_done: str
-    extended: bool
+    celerys: bool
 
     @classmethod
     def now(cls, backend: Any) -> Stamp:
-        return cls(backend.app.now().isoformat(), bool(backend.app.conf.result_extended))
+        overridden = type(backend)._get_result_meta is not Backend._get_result_meta
+        return cls(backend.app.now().isoformat(), overridden or bool(backend.app.conf.result_extended))
 
 
 def entry(backend: Any, outcome: Outcome, stamp: Stamp) -> tuple[str, bytes]:
@@ -51,13 +54,13 @@ def record(backend: Any, outcome: Outcome, value: Any, stamp: Stamp) -> dict[str
     job, a tenth of a worker's time per job when the model costs nothing (BENCHMARKS.md). With
     ``result_extended`` on, Celery's own builds it."""
     request = outcome.request
-    if stamp.extended:
+    if stamp.celerys:
         meta: dict[str, Any] = backend._get_result_meta(result=value, state=outcome.state, traceback=None,
                                                         request=request)
         meta["date_done"] = stamp.date_done
     else:
         meta = {"status": outcome.state, "result": value, "traceback": None,
-                "children": [r.as_tuple() for r in getattr(request, "children", [])], "date_done": stamp.date_done}
+                "children": backend.current_task_children(request), "date_done": stamp.date_done}
         if getattr(request, "group", None):
             meta["group_id"] = request.group
         if getattr(request, "parent_id", None):
