@@ -369,6 +369,10 @@ def test_a_device_near_saturation_runs_batches_of_twice_the_target() -> None:
     assert target_tokens(None, busy=1.0) is None  # no target: the full budget already
 
 
+def test_a_device_busy_with_bulk_work_keeps_web_batches_to_the_target() -> None:
+    assert target_tokens(1100, busy=1.0, bulk_waits=True) == 1100
+
+
 def test_a_cost_that_is_all_fixed_keeps_batches_near_the_full_budget() -> None:
     pace = Pace()
     pace.add(0.1, 224)  # 100 ms per call, whatever its size: the first shrinks the next...

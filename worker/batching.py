@@ -156,12 +156,14 @@ def budgets(max_tokens: int, target_tokens: int | None, backlog: Mapping[str, bo
             for lane in (INTERACTIVE, BULK)}
 
 
-def target_tokens(tokens: int | None, busy: float) -> int | None:
+def target_tokens(tokens: int | None, busy: float, bulk_waits: bool = False) -> int | None:
     """The padded tokens of a batch that keeps to the time target (``Pace.tokens_for``), or twice that while
-    the device has been busier than ``MAX_BUSY``: at a target of 15 ms on the simulated GPU, a 10-doc job
-    arrives every 15 ms at 80% load, and batches of one job each leave a quarter of the device to fixed
-    costs (BENCHMARKS.md, "Queue wait against load")."""
-    return tokens if tokens is None or busy <= MAX_BUSY else 2 * tokens
+    the device has been busier than ``MAX_BUSY`` with no bulk work in the window: at a target of 15 ms on the
+    simulated GPU, a 10-doc job arrives every 15 ms at 80% load, and batches of one job each leave a quarter of
+    the device to fixed costs (BENCHMARKS.md, "Queue wait against load"). Bulk work keeps a device busy with
+    batches of its own size; doubling then only made each web job's batch, filled with bulk pairs, twice as long
+    (web p95 beside a bulk run 141 ms against 97 without the doubling, BENCHMARKS.md "lanes")."""
+    return tokens if tokens is None or busy <= MAX_BUSY or bulk_waits else 2 * tokens
 
 
 #: A GPU's forward batches take at most this share of the memory free after the warm-up, up to this many tokens.

@@ -276,10 +276,10 @@ class Runner:
         pace, now = self._model.pace, time.monotonic()
         web = now - self.ready.last_interactive < QUIET_S
         max_batch = self._max_batch_now()
-        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000, max_batch),
-                               self._busy.ratio(now))
-        budget = budgets(max_batch, target, self._backlog, pace.keeping(KEEP, max_batch) if web else None)
         bulk_waits = any(p.lane == BULK for p in self.window)
+        target = target_tokens(pace.tokens_for(self.settings.target_batch_ms / 1000, max_batch),
+                               self._busy.ratio(now), bulk_waits)
+        budget = budgets(max_batch, target, self._backlog, pace.keeping(KEEP, max_batch) if web else None)
         batch = next_batch(self.window, budget, Turns.after(self._batches, self._without_bulk))
         if not batch:
             return None
