@@ -162,7 +162,7 @@ def target_tokens(tokens: int | None, busy: float, bulk_waits: bool = False) -> 
     simulated GPU, a 10-doc job arrives every 15 ms at 80% load, and batches of one job each leave a quarter of
     the device to fixed costs (BENCHMARKS.md, "Queue wait against load"). Bulk work keeps a device busy with
     batches of its own size; doubling then only made each web job's batch, filled with bulk pairs, twice as long
-    (web p95 beside a bulk run 141 ms against 97 without the doubling, BENCHMARKS.md "lanes")."""
+    (web p95 beside a bulk run 157 ms with it, 131 without, medians of 3 runs: BENCHMARKS.md "lanes")."""
     return tokens if tokens is None or busy <= MAX_BUSY or bulk_waits else 2 * tokens
 
 
