@@ -178,8 +178,8 @@ class Result:
         return self.top if self.top is not None else top_indices(self.scores, len(self.scores))
 
     def to_dict(self) -> dict[str, Any]:
-        # Written out: ``asdict`` deep-copies each score, a worker's largest cost per job at zero model cost
-        # (BENCHMARKS.md). A test checks that the two agree, so a new field is not left out here.
+        # Written out: ``asdict`` deep-copies each score, 20 µs of a worker's ~650 per job when the model costs
+        # nothing (BENCHMARKS.md "Per-job overhead"). A test checks that the two agree, so no new field is left out.
         t, top = self.timings, self.top
         return {"scores": list(self.scores), "ranker": self.ranker, "model": self.model,
                 "timings": {"queue_ms": t.queue_ms, "inference_ms": t.inference_ms},
