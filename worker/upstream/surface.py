@@ -132,7 +132,7 @@ COPIED: dict[str, tuple[str, dict[str, str]]] = {
         {"celery 5.6.3": "0fa62836a62496a1", "celery 5.7.0": "f25ceb44f8787ff3"}),
     "celery.backends.base:Backend._get_result_meta": (
         f"{_RESULTS} record: the result record, without result_extended",
-        {"celery 5.6.3": "1f79ebc9fe47a7f3", "celery 5.7.0": "1f79ebc9fe47a7f3"}),
+        {"celery 5.6.3": "1f79ebc9fe47a7f3", "celery 5.7.0": "661935347b7aa9e8"}),
     "celery.backends.redis:RedisBackend.set": (
         f"{_RESULTS} store and announce: SETEX then PUBLISH, pipelined",
         {"celery 5.6.3": "6853329e9c1afe98", "celery 5.7.0": "68c8912e93ed13d0"}),
