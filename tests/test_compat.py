@@ -8,15 +8,18 @@ import re
 import threading
 from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import celery
 import kombu
 import pytest
+from celery.backends.redis import RedisBackend
+from celery.result import AsyncResult
 from kombu.transport import redis as kombu_redis
 
 from rerankq.tasks.errors import ConfigError
-from rerankq.worker.upstream import surface
+from rerankq.worker.upstream import results, surface
 from rerankq.worker.upstream.patches import flush_task_events, route_task_events
 
 SENDERS, EVENTS = 2, 3000
@@ -167,12 +170,6 @@ def test_celery_drops_an_event_sent_during_its_flush_exactly_in_the_versions_the
 @pytest.mark.parametrize("extended", [False, True])
 @pytest.mark.parametrize("failed", [False, True])
 def test_the_result_record_is_the_one_celery_writes(extended: bool, failed: bool) -> None:
-    from types import SimpleNamespace
-
-    from celery.result import AsyncResult
-
-    from rerankq.worker.upstream import results
-
     app = celery.Celery(backend="redis://localhost:1/0", set_as_current=False)
     app.conf.result_extended = extended
     backend = app.backend
@@ -193,12 +190,6 @@ def test_the_result_record_is_the_one_celery_writes(extended: bool, failed: bool
 
 
 def test_a_backend_that_builds_its_own_result_record_keeps_it() -> None:
-    from types import SimpleNamespace
-
-    from celery.backends.redis import RedisBackend
-
-    from rerankq.worker.upstream import results
-
     class Own(RedisBackend):  # type: ignore[misc]
         def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
             return {**super()._get_result_meta(*args, **kwargs), "mine": True}
