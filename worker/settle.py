@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import redis
 from celery.worker import state as worker_state
 
 from rerankq.tasks import clock, memory, tracing
@@ -31,6 +32,11 @@ T = TypeVar("T")
 
 #: How long the settler waits after putting back jobs whose results a full Redis refused.
 FULL_PAUSE_S = 1.0
+#: How long a settled batch's ack is tried again over new connections before the event loop is left to ack each
+#: job: past a silent connection's timeout and a failover's move (the sentinels are asked every second), and
+#: short, for the settler holds every later job meanwhile. Once spent, later acks are tried once each until one
+#: reaches Redis (``Settler``).
+ACK_PATIENCE_S = 10.0
 #: Jobs settled together at most, when several forward batches' wait (one pipeline of results, one ack script).
 GATHER_JOBS = 256
 
@@ -45,6 +51,8 @@ class Settler:
                  on_settled: Callable[[Sequence[Pending]], None]) -> None:
         self._ranker, self._backend, self._broker = ranker, backend, broker
         self._on_settled = on_settled
+        #: Whether the last ack reached Redis (the settler thread's alone): if not, the next is tried only once.
+        self._acks_reach_redis = True
         self._inbox: queue.SimpleQueue[Sequence[Pending] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="rerankq-settler", daemon=True)
         self._thread.start()
@@ -81,7 +89,8 @@ class Settler:
             metrics.REDIS_FULL.set(0)
         if written.jobs:
             try:
-                finish(written, self._ranker, self._backend, self._broker)
+                patience = ACK_PATIENCE_S if self._acks_reach_redis else 0.0
+                self._acks_reach_redis = finish(written, self._ranker, self._backend, self._broker, patience)
             except Exception:  # written: never requeued; an unacked job returns as a harmless rerun
                 logger.exception("wrote the results of %d jobs, then could not ack or announce them all",
                                  len(written.jobs))
@@ -146,10 +155,12 @@ def store(jobs: Sequence[Pending], ranker: Ranker, backend: Any) -> Written:
                    [jobs[i] for i in refused], error)
 
 
-def finish(written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) -> None:
-    """Ack the written jobs in Redis, send their events, do Celery's bookkeeping, announce the results."""
+def finish(written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis,
+           ack_patience_s: float = ACK_PATIENCE_S) -> bool:
+    """Ack the written jobs in Redis, send their events, do Celery's bookkeeping, announce the results.
+    Returns whether the ack reached Redis (``ack_all``)."""
     jobs, outcomes, done = written.jobs, written.outcomes, written.done
-    ack_all(broker, [outcome.request.message for outcome in outcomes])
+    acked = ack_all(broker, [outcome.request.message for outcome in outcomes], ack_patience_s)
     for pending, outcome in zip(jobs, outcomes, strict=True):
         request = outcome.request
         if outcome.result is not None:
@@ -167,6 +178,7 @@ def finish(written: Written, ranker: Ranker, backend: Any, broker: BrokerRedis) 
     results.announce(backend, written.entries)
     for pending, outcome in zip(jobs, outcomes, strict=True):  # after the answers: no waiter waits for a trace
         _trace(pending, ranker, done, outcome.error)
+    return acked
 
 
 def requeue(jobs: Sequence[Pending], broker: BrokerRedis) -> None:
@@ -247,12 +259,35 @@ def _trace(pending: Pending, ranker: Ranker, done: float, error: BaseException |
         logger.warning("could not record the trace of job %s", pending.request.id, exc_info=True)
 
 
-def ack_all(broker: BrokerRedis, messages: list[Any]) -> None:
+def ack_all(broker: BrokerRedis, messages: list[Any], patience_s: float = ACK_PATIENCE_S) -> bool:
     """Ack the jobs in Redis in one round trip, before their results are published; each job's own
     ``acknowledge()`` on the event loop then only does kombu's bookkeeping (and, for a job received before
-    a reconnect, nothing in Redis: its channel is closed)."""
-    try:
-        acks.ack_in_redis(broker.client, broker.unacked_keys(), messages)
-    except Exception:
-        logger.warning("could not ack %d jobs in one round trip; the event loop acks each", len(messages),
-                       exc_info=True)
+    a reconnect, nothing in Redis: its channel is closed).
+
+    A lost connection (timed out, closed, a failover's old master) is tried again on a new one for up to
+    ``patience_s`` (and at least once), the jobs still held meanwhile (a reconnect does not put them back): the
+    event loop's own connection is as likely dead, and an ack lost there left the job unacked for the reclaim,
+    scored twice. The ack is safe to send twice: it removes only its own delivery's record. Not a delivery
+    whose time is unknown (kombu's own receive: Redis before 6.2), acked by tag alone, which would remove a
+    later delivery's record. Returns whether the ack reached Redis."""
+    if any(getattr(message, "delivered_at", None) is None for message in messages):
+        patience_s = 0.0
+    deadline, pause, tries = time.monotonic() + patience_s, 0.0, 0
+    while True:
+        tries += 1
+        try:
+            acks.ack_in_redis(broker.client, broker.unacked_keys(), messages)
+            return True
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if patience_s <= 0 or (tries > 1 and time.monotonic() + pause >= deadline):
+                error: Exception = exc
+                break
+            logger.warning("could not ack %d jobs (%r); trying again on a new connection", len(messages), exc)
+            time.sleep(pause)
+            pause = min(1.0, max(0.1, 2 * pause))
+        except Exception as exc:
+            error = exc
+            break
+    logger.warning("could not ack %d jobs in one round trip; the event loop acks each", len(messages),
+                   exc_info=error)
+    return False

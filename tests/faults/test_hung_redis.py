@@ -87,6 +87,36 @@ def test_a_redis_gone_silent_on_a_workers_connections_mid_batch_costs_a_timeout_
         worker.stop()
 
 
+def test_acks_whose_connection_goes_silent_are_sent_again_on_a_new_one_and_no_job_is_scored_twice(
+        server: RedisServer, tmp_path: Path) -> None:
+    """The broker's connections go silent while the worker settles a steady flow of jobs (its results go to
+    Redis directly): an ack on a connection in use (no idle health check to find it dead) times out. The settler
+    sends it again on a new connection. Before, it left it to the job's own ack on the event loop, as dead, and
+    the job stayed unacked for the watchdog to put back, scored twice (a failover's connections, too, fail
+    while in use, RELIABILITY.md)."""
+    queue, client = new_queue(), redis.Redis.from_url(server.url)
+    proxy = BlackHoleProxy(server.port)
+    env = {"RERANKQ_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/0", "RERANKQ_RESULT_BACKEND": server.url,
+           "RERANKQ_GPU_QUEUE": queue, **TIMEOUTS}
+    worker = WorkerProcess(queue, ["--ranker", "simulated", "--model", "latency_ms=100,token_us=0"], env,
+                           tmp_path / "worker.log", f"acks.{queue}@localhost")
+    watchdog = RerankqProcess(["watchdog"], {"RERANKQ_BROKER_URL": server.url, "RERANKQ_GPU_QUEUE": queue,
+                                             **TIMEOUTS}, tmp_path / "watchdog.log")
+    try:
+        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+        ids = send({"RERANKQ_BROKER_URL": server.url}, queue, 400)
+        eventually(lambda: where(client, queue, ids, worker.node)["answered"] >= 40, 60, "the worker serves")
+        print(f"\nat the swallow: {where(client, queue, ids, worker.node)}")
+        proxy.swallow()  # every connection the worker has to the broker, in use or not, goes silent
+        answered_once(client, queue, ids, worker.node, 90)
+        scored_once(lambda: served(client, queue, worker.node), ids, lambda: left(client, queue, ids, worker.node),
+                    3, "each job scored exactly once")
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        watchdog.stop()
+
+
 def test_a_redis_hung_mid_batch_for_longer_than_the_timeouts_costs_no_job_and_no_second_scoring(
         server: RedisServer, tmp_path: Path) -> None:
     queue, client = new_queue(), redis.Redis.from_url(server.url)

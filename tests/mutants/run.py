@@ -51,6 +51,10 @@ MUTANTS = (
              "        return False"),),
            ("tests/test_transport.py::test_a_late_ack_of_a_job_received_again_on_the_same_channel_leaves_the_new_"
             "delivery_alone",)),
+    Mutant("ack-not-sent-again", "a batch's ack that timed out is left to each job's ack on the event loop",
+           "worker/settle.py", (("ACK_PATIENCE_S = 10.0", "ACK_PATIENCE_S = 0.0"),),
+           ("tests/faults/test_hung_redis.py::test_acks_whose_connection_goes_silent_are_sent_again_on_a_new_one_"
+            "and_no_job_is_scored_twice",)),
     Mutant("reclaim-does-nothing", "the watchdog never puts a dead worker's jobs back",
            "worker/reclaim.py", (("    orphans = [tag for tag in candidates if tag not in held]",
                                   "    orphans: list[str] = []"),),
