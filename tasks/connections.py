@@ -18,8 +18,10 @@ from kombu.exceptions import OperationalError
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from rerankq.tasks import memory
+from rerankq.tasks import memory, scripts
 from rerankq.tasks.errors import ConfigError, causes
+
+_RESTORE = scripts.lua("restore_unacked")
 
 
 def rerankq_key(prefix: str, *parts: str) -> str:
@@ -107,20 +109,6 @@ class _Pushes:
     def rpush(self, key: str, value: str) -> None:  # the head: restore passes leftmost=False
         self.items.append((self.prefix + key, value))
 
-
-#: KEYS: kombu's unacked index and hash, then the lists to push to; ARGV: the tag, its record as read, the
-#: window its delivery time must be in (from, before), then the values to push.
-_RESTORE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score then return 0 end
-local delivered = tonumber(score)
-if delivered < tonumber(ARGV[3]) or delivered >= tonumber(ARGV[4]) then return 0 end
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], ARGV[i + 2]) end
-return 1
-"""
 
 
 def refuse_unusable(app: Any) -> None:

@@ -19,22 +19,14 @@ from typing import Any
 
 import redis
 
+from rerankq.tasks import scripts
 from rerankq.tasks.errors import RedisFull, causes
 
 #: Scripts carrying it run on a full Redis 7+, their commands included.
 _ALLOW_OOM = "#!lua flags=allow-oom\n"
 _flags_known: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
-#: Runs ARGV as commands, each as its length then its words, in one atomic step.
-_RUN = """
-local i = 1
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
-return 0
-"""
+_RUN = scripts.lua("run_commands")
 
 
 def is_full(exc: BaseException) -> bool:

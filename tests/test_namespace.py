@@ -135,6 +135,8 @@ def test_the_wheel_installs_one_package(wheel: Path) -> None:
     for package in ("tasks", "worker", "worker/upstream", "producer", "server", "integrations"):
         assert f"rerankq/{package}/__init__.py" in names, package
     assert "rerankq/celeryconfig.py" in names and "rerankq/py.typed" in names
+    scripts = sorted(path.name for path in (ROOT / "tasks" / "lua").glob("*.lua"))  # every Lua script rerankq runs
+    assert scripts and [name for name in scripts if f"rerankq/tasks/lua/{name}" not in names] == []
 
 
 @pytest.fixture(scope="module")

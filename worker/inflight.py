@@ -19,12 +19,13 @@ import threading
 
 import redis
 
-from rerankq.tasks import clock, memory
+from rerankq.tasks import clock, memory, scripts
 from rerankq.tasks.connections import rerankq_key
 
 #: This process's in-flight lists: list key -> the queue list it receives from.
 _owned: dict[str, str] = {}
 _owned_lock = threading.Lock()
+_RESTORE = scripts.lua("restore_in_flight")
 
 
 def registry_key(prefix: str) -> str:
@@ -58,12 +59,6 @@ def restore(client: redis.Redis, key: str, source: str) -> int:
     taken next."""
     return int(client.eval(memory.script(client, _RESTORE), 2, key, source))  # type: ignore[arg-type]
 
-
-_RESTORE = """
-local moved = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
-return moved
-"""
 
 
 def reclaim(client: redis.Redis, prefix: str, dead_after_s: float) -> int:

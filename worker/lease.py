@@ -13,29 +13,11 @@ import os
 import socket
 import uuid
 
+from rerankq.tasks import scripts
 from rerankq.tasks.connections import BrokerRedis
 
-#: Take the lease if it is free, renew it if it is ours; 1 if we hold it now.
-_HOLD = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-#: Give the lease up if it is ours (a graceful stop hands over at once).
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+_HOLD = scripts.lua("lease_hold")
+_RELEASE = scripts.lua("lease_release")
 
 
 class Lease:

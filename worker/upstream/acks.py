@@ -17,10 +17,11 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-from rerankq.tasks import memory
+from rerankq.tasks import memory, scripts
 from rerankq.tasks.connections import delivery_window, restore_unacked, unacked_keys
 
 logger = logging.getLogger(__name__)
+_ACK = scripts.lua("ack")
 
 
 class QoS(kombu_redis.QoS):
@@ -157,21 +158,3 @@ def ack_in_redis(client: redis.Redis, keys: tuple[str, str], messages: list[Any]
     for message in messages:
         message.acked_in_redis = True
 
-
-#: KEYS: kombu's unacked index and hash; ARGV: per message its tag and the window its record's time must be in
-#: ('' '': any record of the tag, for a delivery whose time is not known).
-_ACK = """
-for i = 1, #ARGV, 3 do
-  local tag, from = ARGV[i], ARGV[i + 1]
-  local own = from == ''
-  if not own then
-    local score = redis.call('ZSCORE', KEYS[1], tag)
-    own = score and tonumber(score) >= tonumber(from) and tonumber(score) < tonumber(ARGV[i + 2])
-  end
-  if own then
-    redis.call('ZREM', KEYS[1], tag)
-    redis.call('HDEL', KEYS[2], tag)
-  end
-end
-return 0
-"""

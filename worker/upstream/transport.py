@@ -40,7 +40,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from rerankq import celeryconfig
-from rerankq.tasks import clock, lanes, memory, sentinel
+from rerankq.tasks import clock, lanes, memory, scripts, sentinel
 from rerankq.tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
 from rerankq.worker import inflight, metrics
 from rerankq.worker.dropped import NOT_A_MESSAGE, dropped
@@ -48,6 +48,7 @@ from rerankq.worker.upstream import acks
 from rerankq.worker.upstream.acks import Delivery, QoS
 
 logger = logging.getLogger(__name__)
+_RECORD, _MOVE_LANES = scripts.lua("record"), scripts.lua("move_lanes")
 
 #: The transport options a worker passes its channels (``options()``): the Celery node name that names its
 #: in-flight lists, and the bulk jobs it holds at most (``Settings.bulk_limit``; None: no limit).
@@ -346,21 +347,6 @@ def _routing_key(message: Any) -> str:
 BURST = 64
 
 
-#: KEYS: kombu's unacked index and hash; ARGV: the time, then per moved item its in-flight list, the item, its
-#: delivery tag ('' to drop it) and kombu's record. Returns the tags recorded.
-_RECORD = """
-local recorded = {}
-for i = 2, #ARGV, 4 do
-  local key, raw, tag = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('LREM', key, 1, raw) == 1 and tag ~= '' then
-    redis.call('ZADD', KEYS[1], ARGV[1], tag)
-    redis.call('HSET', KEYS[2], tag, ARGV[i + 3])
-    recorded[#recorded + 1] = tag
-  end
-end
-return recorded
-"""
-
 #: How long a worker pauses between looks at its lanes while Redis is full (no job can arrive meanwhile: a
 #: full Redis refuses new ones).
 FULL_PAUSE_S = 0.5
@@ -368,32 +354,6 @@ FULL_PAUSE_S = 0.5
 #: How long an idle worker blocks on its interactive lane before it looks at its bulk lane again: the
 #: most a bulk job sent to an idle worker waits to be received (a busy worker takes bulk jobs at once).
 LANE_POLL_S = 0.05
-
-#: Move up to ARGV[1] jobs in all from the sources KEYS[1], KEYS[3], ... (in that order) to their in-flight
-#: lists KEYS[2], KEYS[4], ..., at most ARGV[1 + i] from source i. Returns one list of items per source: first
-#: what its in-flight list held already, but for the ARGV[#ARGV] newest items of the first one (which this
-#: receive holds: the job a BLMOVE just moved), then what moved. Between two receives a worker's in-flight lists
-#: are empty: anything there was left by a receive that never completed (its answer lost with its
-#: connection, or a command that timed out and ran late, once a hung Redis woke), and comes with this one.
-_MOVE_LANES = """
-local n = #KEYS / 2
-local left = tonumber(ARGV[1])
-local replies = {}
-for i = 1, n do
-  local items = redis.call('LRANGE', KEYS[2 * i], 0, -1)
-  local moved = {}
-  for j = #items, (i == 1 and tonumber(ARGV[#ARGV]) or 0) + 1, -1 do moved[#moved + 1] = items[j] end
-  local cap = math.min(left, tonumber(ARGV[1 + i]))  -- leftovers count against what this receive may take
-  while #moved < cap do
-    local item = redis.call('LMOVE', KEYS[2 * i - 1], KEYS[2 * i], 'RIGHT', 'LEFT')
-    if not item then break end
-    moved[#moved + 1] = item
-  end
-  left = left - #moved
-  replies[i] = moved
-end
-return replies
-"""
 
 
 def _has_blmove(client: redis.Redis) -> bool:
