@@ -11,5 +11,9 @@ from importlib import resources
 
 @cache
 def lua(name: str) -> str:
-    """The source of ``tasks/lua/<name>.lua``."""
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The source of ``tasks/lua/<name>.lua``, less the comment at its top: ``EVAL`` sends a script's whole text
+    with every call, and several run once per receive or per batch of acks."""
+    lines = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8").splitlines(True)
+    while lines and lines[0].startswith("--"):
+        lines.pop(0)
+    return "".join(lines)
