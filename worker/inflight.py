@@ -60,7 +60,6 @@ def restore(client: redis.Redis, key: str, source: str) -> int:
     return int(client.eval(memory.script(client, _RESTORE), 2, key, source))  # type: ignore[arg-type]
 
 
-
 def reclaim(client: redis.Redis, prefix: str, dead_after_s: float) -> int:
     """Put back the in-flight jobs of workers that last reported over ``dead_after_s`` ago."""
     registry = registry_key(prefix)
