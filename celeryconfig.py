@@ -361,6 +361,13 @@ def backend_options(settings: Settings) -> dict[str, Any]:
             **_sentinel(settings, settings.backend_url)}
 
 
+def transport(url: str) -> str | None:
+    """kombu's transport for ``url``, by its class's path; None for a Unix socket, one server (kombu's own)."""
+    if sentinel(url):
+        return "rerankq.tasks.sentinel:SentinelTransport"
+    return "rerankq.tasks.primary:Transport" if url.startswith(("redis://", "rediss://")) else None
+
+
 def verified(url: str) -> str:
     """``url``, with the server's certificate checked when it is ``rediss://`` and says nothing on that.
 
@@ -411,8 +418,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     key among them), and no module that happens to be called ``celeryconfig`` on ``sys.path`` is read."""
     return {
         "broker_url": verified(settings.broker_url),
-        # With sentinels, connections that leave a master the sentinels no longer name (tasks/sentinel.py).
-        "broker_transport": "rerankq.tasks.sentinel:SentinelTransport" if sentinel(settings.broker_url) else None,
+        # Connections that leave a server no longer the master: the one the sentinels no longer name
+        # (tasks/sentinel.py), or one demoted behind its address (tasks/primary.py).
+        "broker_transport": transport(settings.broker_url),
         "result_backend": verified(settings.backend_url),
         # JSON only: a pickle message is refused before it reaches any task code.
         "task_serializer": "json",

@@ -9,7 +9,7 @@ from typing import Any
 
 from rerankq.celeryconfig import Settings
 from rerankq.tasks import clock, lanes, memory
-from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.connections import BrokerRedis, broker_shown
 from rerankq.tasks.router import RouteState, counts_key, state_key
 from rerankq.worker.backlog import Snapshot, measure
 from rerankq.worker.watchdog import recent_changes
@@ -149,7 +149,7 @@ def run_status(as_json: bool) -> int:
         finally:
             broker.close()
     except Exception as exc:
-        where = app.connection_for_write().as_uri()  # the password masked
+        where = broker_shown(app)
         cause = str(exc).rstrip(".")
         raise RerankError(f"cannot read the status from Redis at {where}: {cause}. Is RERANKQ_BROKER_URL right?"
                           ) from exc

@@ -48,7 +48,9 @@ class Loader(AppLoader):  # type: ignore[misc]
     """Celery's app loader (its default one, CELERY_LOADER=default, would import CELERY_CONFIG_MODULE, by default a
     module named celeryconfig, the caller's), with rerankq's Sentinel result backend (tasks/sentinel.py)."""
 
-    override_backends: ClassVar[dict[str, str]] = {"sentinel": "rerankq.tasks.sentinel:SentinelBackend"}
+    override_backends: ClassVar[dict[str, str]] = {"sentinel": "rerankq.tasks.sentinel:SentinelBackend",
+                                                   "redis": "rerankq.tasks.primary:Backend",
+                                                   "rediss": "rerankq.tasks.primary:Backend"}
 
 
 app = Celery("rerankq", loader=Loader, amqp="rerankq.tasks.sentinel:AMQP", set_as_current=False)

@@ -8,6 +8,7 @@ a socket, ``global_keyprefix``) holds for these keys too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import ssl
 from collections.abc import Iterator
@@ -17,11 +18,19 @@ import redis
 from kombu.exceptions import OperationalError
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+from kombu.utils.url import maybe_sanitize_url
 
 from rerankq.tasks import memory, scripts
 from rerankq.tasks.errors import ConfigError, causes
 
+logger = logging.getLogger(__name__)
 _RESTORE = scripts.lua("restore_unacked")
+
+
+def broker_shown(app: Any) -> str:
+    """The broker's URL(s) as a message shows them, passwords masked. kombu's ``as_uri`` puts a transport given
+    by its class's path (rerankq's, ``tasks/primary.py``) where the scheme goes."""
+    return ";".join(maybe_sanitize_url(url) for url in str(app.conf.broker_url).split(";"))
 
 
 def rerankq_key(prefix: str, *parts: str) -> str:
@@ -120,14 +129,15 @@ def refuse_unusable(app: Any) -> None:
     will work, so the process says so and exits instead of retrying for good. Any other connection error is
     left to those retries.
     """
-    broker, clustered, sentinel = None, False, False
+    broker, clustered, sentinel, replica = None, False, False, False
     try:
         # A connection error other than TLS's is left to the process's retries (``_failing_tls``).
-        with _failing_tls("RERANKQ_BROKER_URL", app.connection_for_write().as_uri()):
+        with _failing_tls("RERANKQ_BROKER_URL", broker_shown(app)):
             broker = BrokerRedis(app)
             info = broker.client.info()  # the default sections: server's redis_mode, cluster's cluster_enabled
             sentinel = info.get("redis_mode") == "sentinel"
             clustered = str(info.get("cluster_enabled", 0)) == "1"
+            replica = info.get("role") == "slave"
     except redis.ResponseError:  # a server that hides INFO
         pass
     finally:
@@ -137,6 +147,10 @@ def refuse_unusable(app: Any) -> None:
         raise ConfigError("RERANKQ_BROKER_URL names a Redis Sentinel as if it were a Redis: give the sentinels as "
                           "sentinel://host:26379;sentinel://host2:26379 and the master's name in "
                           "RERANKQ_SENTINEL_MASTER (the same for RERANKQ_RESULT_BACKEND)")
+    if replica:  # a failover under way may make it the primary, or move the address: not refused
+        logger.warning("RERANKQ_BROKER_URL reaches a read-only replica: every write is refused until the address "
+                       "reaches the primary (a failover in progress); if it names a reader endpoint, give the "
+                       "primary's")
     if clustered:
         raise ConfigError("RERANKQ_BROKER_URL names a Redis Cluster node: rerankq is not supported on Redis Cluster "
                           "(kombu's Redis transport cannot use one); use one Redis, or Redis Sentinel for failover")

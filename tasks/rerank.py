@@ -12,7 +12,7 @@ from celery.signals import before_task_publish
 
 from rerankq.tasks import clock, lanes, memory, tracing
 from rerankq.tasks.app import app
-from rerankq.tasks.connections import BrokerRedis
+from rerankq.tasks.connections import BrokerRedis, broker_shown
 from rerankq.tasks.errors import BadJob, RerankError
 from rerankq.tasks.models import ServedModel
 from rerankq.tasks.records import check_query_length
@@ -73,7 +73,7 @@ class RerankTask(Task):
             return super().apply_async(args, kwargs, **options)
         except Exception as exc:
             if memory.is_full(exc):
-                raise memory.refused(exc, self.app.connection_for_write().as_uri()) from exc
+                raise memory.refused(exc, broker_shown(self.app)) from exc
             raise
 
     def sync_clock(self) -> None:

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -129,3 +131,96 @@ def scored_once(served: Callable[[], int], ids: Collection[str], left: Callable[
     eventually(lambda: left() == 0, 30, f"{what}: none of them left unacked or in flight")
     time.sleep(past_s)
     assert served() == len(ids), f"{what}: {served()} scorings for {len(ids)} jobs"
+
+
+class Producer:
+    """A producer process that sends when told, keeping its connections open in between."""
+
+    def __init__(self, env: dict[str, str], queue: str) -> None:
+        script = textwrap.dedent(f"""
+            import json, sys
+            from rerankq.tasks import rerank
+            handles = []
+            for line in sys.stdin:
+                if line.strip() == "wait":  # every result, as a caller gets it (Celery's result listener)
+                    print(json.dumps(sum(1 for h in handles if h.get(timeout=60)["scores"])), flush=True)
+                    continue
+                sent = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r})
+                        for _ in range(int(line))]
+                handles += sent
+                print(json.dumps([h.id for h in sent]), flush=True)
+        """)
+        self.proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **env}, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def send(self, count: int) -> list[str]:
+        return list(self._ask(str(count)))
+
+    def answered(self) -> int:
+        """How many of the jobs it sent its callers got answers for, waiting for each."""
+        return int(self._ask("wait"))
+
+    def _ask(self, line: str) -> Any:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{line}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def steady_sends(env: dict[str, str], queue: str, kill: object, until: object) -> tuple[list[str], list[str], int]:
+    """Jobs sent one every 20 ms by a producer process while ``kill`` fails the master over, until ``until``;
+    returns the ids the sends accepted, the ids of the sends that raised, and how many sends came after the
+    kill. The producer is stopped between sends: killed in one, a job it sent was served with no id here to
+    count it by (a scoring too many, under load about one run in eight)."""
+    script = textwrap.dedent(f"""
+        import json, signal, sys, time, uuid
+        from rerankq.tasks import rerank
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        deadline = time.monotonic() + float(sys.argv[1])
+        while time.monotonic() < deadline and not stop:
+            task_id = str(uuid.uuid4())
+            try:
+                rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}, retry=False,
+                                   task_id=task_id)
+                print(json.dumps(task_id), flush=True)
+            except Exception as exc:
+                print(json.dumps({{"failed": repr(exc), "id": task_id}}), flush=True)
+            time.sleep(0.02)
+    """)
+    producer = subprocess.Popen([sys.executable, "-c", script, "60"], env={**os.environ, **env},
+                                stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(producer.stdout or []), daemon=True)
+    reader.start()
+    eventually(lambda: len(lines) >= 20, 60, "the producer sends")
+    at_kill = len(lines)
+    kill()  # type: ignore[operator]
+    eventually(until, 30, "a replica promoted")  # type: ignore[arg-type]
+    time.sleep(3)
+    producer.terminate()
+    try:
+        assert producer.wait(30) == 0, "the producer stops after its send of the moment"
+    finally:
+        producer.kill()
+    reader.join(5)
+    answers = [json.loads(line) for line in lines if line.strip()]
+    refused = [a for a in answers if isinstance(a, dict)]
+    return ([a for a in answers if isinstance(a, str)], [a["id"] for a in refused], len(answers) - at_kill)
+
+
+def answered(client: redis.Redis, ids: list[str]) -> list[str]:
+    """Those of ``ids`` with a result."""
+    return [job for job in ids if client.exists(f"celery-task-meta-{job}")]
+
+
+def route(env: dict[str, str]) -> str:
+    """Where the last route change ``rerankq status`` shows sends new jobs."""
+    status = rerankq("status", env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    changes = [line for line in status.stdout.splitlines() if "new jobs go to" in line]
+    return changes[0].rsplit("; ", 1)[-1].strip() if changes else ""

@@ -1,8 +1,10 @@
 """A TCP proxy that can make a Redis go silent on the connections open at the time, as when its host dies
-or a failover moves its address, while new connections reach it."""
+or a failover moves its address, while new connections reach it; or move its address to another Redis, as
+failover by DNS or a virtual IP does, the connections open at the time left where they are."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -12,7 +14,8 @@ from rerankq.redis_server import free_port
 
 class BlackHoleProxy:
     """Forwards TCP to ``target``; ``swallow()`` makes every connection open now go silent in both directions
-    (held open, nothing passed on), while connections made afterwards are forwarded as before."""
+    (held open, nothing passed on), while connections made afterwards are forwarded as before; ``point(port)``
+    forwards the connections made afterwards to ``port``."""
 
     def __init__(self, target_port: int) -> None:
         self.port, self._target = free_port(), target_port
@@ -22,6 +25,9 @@ class BlackHoleProxy:
 
     def swallow(self) -> None:
         self._generation += 1
+
+    def point(self, target_port: int) -> None:
+        self._target = target_port
 
     def _accept(self) -> None:
         while True:
@@ -38,3 +44,5 @@ class BlackHoleProxy:
                 sink.sendall(data)
         except OSError:
             pass
+        with contextlib.suppress(OSError):  # closed on one side: closed on the other, as without a proxy
+            sink.shutdown(socket.SHUT_WR)

@@ -4,18 +4,15 @@ failover jobs keep flowing, and no rerankq process is restarted."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +22,17 @@ import redis.sentinel
 from rerankq.local import RerankqProcess, ServerProcess, WorkerProcess
 from rerankq.redis_server import RedisServer, free_port, redis_server_binary
 from tests.conftest import eventually, needs_system_redis, new_queue, rerankq
-from tests.faults.jobs import a_bulk_run_completes, flower_shows_a_job, scored_once, send, where
+from tests.faults.jobs import (
+    Producer,
+    a_bulk_run_completes,
+    answered,
+    flower_shows_a_job,
+    route,
+    scored_once,
+    send,
+    steady_sends,
+    where,
+)
 from tests.faults.test_hung_redis import served
 
 pytestmark = pytest.mark.integration
@@ -131,7 +138,7 @@ def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted
 
         assert master.pid is not None  # os.kill(0, ...) would kill the test's own process group
         pid = master.pid
-        sent, refused, after_kill = _steady_sends(env, queue, lambda: os.kill(pid, signal.SIGKILL),
+        sent, refused, after_kill = steady_sends(env, queue, lambda: os.kill(pid, signal.SIGKILL),
                                                   until=lambda: sentinels.master_port() == replica.port)
         failed = len(refused)
         after = send(env, queue, 20)
@@ -151,7 +158,7 @@ def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted
         # Each job answered was scored once (20 before, 5 awaited, those of the failover, 20 after, 5 awaited),
         # but for the few the old master took, or answered, and had not yet passed to the replica when it died:
         # lost, or received again from the in-flight list the replica holds and scored a second time.
-        expected = 50 + len(sent) - lost + len(_answered(fresh, refused))  # a refused send may have run
+        expected = 50 + len(sent) - lost + len(answered(fresh, refused))  # a refused send may have run
         evidence = lambda: (f"served {served(fresh, queue, worker.node)}, expected {expected}, jobs "  # noqa: E731
                             f"{where(fresh, queue, ids, worker.node)}\n{worker.log()[-6000:]}")
         eventually(lambda: served(fresh, queue, worker.node) >= expected, 10, "each job answered scored")
@@ -162,7 +169,7 @@ def test_jobs_keep_flowing_through_a_sentinel_failover_with_no_process_restarted
         assert where(fresh, queue, ids, worker.node)["answered"] == len(ids) - lost, evidence()
         assert worker.proc.poll() is None and watchdog.proc.poll() is None  # never restarted
         # The watchdog sees the worker live again on the new master and routes new jobs to it.
-        eventually(lambda: _route(env) == f"new jobs go to {queue}", 30, "routed to the worker again")
+        eventually(lambda: route(env) == f"new jobs go to {queue}", 30, "routed to the worker again")
     finally:
         worker.stop()
         watchdog.stop()
@@ -182,7 +189,7 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
     master, replica, sentinels = cluster
     env, worker = _sentinel_worker(sentinels, tmp_path, "planned")
     queue = worker.queue
-    idle = _Producer(env, queue)
+    idle = Producer(env, queue)
     old, new = redis.Redis(port=master.port, socket_timeout=5), redis.Redis(port=replica.port, socket_timeout=5)
     try:
         eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
@@ -193,7 +200,7 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
             old.execute_command("CLIENT", "PAUSE", str(PAUSE_S * 1000), "WRITE")
             assert redis.Redis(port=sentinels.ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER)
         started = time.monotonic()
-        sent, refused, _ = _steady_sends(env, queue, fail_over, until=lambda: sentinels.master_port() == replica.port)
+        sent, refused, _ = steady_sends(env, queue, fail_over, until=lambda: sentinels.master_port() == replica.port)
         failed = len(refused)
         time.sleep(max(0.0, started + PAUSE_S + 0.5 - time.monotonic()))  # the old master takes writes again
         still_master = old.info("replication")["role"] == "master"
@@ -210,7 +217,7 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
                 jobs = where(new, queue, ids + refused, worker.node)
                 return jobs["waiting"] + jobs["unacked"] + jobs["in flight"]
             eventually(lambda: left() == 0, 30, "none left unacked or in flight")
-            ran = ids + _answered(new, refused)
+            ran = ids + answered(new, refused)
             scored_once(lambda: served(new, queue, worker.node), ran, left,
                         30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the planned failover's jobs")
             # Its callers get every answer, from before the failover and after: its result listener, subscribed on
@@ -258,44 +265,6 @@ def test_sentinels_that_hang_delay_no_command(cluster: tuple[RedisServer, RedisS
     assert longest < 1.5, f"a send took {longest:.1f} s with the sentinels hung"
 
 
-class _Producer:
-    """A producer process that sends when told, keeping its connections open in between."""
-
-    def __init__(self, env: dict[str, str], queue: str) -> None:
-        script = textwrap.dedent(f"""
-            import json, sys
-            from rerankq.tasks import rerank
-            handles = []
-            for line in sys.stdin:
-                if line.strip() == "wait":  # every result, as a caller gets it (Celery's result listener)
-                    print(json.dumps(sum(1 for h in handles if h.get(timeout=60)["scores"])), flush=True)
-                    continue
-                sent = [rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r})
-                        for _ in range(int(line))]
-                handles += sent
-                print(json.dumps([h.id for h in sent]), flush=True)
-        """)
-        self.proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **env}, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def send(self, count: int) -> list[str]:
-        return list(self._ask(str(count)))
-
-    def answered(self) -> int:
-        """How many of the jobs it sent its callers got answers for, waiting for each."""
-        return int(self._ask("wait"))
-
-    def _ask(self, line: str) -> Any:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(f"{line}\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 def test_a_bulk_run_flower_and_serve_work_through_the_sentinels(
         cluster: tuple[RedisServer, RedisServer, Sentinels], tmp_path: Path) -> None:
     _, _, sentinels = cluster
@@ -314,61 +283,6 @@ def test_a_bulk_run_flower_and_serve_work_through_the_sentinels(
     finally:
         server.stop()
         worker.stop()
-
-
-def _steady_sends(env: dict[str, str], queue: str, kill: object, until: object) -> tuple[list[str], list[str], int]:
-    """Jobs sent one every 20 ms by a producer process while the master is killed and a replica promoted;
-    returns the ids the sends accepted, the ids of the sends that raised, and how many sends came after the
-    kill. The producer is stopped between sends: killed in one, a job it sent was served with no id here to
-    count it by (a scoring too many, under load about one run in eight)."""
-    script = textwrap.dedent(f"""
-        import json, signal, sys, time, uuid
-        from rerankq.tasks import rerank
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-        deadline = time.monotonic() + float(sys.argv[1])
-        while time.monotonic() < deadline and not stop:
-            task_id = str(uuid.uuid4())
-            try:
-                rerank.apply_async(("bread", ["bread and flour", "stone"]), queue={queue!r}, retry=False,
-                                   task_id=task_id)
-                print(json.dumps(task_id), flush=True)
-            except Exception as exc:
-                print(json.dumps({{"failed": repr(exc), "id": task_id}}), flush=True)
-            time.sleep(0.02)
-    """)
-    producer = subprocess.Popen([sys.executable, "-c", script, "60"], env={**os.environ, **env},
-                                stdout=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(producer.stdout or []), daemon=True)
-    reader.start()
-    eventually(lambda: len(lines) >= 20, 60, "the producer sends")
-    at_kill = len(lines)
-    kill()  # type: ignore[operator]
-    eventually(until, 30, "a replica promoted")  # type: ignore[arg-type]
-    time.sleep(3)
-    producer.terminate()
-    try:
-        assert producer.wait(30) == 0, "the producer stops after its send of the moment"
-    finally:
-        producer.kill()
-    reader.join(5)
-    answers = [json.loads(line) for line in lines if line.strip()]
-    refused = [a for a in answers if isinstance(a, dict)]
-    return ([a for a in answers if isinstance(a, str)], [a["id"] for a in refused], len(answers) - at_kill)
-
-
-def _answered(client: redis.Redis, ids: list[str]) -> list[str]:
-    """Those of ``ids`` with a result."""
-    return [job for job in ids if client.exists(f"celery-task-meta-{job}")]
-
-
-def _route(env: dict[str, str]) -> str:
-    """Where the last route change ``rerankq status`` shows sends new jobs."""
-    status = rerankq("status", env=env)
-    assert status.returncode == 0, status.stdout + status.stderr
-    changes = [line for line in status.stdout.splitlines() if "new jobs go to" in line]
-    return changes[0].rsplit("; ", 1)[-1].strip() if changes else ""
 
 
 def _missing(client: redis.Redis, queue: str, ids: list[str], node: str) -> int:

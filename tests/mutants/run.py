@@ -55,6 +55,18 @@ MUTANTS = (
            "worker/settle.py", (("ACK_PATIENCE_S = 10.0", "ACK_PATIENCE_S = 0.0"),),
            ("tests/faults/test_hung_redis.py::test_acks_whose_connection_goes_silent_are_sent_again_on_a_new_one_"
             "and_no_job_is_scored_twice",)),
+    Mutant("demotion-kept", "a connection to a master demoted in place stays on it, refused at every write",
+           "tasks/primary.py", (("            if not demoted(error):\n                raise",
+                                 "            if True:\n                raise"),),
+           ("tests/faults/test_demoted.py::test_a_master_demoted_behind_its_address_loses_no_job_and_restarts_no_"
+            "process",)),
+    Mutant("publisher-stays-on-demoted", "a connection opened before a demotion was met is kept, on the old server",
+           "tasks/primary.py", (("        if check_health and sock is not None and sock is self._marked",
+                                 "        if False and sock is not None and sock is self._marked"),),
+           ("tests/test_primary.py::test_once_a_demotion_is_met_every_connection_opened_before_it_leaves_its_server",)),
+    Mutant("refusal-sent-again", "a pipeline refused part-way by a demoted server is sent again whole",
+           "tasks/primary.py", (("supported_errors=(OpenedBefore,)", "supported_errors=(Demoted,)"),),
+           ("tests/test_primary.py::test_a_write_to_a_replica_drops_the_connection_as_lost_and_reads_go_on",)),
     Mutant("reclaim-does-nothing", "the watchdog never puts a dead worker's jobs back",
            "worker/reclaim.py", (("    orphans = [tag for tag in candidates if tag not in held]",
                                   "    orphans: list[str] = []"),),

@@ -34,6 +34,7 @@ _STRATEGY = "worker/upstream/strategy.py"
 _RESULTS = "worker/upstream/results.py"
 _KEYS = "tasks/connections.py"
 _SENTINEL = "tasks/sentinel.py"
+_PRIMARY = "tasks/primary.py"
 
 #: What rerankq uses that is not kombu's or Celery's public API, and where.
 RELIED_ON: dict[str, str] = {
@@ -49,7 +50,10 @@ RELIED_ON: dict[str, str] = {
     "redis.connection:AbstractConnection()._connect_callbacks": f"{_SENTINEL}: a pub/sub connection is not moved "
                                                                  "quietly",
     "celery.backends.redis:SentinelBackend._get_sentinel_instance": f"{_SENTINEL}: the backend's connections too",
-    "celery.loaders.base:BaseLoader.override_backends": "tasks/app.py: rerankq's Sentinel result backend",
+    "celery.loaders.base:BaseLoader.override_backends": "tasks/app.py: rerankq's Sentinel and Redis result backends",
+    "kombu.transport.redis:Channel.connection_class": f"{_PRIMARY}: connections that leave a demoted server",
+    "kombu.transport.redis:Channel.connection_class_ssl": f"{_PRIMARY}: the same, over TLS",
+    "celery.backends.redis:RedisBackend._params_from_url": f"{_PRIMARY}: the result backend's connection class",
     "redis.sentinel:SentinelConnectionPool.get_master_address": f"{_SENTINEL}: asks the sentinels, closes idle "
                                                                  "connections to a former master",
     "celery.app.utils:Settings.first": "tasks/app.py: rerankq's app reads no CELERY_BROKER_URL",

@@ -40,7 +40,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from rerankq import celeryconfig
-from rerankq.tasks import clock, lanes, memory, scripts, sentinel
+from rerankq.tasks import clock, lanes, memory, primary, scripts, sentinel
 from rerankq.tasks.connections import delivery_window, rerankq_key, restore_unacked, unacked_keys
 from rerankq.worker import inflight, metrics
 from rerankq.worker.dropped import NOT_A_MESSAGE, dropped
@@ -63,7 +63,7 @@ class Source(NamedTuple):
     key: str
 
 
-class Channel(kombu_redis.Channel):
+class Channel(primary.Channel):
     QoS = QoS
     Message = Delivery
     from_transport_options = kombu_redis.Channel.from_transport_options + OPTIONS  # type: ignore[assignment]
@@ -374,7 +374,8 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(sentinel.SentinelChannel, Channel):
+# The Sentinel channel's connection classes win (its base comes first); mypy wants both bases to name one type.
+class SentinelChannel(sentinel.SentinelChannel, Channel):  # type: ignore[misc]
     """rerankq's Sentinel channel (its connections reach whichever server the sentinels name master,
     tasks/sentinel.py), receiving as ``Channel`` does."""
 
