@@ -3,11 +3,12 @@ spec's ``dtype`` (fp16 on CUDA, fp32 on a CPU, unless it says otherwise).
 
     python -m bench.bare MODEL '{"device": "cpu", "saturation": {"seed": 1, "requests": 30, ...}, ...}'
 
-prints ``{"saturation_s": ..., "forward_s": ..., "single_ms": [...], "padding": ...}``: all pairs in one ``predict``
-call; the model's forward alone over the same pairs (tokenised and padded beforehand, in batches sorted by length
-of at most ``forward_tokens`` padded tokens, 2048 by default as a rerankq CPU worker's): the floor of any server of
-this model here; then each request of the light workload alone; and real over padded tokens of the saturation run,
-read from the batches ``predict`` ran (sentence-transformers sorts pairs by length before batching them).
+prints ``{"saturation_s": ..., "forward_s": ..., "single_ms": [...], "padding": ..., "forward_padding": ...}``:
+all pairs in one ``predict`` call; the model's forward alone over the same pairs (tokenised and padded
+beforehand, in batches sorted by length of at most ``forward_tokens`` padded tokens, 2048 by default as a
+rerankq CPU worker's): the floor of any server of this model here; then each request of the light workload
+alone; and real over padded tokens of the saturation run, read from the batches ``predict`` ran
+(sentence-transformers sorts pairs by length before batching them), and of the forward alone.
 """
 
 from __future__ import annotations
@@ -85,13 +86,15 @@ def main() -> None:
         if ce.device.type == "cuda":
             torch.cuda.synchronize()
     forward_s = time.perf_counter() - start
+    forward_padding = sum(int(f["attention_mask"].sum()) for f in batches) / sum(f["attention_mask"].numel()
+                                                                                 for f in batches)
     single_ms = []
     for request in light:
         start = time.perf_counter()
         ce.predict([(request.query, d) for d in request.docs], batch_size=32, show_progress_bar=False)
         single_ms.append(1000 * (time.perf_counter() - start))
     print(json.dumps({"saturation_s": saturation_s, "forward_s": forward_s, "single_ms": single_ms,
-                      "padding": padding.share()}))
+                      "padding": padding.share(), "forward_padding": forward_padding}))
 
 
 if __name__ == "__main__":

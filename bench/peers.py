@@ -101,6 +101,17 @@ def bare_predict(model: str, device: str, saturation: dict[str, int], light: dic
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
+def tokens(metrics_port: int) -> tuple[float, float]:
+    """rerankq's real and padded tokens so far."""
+    return (scrape(metrics_port, "rerankq_real_tokens_total"), scrape(metrics_port, "rerankq_padded_tokens_total"))
+
+
+def share(start: tuple[float, float], end: tuple[float, float]) -> float | None:
+    """Real over padded tokens between two ``tokens`` readings."""
+    padded = end[1] - start[1]
+    return (end[0] - start[0]) / padded if padded else None
+
+
 def machine(device: str) -> str:
     cpus = f"{platform.machine()}, {os.cpu_count()} cpus"
     if not device.startswith("cuda"):
@@ -178,6 +189,8 @@ def main() -> None:
                 # length (bench/bare.py): the floor of any server of this model on this machine.
                 seconds = {"bare predict": [], **{f"bare predict {d}": [] for d in bare_dtypes}, "forward alone": [],
                            **{f"forward alone {d}": [] for d in bare_dtypes}, **seconds}
+            # Padding of the saturation runs alone: the latency runs' jobs come one at a time, each a batch of its own.
+            before = tokens(metrics_port)
             for repeat in range(args.repeats):
                 if not args.zero_cost:
                     bare = bare_predict(model, args.device, saturation_spec, light_spec)
@@ -192,6 +205,7 @@ def main() -> None:
                 shift = repeat % len(systems)
                 for system in systems[shift:] + systems[:shift]:
                     seconds[system.name].append(saturate(system, requests, completions))
+            saturated = tokens(metrics_port)
             rss = {s.name: round(s.rss_mb()) for s in systems}
             latency: dict[str, dict[str, dict[str, float]]] = {}
             if loads:
@@ -202,8 +216,7 @@ def main() -> None:
                 for system in systems:
                     ms = [1000 * x for x in open_loop(system, light, rate, args.seed, completions)]
                     latency.setdefault(system.name, {})[f"{rate:g}/s"] = percentiles(ms)
-            real = scrape(metrics_port, "rerankq_real_tokens_total")
-            padded = scrape(metrics_port, "rerankq_padded_tokens_total")
+            after = tokens(metrics_port)
         finally:
             for system in systems:
                 system.stop()
@@ -216,9 +229,11 @@ def main() -> None:
         "command": "python bench/peers.py " + shlex.join(sys.argv[1:]), "requests": len(requests),
         "pairs": n_pairs, "seconds": seconds, "jobs_per_s": {k: len(requests) / v for k, v in median.items()},
         "pairs_per_s": {k: n_pairs / v for k, v in median.items()}, "rss_mb": rss, "latency_ms": latency,
-        "padding_efficiency": {"rerankq": real / padded if padded else None}}
+        "padding_efficiency": {"rerankq": share(before, saturated),
+                               "rerankq latency runs": share(saturated, after) if loads else None}}
     if bare:
         report["padding_efficiency"]["bare predict"] = bare["padding"]
+        report["padding_efficiency"]["forward alone"] = bare.get("forward_padding")
         if loads:
             # One request at a time, bare, in fp32 and in each other dtype: rerankq runs in its RERANKQ_DTYPE and
             # the peers in fp32, so a bare row in rerankq's dtype is the like-for-like floor.
