@@ -224,3 +224,16 @@ def route(env: dict[str, str]) -> str:
     assert status.returncode == 0, status.stdout + status.stderr
     changes = [line for line in status.stdout.splitlines() if "new jobs go to" in line]
     return changes[0].rsplit("; ", 1)[-1].strip() if changes else ""
+
+
+def each_answered_once(client: redis.Redis, queue: str, node: str, ids: list[str], refused: list[str],
+                       served: Callable[[], int], past_s: float, what: str) -> None:
+    """Every job of ``ids`` answered on ``client``'s server, none left waiting, unacked or in flight, and each
+    scored once (``scored_once``), a refused send that reached Redis all the same (its reply lost) among them."""
+    eventually(lambda: where(client, queue, ids, node)["answered"] == len(ids), 60, "all answered")
+
+    def left() -> int:
+        jobs = where(client, queue, ids + refused, node)
+        return jobs["waiting"] + jobs["unacked"] + jobs["in flight"]
+    eventually(lambda: left() == 0, 30, "none left unacked or in flight")
+    scored_once(served, ids + answered(client, refused), left, past_s, what)

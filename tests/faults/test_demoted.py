@@ -15,7 +15,7 @@ import redis
 from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import RedisServer
 from tests.conftest import eventually, new_queue
-from tests.faults.jobs import Producer, answered, route, scored_once, steady_sends, where
+from tests.faults.jobs import Producer, each_answered_once, route, steady_sends, where
 from tests.faults.proxy import BlackHoleProxy
 from tests.faults.test_hung_redis import served
 
@@ -60,14 +60,8 @@ def test_a_master_demoted_behind_its_address_loses_no_job_and_restarts_no_proces
                                 f"{worker.log()[-6000:]}\n{watchdog.log()[-3000:]}")
             print(f"\ndemoted in place: {len(sent)} jobs accepted while it ran, {len(refused)} sends refused")
             try:
-                eventually(lambda: where(new, queue, ids, worker.node)["answered"] == len(ids), 60, "all answered")
-
-                def left() -> int:  # a refused send may have reached Redis all the same (its reply lost)
-                    jobs = where(new, queue, ids + refused, worker.node)
-                    return jobs["waiting"] + jobs["unacked"] + jobs["in flight"]
-                eventually(lambda: left() == 0, 30, "none left unacked or in flight")
-                scored_once(lambda: served(new, queue, worker.node), ids + answered(new, refused), left,
-                            30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the demotion's jobs")
+                each_answered_once(new, queue, worker.node, ids, refused, lambda: served(new, queue, worker.node),
+                                   30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the demotion's jobs")
                 assert idle.answered() == len(before) + len(after)
                 # The watchdog writes its route on the new master: it routes new jobs to the worker.
                 eventually(lambda: route(env) == f"new jobs go to {queue}", 30, "routed to the worker")

@@ -26,9 +26,9 @@ from tests.faults.jobs import (
     Producer,
     a_bulk_run_completes,
     answered,
+    each_answered_once,
     flower_shows_a_job,
     route,
-    scored_once,
     send,
     steady_sends,
     where,
@@ -211,15 +211,8 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
         evidence = lambda: (f"on the new master {where(new, queue, ids, worker.node)}, "  # noqa: E731
                             f"on the old {where(old, queue, ids, worker.node)}\n{worker.log()[-6000:]}")
         try:
-            eventually(lambda: where(new, queue, ids, worker.node)["answered"] == len(ids), 60, "all answered")
-
-            def left() -> int:  # a refused send may have reached Redis all the same (its reply lost)
-                jobs = where(new, queue, ids + refused, worker.node)
-                return jobs["waiting"] + jobs["unacked"] + jobs["in flight"]
-            eventually(lambda: left() == 0, 30, "none left unacked or in flight")
-            ran = ids + answered(new, refused)
-            scored_once(lambda: served(new, queue, worker.node), ran, left,
-                        30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the planned failover's jobs")
+            each_answered_once(new, queue, worker.node, ids, refused, lambda: served(new, queue, worker.node),
+                               30 * float(env["RERANKQ_POLL_MS"]) / 1000, "the planned failover's jobs")
             # Its callers get every answer, from before the failover and after: its result listener, subscribed on
             # the old master, subscribed again on the new one and read what was published meanwhile.
             assert idle.answered() == len(before) + len(after)
