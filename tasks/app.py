@@ -46,7 +46,8 @@ def _configuration() -> dict[str, Any]:
 
 class Loader(AppLoader):  # type: ignore[misc]
     """Celery's app loader (its default one, CELERY_LOADER=default, would import CELERY_CONFIG_MODULE, by default a
-    module named celeryconfig, the caller's), with rerankq's Sentinel result backend (tasks/sentinel.py)."""
+    module named celeryconfig, the caller's), with rerankq's result backends: through the sentinels (tasks/sentinel.py),
+or a Redis whose connections leave it once it is demoted (tasks/primary.py)."""
 
     override_backends: ClassVar[dict[str, str]] = {"sentinel": "rerankq.tasks.sentinel:SentinelBackend",
                                                    "redis": "rerankq.tasks.primary:Backend",

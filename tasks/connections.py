@@ -134,7 +134,8 @@ def refuse_unusable(app: Any) -> None:
         # A connection error other than TLS's is left to the process's retries (``_failing_tls``).
         with _failing_tls("RERANKQ_BROKER_URL", broker_shown(app)):
             broker = BrokerRedis(app)
-            info = broker.client.info()  # the default sections: server's redis_mode, cluster's cluster_enabled
+            # The default sections: server's redis_mode, cluster's cluster_enabled, replication's role.
+            info = broker.client.info()
             sentinel = info.get("redis_mode") == "sentinel"
             clustered = str(info.get("cluster_enabled", 0)) == "1"
             replica = info.get("role") == "slave"
