@@ -76,18 +76,15 @@ class Checked(AbstractConnection):
             self.retry = Retry(NoBackoff(), 1, supported_errors=(OpenedBefore,))
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        sock = self._sock
+        known, seen = self._sock is not None and self._sock is self._marked, _Demotions.seen
         # Not inside a send (redis-py's health-check PING, and a subscriber's commands, come without a check of
         # their own): moved there, the command around it would go out on a socket its poller does not watch.
-        if check_health and sock is not None and sock is self._marked and self._generation != _Demotions.seen:
+        if known and check_health and self._generation != seen:
             self.disconnect()
             raise OpenedBefore(f"{self._address()} was reached before a server was found demoted; reconnecting")
-        if sock is None or sock is not self._marked:  # opening now, or opened since its last command
-            generation = _Demotions.seen
-            super().send_packed_command(command, check_health)
-            self._marked, self._generation = self._sock, generation
-            return
         super().send_packed_command(command, check_health)
+        if not known:  # opened now, or since its last command: current as of before this send
+            self._marked, self._generation = self._sock, seen
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -128,9 +125,7 @@ class Backend(RedisBackend):
 
     def _params_from_url(self, url: str, defaults: dict[str, Any]) -> dict[str, Any]:
         params: dict[str, Any] = super()._params_from_url(url, defaults)
-        given = params.get("connection_class")
-        if given is None or given is redis.Connection:
-            params["connection_class"] = PrimaryConnection
-        elif given is redis.SSLConnection:
-            params["connection_class"] = PrimarySSLConnection
+        given = params.get("connection_class")  # None: redis-py's TCP one; a Unix socket's is kept
+        params["connection_class"] = {None: PrimaryConnection, redis.Connection: PrimaryConnection,
+                                      redis.SSLConnection: PrimarySSLConnection}.get(given, given)
         return params

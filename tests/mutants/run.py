@@ -61,8 +61,8 @@ MUTANTS = (
            ("tests/faults/test_demoted.py::test_a_master_demoted_behind_its_address_loses_no_job_and_restarts_no_"
             "process",)),
     Mutant("publisher-stays-on-demoted", "a connection opened before a demotion was met is kept, on the old server",
-           "tasks/primary.py", (("        if check_health and sock is not None and sock is self._marked",
-                                 "        if False and sock is not None and sock is self._marked"),),
+           "tasks/primary.py", (("        if known and check_health and self._generation != seen:",
+                                 "        if False:"),),
            ("tests/test_primary.py::test_once_a_demotion_is_met_every_connection_opened_before_it_leaves_its_server",)),
     Mutant("refusal-sent-again", "a pipeline refused part-way by a demoted server is sent again whole",
            "tasks/primary.py", (("supported_errors=(OpenedBefore,)", "supported_errors=(Demoted,)"),),
