@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import redis
 
-from rerankq.local import RerankqProcess
+from rerankq.local import RerankqProcess, WorkerProcess
 from rerankq.redis_server import free_port
 from rerankq.tasks import memory
 from rerankq.tasks.connections import BrokerRedis
@@ -155,6 +155,13 @@ class Producer:
 
     def send(self, count: int) -> list[str]:
         return list(self._ask(str(count)))
+
+    def served_first(self, client: redis.Redis, worker: WorkerProcess, count: int = 20) -> list[str]:
+        """Once ``worker`` is ready, ``count`` jobs sent and answered on ``client``'s server: their ids."""
+        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
+        ids = self.send(count)
+        eventually(lambda: where(client, worker.queue, ids, worker.node)["answered"] == count, 30, "served first")
+        return ids
 
     def answered(self) -> int:
         """How many of the jobs it sent its callers got answers for, waiting for each."""

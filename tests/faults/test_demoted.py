@@ -40,9 +40,7 @@ def test_a_master_demoted_behind_its_address_loses_no_job_and_restarts_no_proces
         watchdog = RerankqProcess(["watchdog"], env, tmp_path / "watchdog.log")
         idle = Producer(env, queue)
         try:
-            eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
-            before = idle.send(20)
-            eventually(lambda: where(old, queue, before, worker.node)["answered"] == 20, 30, "served before")
+            before = idle.served_first(old, worker)
 
             def fail_over() -> None:
                 old.execute_command("CLIENT", "PAUSE", str(PAUSE_S * 1000), "WRITE")

@@ -192,9 +192,7 @@ def test_a_planned_failover_moves_every_connection_to_the_new_master_and_scores_
     idle = Producer(env, queue)
     old, new = redis.Redis(port=master.port, socket_timeout=5), redis.Redis(port=replica.port, socket_timeout=5)
     try:
-        eventually(lambda: " ready." in worker.log(), 60, "the worker is ready")
-        before = idle.send(20)
-        eventually(lambda: where(old, queue, before, worker.node)["answered"] == 20, 30, "served before")
+        before = idle.served_first(old, worker)
 
         def fail_over() -> None:
             old.execute_command("CLIENT", "PAUSE", str(PAUSE_S * 1000), "WRITE")
